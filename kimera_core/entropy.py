@@ -1,0 +1,268 @@
+"""Entropy and adaptive-tau decay: the existing Kimera formulas, in two forms that agree.
+
+The scalar functions are the reference. The bulk form (``bulk_*``) computes the same
+values for a whole table or batch in one set-based DuckDB statement; migration and
+statistics use it. Both follow these rules (docs/entropy.md):
+
+* Geoid: if ``meta`` is an object whose ``terms`` is a list, H is the Shannon entropy in
+  bits of the terms' intensities that are finite JSON numbers > 0, normalised to sum 1.
+  Intensities that are missing, null, strings, booleans, zero, negative, NaN or infinite
+  are ignored (NaN and infinity are not valid intensities: they carry no share of the
+  distribution). No usable term gives H = 0. Otherwise, with n = the length of ``tags``
+  when it is a list: log2(n) if n > 1, else 0.
+* Scar: 0 when related_ids is not a list of at least two items; else
+  log2(len(related_ids)) * weight. A missing or non-finite weight makes H unknown (None /
+  SQL NULL); such a scar decays with tau_0, as if H were 0.
+* tau_eff = tau_0 * (1 + k * H); decay(age) = exp(-age / tau_eff), 0 when tau_eff <= 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+TAU_0_SECONDS = 14 * 24 * 3600  # 1,209,600 s
+TAU_K = 0.1
+
+
+# --- scalar reference ---------------------------------------------------------------------
+def _usable_intensity(term: Any) -> float | None:
+    if not isinstance(term, dict):
+        return None
+    value = term.get("intensity")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond the double range is infinite
+        return None
+    if not math.isfinite(value) or value <= 0:
+        return None
+    return value
+
+
+def shannon_entropy(values: Iterable[float]) -> float:
+    """Shannon entropy in bits of positive finite weights, normalised to sum 1."""
+    values = list(values)
+    if not values:
+        return 0.0
+    # Scale by the maximum first so the sum cannot overflow to infinity.
+    top = max(values)
+    scaled = [x / top for x in values]
+    total = sum(scaled)
+    h = 0.0
+    for x in scaled:
+        p = x / total
+        if p > 0:
+            h += -p * math.log2(p)
+    return h
+
+
+def term_entropy(terms: list[Any]) -> float:
+    """Entropy of a ``meta.terms`` list (non-usable intensities ignored)."""
+    return shannon_entropy(v for v in map(_usable_intensity, terms) if v is not None)
+
+
+def geoid_entropy(meta: Any, tags: Any) -> float:
+    """Entropy of a geoid from its parsed ``meta`` and ``tags``."""
+    if isinstance(meta, dict) and isinstance(meta.get("terms"), list):
+        return term_entropy(meta["terms"])
+    n = len(tags) if isinstance(tags, list) else 0
+    return math.log2(n) if n > 1 else 0.0
+
+
+def scar_entropy(related_ids: Any, weight: Any) -> float | None:
+    """Entropy of a scar; None when the weight needed by the formula is unknown."""
+    n = len(related_ids) if isinstance(related_ids, list) else 0
+    if n <= 1:
+        return 0.0
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        return None
+    weight = float(weight)
+    if not math.isfinite(weight):
+        return None
+    return math.log2(n) * weight
+
+
+def _parse_json(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def geoid_entropy_json(meta_json: str | None, tags_json: str | None) -> float:
+    """geoid_entropy over the JSON text of the legacy columns (unparseable text = absent)."""
+    return geoid_entropy(_parse_json(meta_json), _parse_json(tags_json))
+
+
+def scar_entropy_json(related_ids_json: str | None, weight: float | None) -> float | None:
+    """scar_entropy over the JSON text of legacy_scars.related_ids."""
+    return scar_entropy(_parse_json(related_ids_json), weight)
+
+
+def identity_entropy(identity: Any) -> float | None:
+    """Entropy of an ``Identity`` by its type."""
+    if identity.identity_type == "scar":
+        return scar_entropy(identity.related_ids, identity.weight)
+    return geoid_entropy(identity.meta, identity.tags)
+
+
+def effective_tau(entropy: float | None, tau_0: float = TAU_0_SECONDS, k: float = TAU_K) -> float:
+    """Adaptive tau in seconds: tau_0 * (1 + k * H); unknown H counts as 0."""
+    h = 0.0 if entropy is None else entropy
+    return tau_0 * (1 + k * h)
+
+
+def decay_factor(age_seconds: float, tau_eff: float) -> float:
+    """exp(-age / tau_eff); 0 when tau_eff <= 0. A negative age (clock skew) counts as 0."""
+    if math.isnan(age_seconds) or math.isnan(tau_eff):
+        raise ValueError("age and tau must not be NaN")
+    if tau_eff <= 0:
+        return 0.0
+    return math.exp(-max(age_seconds, 0.0) / tau_eff)
+
+
+# --- bulk form (DuckDB, set-based) ------------------------------------------------------
+_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Numeric JSON types DuckDB reports for a JSON number.
+_NUMERIC_JSON_TYPES = "('BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'UHUGEINT')"
+
+# Each stage is its own projection so every JSON value is parsed once.
+GEOID_ENTROPY_SQL = f"""
+WITH src AS (
+    SELECT {{key}} AS key,
+           CASE WHEN json_valid({{meta}}) THEN {{meta}} END AS meta_j,
+           CASE WHEN json_valid({{tags}}) THEN {{tags}} END AS tags_j
+    FROM {{source}}
+), terms AS (
+    SELECT key,
+           json_type(meta_j) = 'OBJECT' AND json_type(meta_j, '$.terms') = 'ARRAY' AS has_terms,
+           CASE WHEN json_type(tags_j) = 'ARRAY' THEN json_array_length(tags_j) ELSE 0 END AS n_tags,
+           CASE WHEN json_type(meta_j) = 'OBJECT' AND json_type(meta_j, '$.terms') = 'ARRAY'
+                THEN list_filter(
+                    list_transform(json_extract(meta_j, '$.terms[*].intensity'),
+                        x -> CASE WHEN json_type(x) IN {_NUMERIC_JSON_TYPES}
+                                  THEN TRY_CAST(x AS DOUBLE) END),
+                    x -> x > 0 AND isfinite(x))
+           END AS v
+    FROM src
+), scaled AS (
+    SELECT key, has_terms, n_tags,
+           list_transform(v, x -> x / list_max(v)) AS s
+    FROM terms
+), summed AS (
+    SELECT key, has_terms, n_tags, s, list_sum(s) AS total FROM scaled
+)
+SELECT key,
+       CASE WHEN coalesce(has_terms, false) THEN
+                CASE WHEN len(s) = 0 THEN 0.0
+                     ELSE list_sum(list_transform(s, x ->
+                              CASE WHEN x / total > 0 THEN -(x / total) * log2(x / total)
+                                   ELSE 0.0 END))
+                END
+            WHEN n_tags > 1 THEN log2(n_tags)
+            ELSE 0.0
+       END::DOUBLE AS entropy
+FROM summed
+"""
+
+SCAR_ENTROPY_SQL = """
+WITH src AS (
+    SELECT {key} AS key,
+           CASE WHEN json_valid({related}) AND json_type({related}) = 'ARRAY'
+                THEN json_array_length({related}) ELSE 0 END AS n,
+           {weight} AS w
+    FROM {source}
+)
+SELECT key,
+       CASE WHEN n <= 1 THEN 0.0
+            WHEN w IS NULL OR NOT isfinite(w) THEN NULL
+            ELSE log2(n) * w
+       END::DOUBLE AS entropy
+FROM src
+"""
+
+TAU_SQL = """
+SELECT key, entropy,
+       (? * (1 + ? * coalesce(entropy, 0.0)))::DOUBLE AS tau_eff
+FROM ({inner})
+"""
+
+
+def vetted_identifier(name: str) -> str:
+    """A quoted SQL identifier, refusing anything but a plain name."""
+    if not _IDENT_RE.match(name):
+        raise ValueError(f"not a plain SQL identifier: {name!r}")
+    return f'"{name}"'
+
+
+def geoid_entropy_sql(
+    source: str = "legacy_geoids", key: str = "gid", meta: str = "meta", tags: str = "tags"
+) -> str:
+    """The bulk geoid-entropy query over a table or view (vetted identifiers only)."""
+    return GEOID_ENTROPY_SQL.format(
+        source=vetted_identifier(source),
+        key=vetted_identifier(key),
+        meta=vetted_identifier(meta),
+        tags=vetted_identifier(tags),
+    )
+
+
+def scar_entropy_sql(
+    source: str = "legacy_scars",
+    key: str = "id",
+    related: str = "related_ids",
+    weight: str = "weight",
+) -> str:
+    """The bulk scar-entropy query over a table or view (vetted identifiers only)."""
+    return SCAR_ENTROPY_SQL.format(
+        source=vetted_identifier(source),
+        key=vetted_identifier(key),
+        related=vetted_identifier(related),
+        weight=f"TRY_CAST({vetted_identifier(weight)} AS DOUBLE)",
+    )
+
+
+def _with_tau(con: duckdb.DuckDBPyConnection, inner: str, tau_0: float, k: float) -> pa.Table:
+    sql = TAU_SQL.format(inner=inner)
+    return con.execute(sql, [tau_0, k]).fetch_arrow_table()
+
+
+def bulk_geoid_entropy(
+    con: duckdb.DuckDBPyConnection,
+    source: str = "legacy_geoids",
+    *,
+    key: str = "gid",
+    tau_0: float = TAU_0_SECONDS,
+    k: float = TAU_K,
+) -> pa.Table:
+    """Entropy and effective tau for every row of a geoid table/view: columns key, entropy, tau_eff."""
+    return _with_tau(con, geoid_entropy_sql(source, key), tau_0, k)
+
+
+def bulk_scar_entropy(
+    con: duckdb.DuckDBPyConnection,
+    source: str = "legacy_scars",
+    *,
+    key: str = "id",
+    tau_0: float = TAU_0_SECONDS,
+    k: float = TAU_K,
+) -> pa.Table:
+    """Entropy and effective tau for every row of a scar table/view: columns key, entropy, tau_eff."""
+    return _with_tau(con, scar_entropy_sql(source, key), tau_0, k)
+
+
+# Fixed histogram bucket upper bounds in bits (Prometheus ``le`` semantics). Edges sit where
+# the formulas put mass and alerts look: 0 (no information), 1 (two equal terms), log2(3),
+# 2 (four equal terms), log2(6) (six equal terms, the usual maximum), and beyond.
+ENTROPY_BUCKETS_BITS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)

@@ -1,0 +1,226 @@
+"""The existing Kimera storage layout (P1): create it, and read its rows as records.
+
+The DDL below is the layout of KIMERA_LEGACY.md, statement for statement. The project
+never alters these tables; its own state lives in separate ``kimera_*`` tables
+(docs/schema.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import duckdb
+
+from kimera_core.identity import Geoid, Identity, Scar
+
+LEGACY_TABLES: tuple[str, ...] = (
+    "legacy_geoids",
+    "legacy_scars",
+    "echoforms",
+    "identities",
+    "dual_write_log",
+)
+
+LEGACY_DDL: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS legacy_geoids (
+        gid TEXT PRIMARY KEY,
+        raw TEXT NOT NULL,
+        echo TEXT,
+        lang_axis TEXT,
+        tags JSON,
+        weight DOUBLE,
+        meta JSON,
+        created_at DOUBLE,
+        updated_at DOUBLE
+    )""",
+    """CREATE TABLE IF NOT EXISTS legacy_scars (
+        id TEXT PRIMARY KEY,
+        weight DOUBLE,
+        related_ids JSON,
+        meta JSON,
+        created_at DOUBLE,
+        updated_at DOUBLE
+    )""",
+    """CREATE TABLE IF NOT EXISTS echoforms (
+        anchor TEXT PRIMARY KEY,
+        blob JSON,
+        created_at DOUBLE,
+        updated_at DOUBLE,
+        domain TEXT,
+        phase TEXT,
+        intensity_sum DOUBLE
+    )""",
+    """CREATE TABLE IF NOT EXISTS identities (
+        id TEXT PRIMARY KEY,
+        identity_type TEXT NOT NULL,
+        data JSON NOT NULL,
+        created_at DOUBLE NOT NULL,
+        updated_at DOUBLE NOT NULL,
+        lang_axis TEXT,
+        entropy_score DOUBLE
+    )""",
+    "CREATE SEQUENCE IF NOT EXISTS dual_write_log_seq",
+    """CREATE TABLE IF NOT EXISTS dual_write_log (
+        log_id INTEGER PRIMARY KEY DEFAULT nextval('dual_write_log_seq'),
+        timestamp DOUBLE NOT NULL,
+        identity_id TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        status TEXT NOT NULL,
+        details JSON
+    )""",
+    "CREATE INDEX IF NOT EXISTS idx_identities_updated_at ON identities(updated_at DESC)",
+    "CREATE INDEX IF NOT EXISTS idx_identities_type ON identities(identity_type)",
+    "CREATE INDEX IF NOT EXISTS idx_identities_entropy ON identities(entropy_score DESC)",
+    "CREATE INDEX IF NOT EXISTS idx_echoforms_updated_at ON echoforms(updated_at DESC)",
+    "CREATE INDEX IF NOT EXISTS idx_echoforms_domain ON echoforms(domain)",
+)
+
+# The P1 application's read path; it must keep working whatever the project adds.
+P1_READ_IDENTITY_SQL = "SELECT data FROM identities WHERE id = ?"
+
+
+def create_legacy_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the P1 tables, sequence and indexes (idempotent)."""
+    for statement in LEGACY_DDL:
+        con.execute(statement)
+
+
+def missing_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The legacy tables this database lacks."""
+    present = {
+        row[0]
+        for row in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+        ).fetchall()
+    }
+    return [name for name in LEGACY_TABLES if name not in present]
+
+
+def table_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Row count of each legacy table that exists."""
+    counts: dict[str, int] = {}
+    missing = set(missing_tables(con))
+    for name in LEGACY_TABLES:
+        if name in missing:
+            continue
+        # name comes from the fixed LEGACY_TABLES tuple, never from input
+        counts[name] = con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]  # noqa: S608
+    return counts
+
+
+def _json(value: Any) -> Any:
+    """A JSON column value as Python; text that does not parse stays text."""
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+GEOID_COLUMNS = "gid, raw, echo, lang_axis, tags, weight, meta, created_at, updated_at"
+SCAR_COLUMNS = "id, weight, related_ids, meta, created_at, updated_at"
+
+
+def geoid_from_row(row: tuple[Any, ...]) -> Geoid:
+    gid, raw, echo, lang_axis, tags, weight, meta, created_at, updated_at = row
+    return Geoid(
+        gid=gid,
+        raw=raw,
+        echo=echo,
+        lang_axis=lang_axis,
+        context_layers=_json(tags),
+        weight=weight,
+        meta=_json(meta),
+        created_at=created_at,
+        updated_at=updated_at,
+    )
+
+
+def scar_from_row(row: tuple[Any, ...]) -> Scar:
+    scar_id, weight, related_ids, meta, created_at, updated_at = row
+    return Scar(
+        scar_id=scar_id,
+        gid_pair=_json(related_ids),
+        weight=weight,
+        meta=_json(meta),
+        created_at=created_at,
+        updated_at=updated_at,
+    )
+
+
+def geoid_to_row(geoid: Geoid) -> tuple[Any, ...]:
+    return (
+        geoid.gid,
+        geoid.raw,
+        geoid.echo,
+        geoid.lang_axis,
+        None if geoid.context_layers is None else json.dumps(geoid.context_layers, ensure_ascii=False),
+        geoid.weight,
+        None if geoid.meta is None else json.dumps(geoid.meta, ensure_ascii=False),
+        geoid.created_at,
+        geoid.updated_at,
+    )
+
+
+def scar_to_row(scar: Scar) -> tuple[Any, ...]:
+    return (
+        scar.scar_id,
+        scar.weight,
+        None if scar.gid_pair is None else json.dumps(scar.gid_pair, ensure_ascii=False),
+        None if scar.meta is None else json.dumps(scar.meta, ensure_ascii=False),
+        scar.created_at,
+        scar.updated_at,
+    )
+
+
+def insert_geoids(con: duckdb.DuckDBPyConnection, geoids: list[Geoid]) -> None:
+    con.executemany(
+        f"INSERT INTO legacy_geoids ({GEOID_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [geoid_to_row(g) for g in geoids],
+    )
+
+
+def insert_scars(con: duckdb.DuckDBPyConnection, scars: list[Scar]) -> None:
+    con.executemany(
+        f"INSERT INTO legacy_scars ({SCAR_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+        [scar_to_row(s) for s in scars],
+    )
+
+
+def iter_geoids(con: duckdb.DuckDBPyConnection, batch_size: int = 10_000) -> Iterator[Geoid]:
+    cur = con.execute(f"SELECT {GEOID_COLUMNS} FROM legacy_geoids ORDER BY gid")  # noqa: S608
+    while rows := cur.fetchmany(batch_size):
+        yield from map(geoid_from_row, rows)
+
+
+def iter_scars(con: duckdb.DuckDBPyConnection, batch_size: int = 10_000) -> Iterator[Scar]:
+    cur = con.execute(f"SELECT {SCAR_COLUMNS} FROM legacy_scars ORDER BY id")  # noqa: S608
+    while rows := cur.fetchmany(batch_size):
+        yield from map(scar_from_row, rows)
+
+
+def store_identity_p1(con: duckdb.DuckDBPyConnection, identity: Identity, entropy: float | None) -> None:
+    """Write an identity the way P1 does: the JSON document plus its indexed columns."""
+    con.execute(
+        "INSERT OR REPLACE INTO identities "
+        "(id, identity_type, data, created_at, updated_at, lang_axis, entropy_score) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            identity.id,
+            identity.identity_type,
+            identity.to_json(),
+            identity.created_at,
+            identity.updated_at,
+            identity.lang_axis,
+            entropy,
+        ],
+    )
+
+
+def read_identity_p1(con: duckdb.DuckDBPyConnection, identity_id: str) -> Identity | None:
+    """The P1 read path: ``SELECT data FROM identities WHERE id = ?`` and rebuild."""
+    row = con.execute(P1_READ_IDENTITY_SQL, [identity_id]).fetchone()
+    return None if row is None else Identity.from_document(row[0])

@@ -1,0 +1,1 @@
+"""Dagster code location over kimera_core."""
