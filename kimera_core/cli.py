@@ -43,16 +43,41 @@ def cli() -> None:
 
 @cli.command("demo-data")
 @DB_OPTION
-@click.option("--geoids", type=click.IntRange(min=2), default=10_000, show_default=True,
-              help="Number of legacy geoids.")
-@click.option("--scars", type=click.IntRange(min=0), default=5_000, show_default=True,
-              help="Number of legacy scars (links between geoids).")
-@click.option("--seed", type=int, default=42, show_default=True,
-              help="Random seed: the same seed gives the same database.")
-@click.option("--broken-share", type=click.FloatRange(0, 1), default=0.005, show_default=True,
-              help="Share of rows broken on purpose (malformed meta, empty raw, dangling ids ...).")
-@click.option("--dual-written-share", type=click.FloatRange(0, 1), default=0.05,
-              show_default=True, help="Share of rows P1's dual-write already put in identities.")
+@click.option(
+    "--geoids",
+    type=click.IntRange(min=2),
+    default=10_000,
+    show_default=True,
+    help="Number of legacy geoids.",
+)
+@click.option(
+    "--scars",
+    type=click.IntRange(min=0),
+    default=5_000,
+    show_default=True,
+    help="Number of legacy scars (links between geoids).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=42,
+    show_default=True,
+    help="Random seed: the same seed gives the same database.",
+)
+@click.option(
+    "--broken-share",
+    type=click.FloatRange(0, 1),
+    default=0.005,
+    show_default=True,
+    help="Share of rows broken on purpose (malformed meta, empty raw, dangling ids ...).",
+)
+@click.option(
+    "--dual-written-share",
+    type=click.FloatRange(0, 1),
+    default=0.05,
+    show_default=True,
+    help="Share of rows P1's dual-write already put in identities.",
+)
 @click.option("--replace", is_flag=True, help="Overwrite an existing demo database.")
 @JSON_OPTION
 def demo_data(
@@ -78,8 +103,14 @@ def demo_data(
         replace=replace,
     )
     if as_json:
-        _emit_json({"path": report.path, "tables": report.counts, "broken": report.broken,
-                    "seconds": round(report.seconds, 3)})
+        _emit_json(
+            {
+                "path": report.path,
+                "tables": report.counts,
+                "broken": report.broken,
+                "seconds": round(report.seconds, 3),
+            }
+        )
         return
     table = Table(title=f"Demo legacy database {report.path} ({report.seconds:.1f} s)")
     table.add_column("table")
@@ -121,13 +152,32 @@ def summary(db_path: Path, as_json: bool) -> None:
         tables.add_row(name, "[red]missing[/red]")
     console.print(tables)
     dist = Table(title="Entropy (bits) and effective tau (days) by identity type")
-    for column in ("type", "rows", "unknown H", "mean", "p50", "p90", "p99", "max",
-                   "tau p50", "tau p99"):
+    for column in (
+        "type",
+        "rows",
+        "unknown H",
+        "mean",
+        "p50",
+        "p90",
+        "p99",
+        "max",
+        "tau p50",
+        "tau p99",
+    ):
         dist.add_column(column, justify="right" if column != "type" else "left")
     for d in result.distributions:
-        dist.add_row(d.identity_type, f"{d.count:,}", f"{d.unknown:,}", _fmt(d.mean), _fmt(d.p50),
-                     _fmt(d.p90), _fmt(d.p99), _fmt(d.max), _fmt(d.tau_p50_days, 2),
-                     _fmt(d.tau_p99_days, 2))
+        dist.add_row(
+            d.identity_type,
+            f"{d.count:,}",
+            f"{d.unknown:,}",
+            _fmt(d.mean),
+            _fmt(d.p50),
+            _fmt(d.p90),
+            _fmt(d.p99),
+            _fmt(d.max),
+            _fmt(d.tau_p50_days, 2),
+            _fmt(d.tau_p99_days, 2),
+        )
     console.print(dist)
     if result.distributions:
         hist = Table(title="Entropy histogram (rows with H <= bucket, bits)")

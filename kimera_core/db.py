@@ -93,9 +93,10 @@ def _database_header_version(head: bytes) -> int | None:
     for offset in (4096, 8192):
         if len(head) < offset + 64:
             continue
-        iteration, compat = struct.unpack_from("<Q", head, offset + 8)[0], struct.unpack_from(
-            "<Q", head, offset + 56
-        )[0]
+        iteration, compat = (
+            struct.unpack_from("<Q", head, offset + 8)[0],
+            struct.unpack_from("<Q", head, offset + 56)[0],
+        )
         if best is None or iteration > best[0]:
             best = (iteration, compat)
     return None if best is None else best[1]

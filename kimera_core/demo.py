@@ -63,14 +63,14 @@ GEOIDS_SQL = f"""
 CREATE TEMP TABLE demo_geoid_base AS
 WITH base AS (
     SELECT i,
-           {_r('i', 'lang')} AS r_lang,
-           {_r('i', 'created')} AS r_created,
-           {_r('i', 'updated')} AS r_updated,
-           {_r('i', 'emoji')} AS r_emoji,
-           {_r('i', 'pad')} AS r_pad,
-           {_r('i', 'terms')} AS r_terms,
-           {_r('i', 'broken')} AS r_broken,
-           {_r('i', 'kind')} AS r_kind,
+           {_r("i", "lang")} AS r_lang,
+           {_r("i", "created")} AS r_created,
+           {_r("i", "updated")} AS r_updated,
+           {_r("i", "emoji")} AS r_emoji,
+           {_r("i", "pad")} AS r_pad,
+           {_r("i", "terms")} AS r_terms,
+           {_r("i", "broken")} AS r_broken,
+           {_r("i", "kind")} AS r_kind,
            hash(i, $seed, 'words') AS h_words,
            hash(i, $seed, 'tags') AS h_tags
     FROM range($n) AS t(i)
@@ -97,7 +97,7 @@ SELECT i, lang, r_broken, r_kind,
        list_distinct(list_transform(range((h_tags % 5)::INTEGER),
            j -> ['physics', 'memory', 'ethics', 'language', 'contradiction', 'art', 'history',
                  'biology', 'music', 'dream'][1 + (hash(i, $seed, 'tag', j) % 10)::INTEGER])) AS tag_list,
-       round(0.1 + 0.9 * {_r('i', 'weight')}, 4) AS weight,
+       round(0.1 + 0.9 * {_r("i", "weight")}, 4) AS weight,
        CASE WHEN r_terms < 0.85 THEN
            to_json({{'terms': list_transform(range((hash(i, $seed, 'nterms') % 7)::INTEGER), j -> {{
                'symbol': ['kairos', 'echo', 'seed', 'drift', 'anchor', 'vortex', 'lumen', 'ἀλήθεια'][1 + (hash(i, $seed, 'sym', j) % 8)::INTEGER],
@@ -108,7 +108,7 @@ SELECT i, lang, r_broken, r_kind,
                'timestamp': round(created_at + (hash(i, $seed, 'ts', j) % 86400), 6)
            }}), 'source': 'ingest'}})
        ELSE to_json({{'source': ['import', 'user', 'lattice'][1 + (h_words % 3)::INTEGER],
-                      'confidence': round({_r('i', 'conf')}, 3)}})
+                      'confidence': round({_r("i", "conf")}, 3)}})
        END AS meta_json,
        created_at,
        CASE WHEN r_updated < 0.5 THEN created_at
@@ -142,8 +142,8 @@ SCARS_SQL = f"""
 CREATE TEMP TABLE demo_scar_members AS
 WITH base AS (
     SELECT j,
-           (({_r('j', 'scar_a')}) * $n)::BIGINT % $n AS a,
-           {_r('j', 'scar_size')} AS r_size
+           (({_r("j", "scar_a")}) * $n)::BIGINT % $n AS a,
+           {_r("j", "scar_size")} AS r_size
     FROM range($m) AS t(j)
 ), members AS (
     SELECT j, a,
@@ -165,10 +165,10 @@ WITH members AS (
 ), base AS (
     SELECT j, gids,
            'scar_' || substr(sha256('scar:' || $seed::VARCHAR || ':' || j::VARCHAR), 1, 16) AS id,
-           {_r('j', 'broken')} AS r_broken,
-           {_r('j', 'kind')} AS r_kind,
-           round($end_time - {_r('j', 'created')} * {SPAN_SECONDS}, 6) AS created_at,
-           round(0.05 + 0.95 * {_r('j', 'weight')}, 4) AS weight,
+           {_r("j", "broken")} AS r_broken,
+           {_r("j", "kind")} AS r_kind,
+           round($end_time - {_r("j", "created")} * {SPAN_SECONDS}, 6) AS created_at,
+           round(0.05 + 0.95 * {_r("j", "weight")}, 4) AS weight,
            ['contradicts', 'supports', 'refines', 'echoes', 'resolves'][1 + (hash(j, $seed, 'rel') % 5)::INTEGER] AS rel
     FROM members
 )
@@ -238,30 +238,30 @@ SELECT g.gid, 'geoid',
        json_object('id', g.gid, 'identity_type', 'geoid', 'raw', g.raw, 'echo', g.echo,
                    'lang_axis', g.lang_axis, 'tags', g.tags, 'weight', g.weight,
                    'related_ids', '[]'::JSON, 'meta', g.meta,
-                   'created_at', {_ISO.format(col='g.created_at')},
-                   'updated_at', {_ISO.format(col='g.updated_at')}),
+                   'created_at', {_ISO.format(col="g.created_at")},
+                   'updated_at', {_ISO.format(col="g.updated_at")}),
        g.created_at, g.updated_at, g.lang_axis, e.entropy
 FROM legacy_geoids g JOIN demo_geoids d USING (gid) JOIN demo_entropy e ON e.key = g.gid
-WHERE d.kind IS NULL AND {_r('d.i', 'dual')} < $dual
+WHERE d.kind IS NULL AND {_r("d.i", "dual")} < $dual
 UNION ALL
 SELECT s.id, 'scar',
        json_object('id', s.id, 'identity_type', 'scar', 'raw', NULL, 'echo', NULL,
                    'lang_axis', NULL, 'tags', NULL, 'weight', s.weight,
                    'related_ids', s.related_ids, 'meta', s.meta,
-                   'created_at', {_ISO.format(col='s.created_at')},
-                   'updated_at', {_ISO.format(col='s.updated_at')}),
+                   'created_at', {_ISO.format(col="s.created_at")},
+                   'updated_at', {_ISO.format(col="s.updated_at")}),
        s.created_at, s.updated_at, NULL,
        CASE WHEN json_array_length(s.related_ids) <= 1 THEN 0.0
             ELSE log2(json_array_length(s.related_ids)) * s.weight END
 FROM legacy_scars s JOIN demo_scars d ON d.id = s.id
-WHERE d.kind IS NULL AND {_r('d.j', 'dual')} < $dual
+WHERE d.kind IS NULL AND {_r("d.j", "dual")} < $dual
 """
 
 DUAL_WRITE_LOG_SQL = f"""
 INSERT INTO dual_write_log (timestamp, identity_id, operation, status, details)
 SELECT updated_at, id, 'store',
-       CASE WHEN {_r('hash(id)', 'fail')} < 0.002 THEN 'failed' ELSE 'success' END,
-       CASE WHEN {_r('hash(id)', 'fail')} < 0.002
+       CASE WHEN {_r("hash(id)", "fail")} < 0.002 THEN 'failed' ELSE 'success' END,
+       CASE WHEN {_r("hash(id)", "fail")} < 0.002
             THEN to_json({{'identity_type': identity_type, 'error': 'legacy write timed out'}})
             ELSE to_json({{'identity_type': identity_type, 'stores': ['identities', 'legacy']}}) END
 FROM identities
@@ -331,7 +331,7 @@ def generate_demo_data(
         run(GEOIDS_SQL)
         kinds = ", ".join(f"'{k}'" for k in GEOID_KINDS)
         run(
-            "CREATE TEMP TABLE demo_geoids AS SELECT b.*, "  # noqa: S608 - constant text
+            "CREATE TEMP TABLE demo_geoids AS SELECT b.*, "
             "CASE WHEN r_broken < $broken THEN "
             f"[{kinds}][1 + floor(r_kind * {len(GEOID_KINDS)})::INTEGER] END AS kind "
             "FROM demo_geoid_base b"
@@ -358,7 +358,7 @@ def generate_demo_data(
             prefix = "geoid" if table == "demo_geoids" else "scar"
             # table names are the two fixed temp tables above
             for kind, count in con.execute(
-                f"SELECT kind, count(*) FROM {table} WHERE kind IS NOT NULL GROUP BY kind ORDER BY kind"  # noqa: S608
+                f"SELECT kind, count(*) FROM {table} WHERE kind IS NOT NULL GROUP BY kind ORDER BY kind"
             ).fetchall():
                 broken[f"{prefix}.{kind}"] = count
         con.execute("COMMIT")

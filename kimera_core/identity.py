@@ -119,7 +119,9 @@ class Identity:
 
     def __post_init__(self) -> None:
         if self.identity_type not in IDENTITY_TYPES:
-            raise ValueError(f"identity_type must be one of {IDENTITY_TYPES}, got {self.identity_type!r}")
+            raise ValueError(
+                f"identity_type must be one of {IDENTITY_TYPES}, got {self.identity_type!r}"
+            )
 
     # --- the P1 JSON document -------------------------------------------------------------
     def to_document(self) -> dict[str, Any]:
@@ -168,7 +170,9 @@ class Identity:
         """The legacy record of this identity; refuses a conversion that would lose a field."""
         if self.identity_type == "geoid":
             if self.raw is None:
-                raise ConversionError(f"geoid {self.id!r} has no raw text; legacy_geoids.raw is NOT NULL")
+                raise ConversionError(
+                    f"geoid {self.id!r} has no raw text; legacy_geoids.raw is NOT NULL"
+                )
             return Geoid(
                 gid=self.id,
                 raw=self.raw,

@@ -157,7 +157,9 @@ def geoid_to_row(geoid: Geoid) -> tuple[Any, ...]:
         geoid.raw,
         geoid.echo,
         geoid.lang_axis,
-        None if geoid.context_layers is None else json.dumps(geoid.context_layers, ensure_ascii=False),
+        None
+        if geoid.context_layers is None
+        else json.dumps(geoid.context_layers, ensure_ascii=False),
         geoid.weight,
         None if geoid.meta is None else json.dumps(geoid.meta, ensure_ascii=False),
         geoid.created_at,
@@ -178,14 +180,16 @@ def scar_to_row(scar: Scar) -> tuple[Any, ...]:
 
 def insert_geoids(con: duckdb.DuckDBPyConnection, geoids: list[Geoid]) -> None:
     con.executemany(
-        f"INSERT INTO legacy_geoids ({GEOID_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO legacy_geoids (gid, raw, echo, lang_axis, tags, weight, meta, created_at, "
+        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [geoid_to_row(g) for g in geoids],
     )
 
 
 def insert_scars(con: duckdb.DuckDBPyConnection, scars: list[Scar]) -> None:
     con.executemany(
-        f"INSERT INTO legacy_scars ({SCAR_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO legacy_scars (id, weight, related_ids, meta, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
         [scar_to_row(s) for s in scars],
     )
 
@@ -202,7 +206,9 @@ def iter_scars(con: duckdb.DuckDBPyConnection, batch_size: int = 10_000) -> Iter
         yield from map(scar_from_row, rows)
 
 
-def store_identity_p1(con: duckdb.DuckDBPyConnection, identity: Identity, entropy: float | None) -> None:
+def store_identity_p1(
+    con: duckdb.DuckDBPyConnection, identity: Identity, entropy: float | None
+) -> None:
     """Write an identity the way P1 does: the JSON document plus its indexed columns."""
     con.execute(
         "INSERT OR REPLACE INTO identities "

@@ -89,7 +89,19 @@ def _distribution(con: duckdb.DuckDBPyConnection, identity_type: str, inner: str
             continue
         histogram[labels[bucket - 1] if bucket > 0 else "+Inf"] += count
     return Distribution(
-        identity_type, n, n - known, mean, p50, p90, p99, lo, hi, tau_mean, tau_p50, tau_p99, histogram
+        identity_type,
+        n,
+        n - known,
+        mean,
+        p50,
+        p90,
+        p99,
+        lo,
+        hi,
+        tau_mean,
+        tau_p50,
+        tau_p99,
+        histogram,
     )
 
 
