@@ -11,10 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from support.servers import ROOT, free_port, stop_process_group, wait_until
 
 from kimera_core.demo import generate_demo_data
-
-from support.servers import ROOT, free_port, stop_process_group, wait_until
 
 pytestmark = pytest.mark.e2e
 
