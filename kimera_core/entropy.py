@@ -140,25 +140,22 @@ _NUMERIC_JSON_TYPES = "('BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'UHUGEINT')"
 # Each stage is its own projection so every JSON value is parsed once.
 GEOID_ENTROPY_SQL = f"""
 WITH src AS (
+    -- one parse of meta; TRY turns text that is not JSON (old files, VARCHAR batches) into NULL
     SELECT {{key}} AS key,
-           CASE WHEN json_valid({{meta}}) THEN {{meta}} END AS meta_j,
-           CASE WHEN json_valid({{tags}}) THEN {{tags}} END AS tags_j
+           TRY(json_extract({{meta}}, '$.terms')) AS terms_j,
+           TRY(CASE WHEN json_type({{tags}}) = 'ARRAY' THEN json_array_length({{tags}}) END) AS n_tags
     FROM {{source}}
 ), terms AS (
-    SELECT key,
-           json_type(meta_j) = 'OBJECT' AND json_type(meta_j, '$.terms') = 'ARRAY' AS has_terms,
-           CASE WHEN json_type(tags_j) = 'ARRAY' THEN json_array_length(tags_j) ELSE 0 END AS n_tags,
-           CASE WHEN json_type(meta_j) = 'OBJECT' AND json_type(meta_j, '$.terms') = 'ARRAY'
-                THEN list_filter(
-                    list_transform(json_extract(meta_j, '$.terms[*].intensity'),
-                        x -> CASE WHEN json_type(x) IN {_NUMERIC_JSON_TYPES}
-                                  THEN TRY_CAST(x AS DOUBLE) END),
-                    x -> x > 0 AND isfinite(x))
-           END AS v
+    SELECT key, n_tags,
+           json_type(terms_j) = 'ARRAY' AS has_terms,
+           list_filter(
+               list_transform(json_extract(terms_j, '$[*].intensity'),
+                   x -> CASE WHEN json_type(x) IN {_NUMERIC_JSON_TYPES}
+                             THEN TRY_CAST(x AS DOUBLE) END),
+               x -> x > 0 AND isfinite(x)) AS v
     FROM src
 ), scaled AS (
-    SELECT key, has_terms, n_tags,
-           list_transform(v, x -> x / list_max(v)) AS s
+    SELECT key, has_terms, n_tags, list_transform(v, x -> x / list_max(v)) AS s
     FROM terms
 ), summed AS (
     SELECT key, has_terms, n_tags, s, list_sum(s) AS total FROM scaled
@@ -179,8 +176,8 @@ FROM summed
 SCAR_ENTROPY_SQL = """
 WITH src AS (
     SELECT {key} AS key,
-           CASE WHEN json_valid({related}) AND json_type({related}) = 'ARRAY'
-                THEN json_array_length({related}) ELSE 0 END AS n,
+           coalesce(TRY(CASE WHEN json_type({related}) = 'ARRAY'
+                             THEN json_array_length({related}) END), 0) AS n,
            {weight} AS w
     FROM {source}
 )
@@ -234,8 +231,24 @@ def scar_entropy_sql(
 
 
 def _with_tau(con: duckdb.DuckDBPyConnection, inner: str, tau_0: float, k: float) -> pa.Table:
-    sql = TAU_SQL.format(inner=inner)
-    return con.execute(sql, [tau_0, k]).fetch_arrow_table()
+    result = con.execute(TAU_SQL.format(inner=inner), [tau_0, k])
+    if hasattr(result, "to_arrow_table"):  # duckdb >= 1.5
+        return result.to_arrow_table()
+    return result.fetch_arrow_table()
+
+
+def entropy_table_sql(kind: str, source: str | None = None, key: str | None = None) -> str:
+    """SELECT key, entropy, tau_eff for a geoid or scar table, with two parameters (tau_0, k).
+
+    For use inside larger set-based statements (CREATE TABLE AS, INSERT ... SELECT).
+    """
+    if kind == "geoid":
+        inner = geoid_entropy_sql(source or "legacy_geoids", key or "gid")
+    elif kind == "scar":
+        inner = scar_entropy_sql(source or "legacy_scars", key or "id")
+    else:
+        raise ValueError(f"kind must be 'geoid' or 'scar', got {kind!r}")
+    return TAU_SQL.format(inner=inner)
 
 
 def bulk_geoid_entropy(

@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_FLOOR, Decimal, localcontext
+from decimal import ROUND_FLOOR, Context, Decimal, localcontext
 from typing import Any, Literal
 
 IdentityType = Literal["geoid", "scar"]
@@ -74,7 +74,9 @@ def epoch_to_iso(ts: float | None) -> str | None:
         raise ValueError(f"timestamp must be finite, got {ts!r}")
     exact = Decimal(repr(ts))
     whole = int(exact.to_integral_value(rounding=ROUND_FLOOR))
-    frac_digits = format(exact - whole, "f").partition(".")[2].rstrip("0")
+    # subtract exactly: the default 28 digits round e.g. -1e-30 - (-1) up to 1, a second off
+    frac = Context(prec=1000).subtract(exact, whole)
+    frac_digits = format(frac, "f").partition(".")[2].rstrip("0")
     frac_digits = frac_digits.ljust(6, "0")
     stamp = (_EPOCH + timedelta(seconds=whole)).isoformat(timespec="seconds")[:19]
     return f"{stamp}.{frac_digits}+00:00"
