@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+
+from kimera_core.sql import vetted_identifier
 
 TAU_0_SECONDS = 14 * 24 * 3600  # 1,209,600 s
 TAU_K = 0.1
@@ -132,8 +133,6 @@ def decay_factor(age_seconds: float, tau_eff: float) -> float:
 
 
 # --- bulk form (DuckDB, set-based) ------------------------------------------------------
-_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
 # Numeric JSON types DuckDB reports for a JSON number.
 _NUMERIC_JSON_TYPES = "('BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'UHUGEINT')"
 
@@ -194,13 +193,6 @@ SELECT key, entropy,
        (? * (1 + ? * coalesce(entropy, 0.0)))::DOUBLE AS tau_eff
 FROM ({inner})
 """
-
-
-def vetted_identifier(name: str) -> str:
-    """A quoted SQL identifier, refusing anything but a plain name."""
-    if not _IDENT_RE.match(name):
-        raise ValueError(f"not a plain SQL identifier: {name!r}")
-    return f'"{name}"'
 
 
 def geoid_entropy_sql(
