@@ -233,6 +233,9 @@ def db_init(db_path: Path) -> None:
     console.print(f"{db_path}: legacy layout ready")
 
 
+# --- commands defined in their own modules (one import + add_command line each) ---------
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr, never a traceback."""
     try:
