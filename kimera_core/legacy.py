@@ -70,11 +70,41 @@ LEGACY_DDL: tuple[str, ...] = (
         status TEXT NOT NULL,
         details JSON
     )""",
-    "CREATE INDEX IF NOT EXISTS idx_identities_updated_at ON identities(updated_at DESC)",
-    "CREATE INDEX IF NOT EXISTS idx_identities_type ON identities(identity_type)",
-    "CREATE INDEX IF NOT EXISTS idx_identities_entropy ON identities(entropy_score DESC)",
-    "CREATE INDEX IF NOT EXISTS idx_echoforms_updated_at ON echoforms(updated_at DESC)",
-    "CREATE INDEX IF NOT EXISTS idx_echoforms_domain ON echoforms(domain)",
+)
+
+# (name, table, column, DDL): created only when the table has no index on that column yet,
+# whatever its name, so an existing P1 file is never given duplicate indexes.
+LEGACY_INDEXES: tuple[tuple[str, str, str, str], ...] = (
+    (
+        "idx_identities_updated_at",
+        "identities",
+        "updated_at",
+        "CREATE INDEX idx_identities_updated_at ON identities(updated_at DESC)",
+    ),
+    (
+        "idx_identities_type",
+        "identities",
+        "identity_type",
+        "CREATE INDEX idx_identities_type ON identities(identity_type)",
+    ),
+    (
+        "idx_identities_entropy",
+        "identities",
+        "entropy_score",
+        "CREATE INDEX idx_identities_entropy ON identities(entropy_score DESC)",
+    ),
+    (
+        "idx_echoforms_updated_at",
+        "echoforms",
+        "updated_at",
+        "CREATE INDEX idx_echoforms_updated_at ON echoforms(updated_at DESC)",
+    ),
+    (
+        "idx_echoforms_domain",
+        "echoforms",
+        "domain",
+        "CREATE INDEX idx_echoforms_domain ON echoforms(domain)",
+    ),
 )
 
 # The P1 application's read path; it must keep working whatever the project adds.
@@ -82,9 +112,18 @@ P1_READ_IDENTITY_SQL = "SELECT data FROM identities WHERE id = ?"
 
 
 def create_legacy_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the P1 tables, sequence and indexes (idempotent)."""
+    """Create the P1 tables, sequence and indexes that are missing (idempotent, adds nothing else)."""
     for statement in LEGACY_DDL:
         con.execute(statement)
+    indexed = {
+        (table, expressions.strip("[]").replace("'", "").replace('"', "").strip().lower())
+        for table, expressions in con.execute(
+            "SELECT table_name, expressions FROM duckdb_indexes() WHERE schema_name = 'main'"
+        ).fetchall()
+    }
+    for _name, table, column, ddl in LEGACY_INDEXES:
+        if (table, column) not in indexed:
+            con.execute(ddl)
 
 
 def missing_tables(con: duckdb.DuckDBPyConnection) -> list[str]:

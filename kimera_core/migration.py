@@ -1,0 +1,821 @@
+"""The migration engine: legacy geoids and scars into ``identities``, set-based and resumable.
+
+A run walks partitions: every geoid hash bucket first, then every scar bucket (a scar's
+related ids are checked against the geoids already migrated). Each partition is one
+transaction that prepares its rows in SQL (validation, the P1 document, entropy and tau
+with the bulk form), quarantines what cannot be migrated, merges the rest into
+``identities`` (newer ``updated_at`` wins, identical rows are left alone), journals every
+insert and update for rollback, and records itself as done with counts and a checksum. A
+run killed at any point resumes from its last committed partition and ends in the same
+state as an uninterrupted run. docs/migration.md is the operator's runbook.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import duckdb
+
+from kimera_core.checksum import Checksum, table_checksum
+from kimera_core.entropy import geoid_entropy_sql, scar_entropy_sql
+from kimera_core.errors import KimeraError
+from kimera_core.legacy import create_legacy_schema, missing_tables
+
+KINDS: tuple[str, ...] = ("geoid", "scar")
+IDENTITY_COLUMNS = [
+    "id",
+    "identity_type",
+    "data",
+    "created_at",
+    "updated_at",
+    "lang_axis",
+    "entropy_score",
+]
+DEFAULT_PARTITIONS = 8
+
+SCHEMA_SQL: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS kimera_migration_runs (
+        run_id TEXT PRIMARY KEY,
+        started_at DOUBLE NOT NULL,
+        finished_at DOUBLE,
+        status TEXT NOT NULL,          -- running | completed | unbalanced | rolled_back
+        partitions INTEGER NOT NULL,
+        duckdb_version TEXT NOT NULL,
+        counts JSON,
+        identities_rows BIGINT,
+        identities_checksum TEXT
+    )""",
+    """CREATE TABLE IF NOT EXISTS kimera_migration_partitions (
+        run_id TEXT NOT NULL,
+        kind TEXT NOT NULL,            -- geoid | scar
+        bucket INTEGER NOT NULL,
+        finished_at DOUBLE NOT NULL,
+        read BIGINT NOT NULL,
+        inserted BIGINT NOT NULL,
+        updated BIGINT NOT NULL,
+        unchanged BIGINT NOT NULL,
+        kept BIGINT NOT NULL,
+        quarantined BIGINT NOT NULL,
+        identities_rows BIGINT NOT NULL,
+        identities_checksum TEXT NOT NULL,
+        PRIMARY KEY (run_id, kind, bucket)
+    )""",
+    """CREATE TABLE IF NOT EXISTS kimera_migration_changes (
+        run_id TEXT NOT NULL,
+        id TEXT NOT NULL,
+        action TEXT NOT NULL,          -- insert | update
+        before_identity_type TEXT,
+        before_data JSON,
+        before_created_at DOUBLE,
+        before_updated_at DOUBLE,
+        before_lang_axis TEXT,
+        before_entropy_score DOUBLE,
+        after_hash UBIGINT,
+        PRIMARY KEY (run_id, id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS kimera_quarantine (
+        run_id TEXT NOT NULL,
+        source_table TEXT NOT NULL,
+        key TEXT,
+        reason TEXT NOT NULL,
+        reasons JSON NOT NULL,
+        original JSON NOT NULL,
+        row_hash UBIGINT NOT NULL,
+        quarantined_at DOUBLE NOT NULL,
+        PRIMARY KEY (run_id, source_table, row_hash)
+    )""",
+    """CREATE TABLE IF NOT EXISTS kimera_migration_warnings (
+        run_id TEXT NOT NULL,
+        source_table TEXT NOT NULL,
+        key TEXT NOT NULL,
+        warnings JSON NOT NULL,
+        PRIMARY KEY (run_id, source_table, key)
+    )""",
+)
+
+# Exact ISO-8601 text of an epoch float, as identity.epoch_to_iso writes it: DuckDB's
+# DOUBLE -> VARCHAR cast is the shortest round-trip form, like Python's repr.
+ISO_MACRO = """
+CREATE OR REPLACE TEMP MACRO kimera_iso(t) AS (
+    CASE WHEN t IS NULL THEN NULL
+         WHEN t >= 0 AND t < 1e11 AND NOT contains(CAST(t AS VARCHAR), 'e') THEN
+            strftime(make_timestamp(CAST(floor(t) AS BIGINT) * 1000000), '%Y-%m-%dT%H:%M:%S')
+            || '.' || rpad(rtrim(split_part(CAST(t AS VARCHAR), '.', 2), '0'), 6, '0')
+            || '+00:00'
+         ELSE strftime(make_timestamp(CAST(round(t * 1000000) AS BIGINT)),
+                       '%Y-%m-%dT%H:%M:%S.%f') || '+00:00'
+    END
+)
+"""
+
+# A term intensity that is a JSON number but not finite (NaN, Infinity, 1e400).
+_NON_FINITE_INTENSITY = """
+    coalesce(TRY(len(list_filter(json_extract(meta_j, '$.terms[*].intensity'),
+        x -> json_type(x) = 'DOUBLE' AND NOT isfinite(TRY_CAST(x AS DOUBLE)))) > 0), false)
+"""
+
+PREPARE_GEOIDS_SQL = f"""
+CREATE OR REPLACE TEMP TABLE mig_src AS
+WITH src AS (
+    SELECT g.*, to_json(g) AS original,
+           count(*) OVER (PARTITION BY g.gid) AS dup_count
+    FROM legacy_geoids g
+    WHERE hash(g.gid) % $buckets = $bucket
+), parsed AS (
+    SELECT *, TRY(json(meta)) AS meta_j, TRY(json(tags)) AS tags_j FROM src
+), checked AS (
+    SELECT p.*,
+        list_filter([
+            CASE WHEN gid IS NULL OR trim(gid) = '' THEN 'null_or_empty_key' END,
+            CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
+            CASE WHEN gid IN (SELECT id FROM legacy_scars WHERE hash(id) % $buckets = $bucket)
+                 THEN 'key_in_both_tables' END,
+            CASE WHEN EXISTS (SELECT 1 FROM identities i
+                              WHERE i.id = p.gid AND i.identity_type <> 'geoid')
+                 THEN 'identity_type_conflict' END,
+            CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
+            CASE WHEN tags IS NOT NULL AND tags_j IS NULL THEN 'invalid_json_tags' END,
+            CASE WHEN json_type(meta_j) <> 'OBJECT' THEN 'non_object_meta' END,
+            CASE WHEN json_type(tags_j) <> 'ARRAY' THEN 'non_list_tags' END,
+            CASE WHEN raw IS NULL OR regexp_matches(raw, '^\\s*$') THEN 'empty_raw' END,
+            CASE WHEN NOT isfinite(weight) THEN 'non_finite_weight' END,
+            CASE WHEN {_NON_FINITE_INTENSITY} THEN 'non_finite_intensity' END,
+            CASE WHEN NOT isfinite(created_at) OR NOT isfinite(updated_at)
+                 THEN 'non_finite_timestamp' END,
+            CASE WHEN created_at IS NULL AND updated_at IS NULL THEN 'missing_timestamps' END
+        ], x -> x IS NOT NULL) AS reasons,
+        list_filter([
+            CASE WHEN weight IS NULL THEN 'null_weight' END,
+            CASE WHEN echo IS DISTINCT FROM trim(raw) THEN 'echo_differs_from_raw' END,
+            CASE WHEN gid <> substr(sha256(coalesce(lang_axis, 'None') || ':'
+                                            || coalesce(trim(raw), 'None')), 1, 16)
+                 THEN 'gid_not_derived_from_text' END,
+            CASE WHEN updated_at IS NULL AND created_at IS NOT NULL THEN 'null_updated_at' END,
+            CASE WHEN created_at IS NULL AND updated_at IS NOT NULL THEN 'null_created_at' END,
+            CASE WHEN updated_at < created_at THEN 'updated_before_created' END,
+            CASE WHEN lang_axis IS NULL THEN 'null_lang_axis' END
+        ], x -> x IS NOT NULL) AS warnings
+    FROM parsed p
+)
+SELECT gid AS key, 'geoid' AS identity_type, 'legacy_geoids' AS source_table,
+       original, reasons, warnings, meta_j AS meta, tags_j AS tags,
+       coalesce(created_at, updated_at) AS created_at,
+       coalesce(updated_at, created_at) AS updated_at,
+       lang_axis,
+       json_object('id', gid, 'identity_type', 'geoid', 'raw', raw, 'echo', echo,
+                   'lang_axis', lang_axis, 'tags', tags_j, 'weight', weight,
+                   'related_ids', '[]'::JSON, 'meta', meta_j,
+                   'created_at', kimera_iso(coalesce(created_at, updated_at)),
+                   'updated_at', kimera_iso(coalesce(updated_at, created_at))) AS doc
+FROM checked
+"""
+
+PREPARE_SCARS_SQL = """
+CREATE OR REPLACE TEMP TABLE mig_src AS
+WITH src AS (
+    SELECT s.*, to_json(s) AS original,
+           count(*) OVER (PARTITION BY s.id) AS dup_count
+    FROM legacy_scars s
+    WHERE hash(s.id) % $buckets = $bucket
+), parsed AS (
+    SELECT *, TRY(json(meta)) AS meta_j, TRY(json(related_ids)) AS rel_j FROM src
+), members AS (
+    -- related ids that are strings, one row each, with where they stand after the geoids
+    SELECT p.id, r.x AS member,
+           EXISTS (SELECT 1 FROM identities i WHERE i.id = r.x AND i.identity_type = 'geoid')
+               AS migrated,
+           EXISTS (SELECT 1 FROM legacy_geoids g WHERE g.gid = r.x) AS in_legacy
+    FROM parsed p,
+         LATERAL (SELECT unnest(TRY(CAST(json_extract_string(p.rel_j, '$[*]') AS TEXT[]))) AS x) r
+    WHERE json_type(p.rel_j) = 'ARRAY'
+), member_state AS (
+    SELECT id,
+           bool_or(NOT migrated AND NOT in_legacy) AS dangling,
+           bool_or(NOT migrated AND in_legacy) AS unmigrated_member
+    FROM members GROUP BY id
+), checked AS (
+    SELECT p.*,
+        list_filter([
+            CASE WHEN p.id IS NULL OR trim(p.id) = '' THEN 'null_or_empty_key' END,
+            CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
+            CASE WHEN p.id IN (SELECT gid FROM legacy_geoids WHERE hash(gid) % $buckets = $bucket)
+                 THEN 'key_in_both_tables' END,
+            CASE WHEN EXISTS (SELECT 1 FROM identities i
+                              WHERE i.id = p.id AND i.identity_type <> 'scar')
+                 THEN 'identity_type_conflict' END,
+            CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
+            CASE WHEN related_ids IS NOT NULL AND rel_j IS NULL THEN 'invalid_json_related_ids' END,
+            CASE WHEN json_type(meta_j) <> 'OBJECT' THEN 'non_object_meta' END,
+            CASE WHEN rel_j IS NULL OR json_type(rel_j) <> 'ARRAY' THEN 'related_ids_not_list'
+                 WHEN json_array_length(rel_j) < 2 THEN 'too_few_related_ids'
+                 WHEN len(list_filter(json_extract(rel_j, '$[*]'), x -> json_type(x) <> 'VARCHAR')) > 0
+                      THEN 'related_ids_not_strings'
+            END,
+            CASE WHEN ms.dangling THEN 'dangling_related_id' END,
+            CASE WHEN ms.unmigrated_member THEN 'related_geoid_quarantined' END,
+            CASE WHEN NOT isfinite(weight) THEN 'non_finite_weight' END,
+            CASE WHEN NOT isfinite(p.created_at) OR NOT isfinite(p.updated_at)
+                 THEN 'non_finite_timestamp' END,
+            CASE WHEN p.created_at IS NULL AND p.updated_at IS NULL THEN 'missing_timestamps' END
+        ], x -> x IS NOT NULL) AS reasons,
+        list_filter([
+            CASE WHEN weight IS NULL THEN 'null_weight' END,
+            CASE WHEN p.updated_at IS NULL AND p.created_at IS NOT NULL THEN 'null_updated_at' END,
+            CASE WHEN p.created_at IS NULL AND p.updated_at IS NOT NULL THEN 'null_created_at' END,
+            CASE WHEN p.updated_at < p.created_at THEN 'updated_before_created' END
+        ], x -> x IS NOT NULL) AS warnings
+    FROM parsed p
+    LEFT JOIN member_state ms ON ms.id = p.id
+)
+SELECT id AS key, 'scar' AS identity_type, 'legacy_scars' AS source_table,
+       original, reasons, warnings, meta_j AS meta, rel_j AS related_ids, weight,
+       coalesce(created_at, updated_at) AS created_at,
+       coalesce(updated_at, created_at) AS updated_at,
+       NULL::TEXT AS lang_axis,
+       json_object('id', id, 'identity_type', 'scar', 'raw', NULL, 'echo', NULL,
+                   'lang_axis', NULL, 'tags', NULL, 'weight', weight,
+                   'related_ids', rel_j, 'meta', meta_j,
+                   'created_at', kimera_iso(coalesce(created_at, updated_at)),
+                   'updated_at', kimera_iso(coalesce(updated_at, created_at))) AS doc
+FROM checked
+"""
+
+QUARANTINE_SQL = """
+INSERT INTO kimera_quarantine
+SELECT $run_id, source_table, key, reasons[1], to_json(reasons), original, hash(original), $now
+FROM mig_src WHERE len(reasons) > 0
+ON CONFLICT DO NOTHING
+"""
+
+WARNINGS_SQL = """
+INSERT INTO kimera_migration_warnings
+SELECT $run_id, source_table, key, to_json(warnings)
+FROM mig_src WHERE len(reasons) = 0 AND len(warnings) > 0 AND key IS NOT NULL
+ON CONFLICT DO NOTHING
+"""
+
+# The merge rule: no identity -> insert; same document and timestamps -> unchanged; the
+# legacy row strictly newer by updated_at -> update; otherwise the identity (written by the
+# application, newer or tied) is kept.
+PLAN_SQL = """
+CREATE OR REPLACE TEMP TABLE mig_plan AS
+SELECT m.key, m.identity_type, m.doc, m.created_at, m.updated_at, m.lang_axis, e.entropy,
+       CASE WHEN i.id IS NULL THEN 'insert'
+            WHEN json(i.data) = json(m.doc) AND i.created_at = m.created_at
+                 AND i.updated_at = m.updated_at THEN 'unchanged'
+            WHEN m.updated_at > i.updated_at THEN 'update'
+            ELSE 'kept'
+       END AS action
+FROM mig_src m
+JOIN mig_entropy e ON e.key = m.key
+LEFT JOIN identities i ON i.id = m.key
+WHERE len(m.reasons) = 0
+"""
+
+JOURNAL_SQL = """
+INSERT INTO kimera_migration_changes
+SELECT $run_id, p.key, p.action, i.identity_type, i.data, i.created_at, i.updated_at,
+       i.lang_axis, i.entropy_score, NULL
+FROM mig_plan p LEFT JOIN identities i ON i.id = p.key
+WHERE p.action IN ('insert', 'update')
+"""
+
+APPLY_INSERT_SQL = """
+INSERT INTO identities (id, identity_type, data, created_at, updated_at, lang_axis, entropy_score)
+SELECT key, identity_type, doc, created_at, updated_at, lang_axis, entropy
+FROM mig_plan WHERE action = 'insert'
+"""
+
+APPLY_UPDATE_SQL = """
+UPDATE identities SET
+    identity_type = p.identity_type, data = p.doc, created_at = p.created_at,
+    updated_at = p.updated_at, lang_axis = p.lang_axis, entropy_score = p.entropy
+FROM mig_plan p
+WHERE identities.id = p.key AND p.action = 'update'
+"""
+
+AFTER_HASH_SQL = """
+UPDATE kimera_migration_changes SET after_hash = hash(i.id, i.identity_type, i.data,
+    i.created_at, i.updated_at, i.lang_axis, i.entropy_score)
+FROM identities i
+WHERE kimera_migration_changes.run_id = $run_id AND kimera_migration_changes.id = i.id
+  AND kimera_migration_changes.after_hash IS NULL
+"""
+
+PARTITION_COUNTS_SQL = """
+SELECT (SELECT count(*) FROM mig_src),
+       count(*) FILTER (WHERE action = 'insert'),
+       count(*) FILTER (WHERE action = 'update'),
+       count(*) FILTER (WHERE action = 'unchanged'),
+       count(*) FILTER (WHERE action = 'kept'),
+       (SELECT count(*) FROM mig_src WHERE len(reasons) > 0)
+FROM mig_plan
+"""
+
+PARTITION_CHECKSUM_SQL = """
+SELECT count(*), coalesce(sum(hash(id, identity_type, data, created_at, updated_at, lang_axis,
+                                   entropy_score)::HUGEINT), 0)
+FROM identities WHERE identity_type = $kind AND hash(id) % $buckets = $bucket
+"""
+
+
+@dataclass
+class MigrationCounts:
+    """Row counts of a run or partition; read = inserted+updated+unchanged+kept+quarantined."""
+
+    read: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    kept: int = 0
+    quarantined: int = 0
+
+    @property
+    def changes(self) -> int:
+        return self.inserted + self.updated
+
+    @property
+    def already_present(self) -> int:
+        return self.unchanged + self.kept
+
+    @property
+    def balanced(self) -> bool:
+        return self.read == self.changes + self.already_present + self.quarantined
+
+    def add(self, other: MigrationCounts) -> None:
+        for name in ("read", "inserted", "updated", "unchanged", "kept", "quarantined"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class MigrationReport:
+    """What a run did, for the CLI, Dagster metadata and the reconciliation check."""
+
+    run_id: str
+    dry_run: bool
+    resumed: bool
+    partitions: int
+    counts: MigrationCounts
+    legacy_rows: int
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    warnings: dict[str, int] = field(default_factory=dict)
+    partitions_skipped: int = 0
+    seconds: float = 0.0
+    identities_checksum: dict[str, Any] = field(default_factory=dict)
+    status: str = "completed"
+
+    @property
+    def balanced(self) -> bool:
+        """legacy rows = migrated + already present + quarantined, over the whole tables."""
+        return self.counts.balanced and self.counts.read == self.legacy_rows
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.counts.read / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["counts"]["changes"] = self.counts.changes
+        data["counts"]["already_present"] = self.counts.already_present
+        data["balanced"] = self.balanced
+        data["rows_per_second"] = round(self.rows_per_second, 1)
+        data["seconds"] = round(self.seconds, 3)
+        return data
+
+
+ProgressCallback = Callable[[int, int, str, int, MigrationCounts], None]
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the migration's own tables (idempotent); the legacy tables must exist."""
+    missing = [t for t in missing_tables(con) if t != "dual_write_log"]
+    if {"legacy_geoids", "legacy_scars"} & set(missing):
+        raise KimeraError(f"not a Kimera legacy database: missing table(s) {', '.join(missing)}")
+    create_legacy_schema(con)  # adds identities / dual_write_log to a file that lacks them
+    for statement in SCHEMA_SQL:
+        con.execute(statement)
+
+
+def _run_params(sql: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if f"${k}" in sql}
+
+
+def _exec(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]) -> None:
+    con.execute(sql, _run_params(sql, params))
+
+
+def _unfinished_run(con: duckdb.DuckDBPyConnection) -> tuple[str, int, str] | None:
+    row = con.execute(
+        "SELECT run_id, partitions, duckdb_version FROM kimera_migration_runs "
+        "WHERE status = 'running' ORDER BY started_at DESC LIMIT 1"
+    ).fetchone()
+    return None if row is None else (row[0], int(row[1]), row[2])
+
+
+def _done_partitions(
+    con: duckdb.DuckDBPyConnection, run_id: str
+) -> dict[tuple[str, int], MigrationCounts]:
+    rows = con.execute(
+        "SELECT kind, bucket, read, inserted, updated, unchanged, kept, quarantined "
+        "FROM kimera_migration_partitions WHERE run_id = ?",
+        [run_id],
+    ).fetchall()
+    return {(r[0], int(r[1])): MigrationCounts(*map(int, r[2:])) for r in rows}
+
+
+def _migrate_partition(
+    con: duckdb.DuckDBPyConnection, run_id: str, kind: str, bucket: int, buckets: int, record: bool
+) -> MigrationCounts:
+    """Prepare, quarantine, merge and journal one partition (caller owns the transaction)."""
+    params = {
+        "run_id": run_id,
+        "bucket": bucket,
+        "buckets": buckets,
+        "now": time.time(),
+        "kind": kind,
+    }
+    _exec(con, PREPARE_GEOIDS_SQL if kind == "geoid" else PREPARE_SCARS_SQL, params)
+    entropy_inner = (
+        geoid_entropy_sql("mig_src", "key")
+        if kind == "geoid"
+        else scar_entropy_sql("mig_src", "key")
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE mig_entropy AS "
+        f"SELECT key, entropy FROM ({entropy_inner}) WHERE key IS NOT NULL"
+    )
+    _exec(con, PLAN_SQL, params)
+    counts = MigrationCounts(*map(int, con.execute(PARTITION_COUNTS_SQL).fetchone()))
+    if record:
+        _exec(con, QUARANTINE_SQL, params)
+        _exec(con, WARNINGS_SQL, params)
+        _exec(con, JOURNAL_SQL, params)
+    con.execute(APPLY_INSERT_SQL)
+    con.execute(APPLY_UPDATE_SQL)
+    if record:
+        _exec(con, AFTER_HASH_SQL, params)
+        rows, digest = con.execute(
+            PARTITION_CHECKSUM_SQL, _run_params(PARTITION_CHECKSUM_SQL, params)
+        ).fetchone()
+        con.execute(
+            "INSERT INTO kimera_migration_partitions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                run_id,
+                kind,
+                bucket,
+                time.time(),
+                counts.read,
+                counts.inserted,
+                counts.updated,
+                counts.unchanged,
+                counts.kept,
+                counts.quarantined,
+                int(rows),
+                Checksum(int(rows), int(digest)).hex,
+            ],
+        )
+    return counts
+
+
+def _legacy_rows(con: duckdb.DuckDBPyConnection) -> int:
+    return int(
+        con.execute(
+            "SELECT (SELECT count(*) FROM legacy_geoids) + (SELECT count(*) FROM legacy_scars)"
+        ).fetchone()[0]
+    )
+
+
+def _reason_counts(
+    con: duckdb.DuckDBPyConnection, run_id: str
+) -> tuple[dict[str, int], dict[str, int]]:
+    reasons = dict(
+        con.execute(
+            "SELECT source_table || ':' || reason, count(*) FROM kimera_quarantine "
+            "WHERE run_id = ? GROUP BY ALL ORDER BY 1",
+            [run_id],
+        ).fetchall()
+    )
+    warnings = dict(
+        con.execute(
+            "SELECT source_table || ':' || w, count(*) FROM kimera_migration_warnings, "
+            "LATERAL (SELECT unnest(CAST(warnings AS TEXT[])) AS w) "
+            "WHERE run_id = ? GROUP BY ALL ORDER BY 1",
+            [run_id],
+        ).fetchall()
+    )
+    return reasons, warnings
+
+
+def migrate(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    partitions: int | None = None,
+    dry_run: bool = False,
+    on_partition: ProgressCallback | None = None,
+) -> MigrationReport:
+    """Backfill identities from the legacy tables; resumes an unfinished run if there is one.
+
+    ``dry_run`` computes every count inside one transaction and rolls it back: nothing is
+    written, not even the run record.
+    """
+    if partitions is not None and not 1 <= partitions <= 4096:
+        raise KimeraError("--partitions must be between 1 and 4096")
+    started = time.perf_counter()
+    con.execute(ISO_MACRO)
+    if dry_run:
+        con.execute("BEGIN")
+        try:
+            ensure_schema(con)
+            return _dry_run(con, partitions or DEFAULT_PARTITIONS, started, on_partition)
+        finally:
+            con.execute("ROLLBACK")
+
+    ensure_schema(con)
+    resumed = False
+    unfinished = _unfinished_run(con)
+    if unfinished is not None:
+        run_id, buckets, version = unfinished
+        if partitions is not None and partitions != buckets:
+            raise KimeraError(
+                f"run {run_id} is unfinished with {buckets} partitions: resume it with "
+                f"--partitions {buckets} (or omit --partitions), or roll it back first"
+            )
+        if version != duckdb.__version__:
+            raise KimeraError(
+                f"run {run_id} was started with DuckDB {version} and this is {duckdb.__version__}:"
+                " partition buckets would differ; roll it back (kimera migrate rollback) and rerun"
+            )
+        resumed = True
+    else:
+        run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+        buckets = partitions or DEFAULT_PARTITIONS
+        con.execute(
+            "INSERT INTO kimera_migration_runs (run_id, started_at, status, partitions, duckdb_version) "
+            "VALUES (?, ?, 'running', ?, ?)",
+            [run_id, time.time(), buckets, duckdb.__version__],
+        )
+
+    done = _done_partitions(con, run_id)
+    total = MigrationCounts()
+    plan = [(kind, b) for kind in KINDS for b in range(buckets)]
+    skipped = 0
+    for index, (kind, bucket) in enumerate(plan, start=1):
+        if (kind, bucket) in done:
+            counts = done[(kind, bucket)]
+            skipped += 1
+        else:
+            con.execute("BEGIN")
+            try:
+                counts = _migrate_partition(con, run_id, kind, bucket, buckets, record=True)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        total.add(counts)
+        if on_partition:
+            on_partition(index, len(plan), kind, bucket, counts)
+
+    return _finish(con, run_id, buckets, total, resumed, skipped, started)
+
+
+def _finish(
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    buckets: int,
+    total: MigrationCounts,
+    resumed: bool,
+    skipped: int,
+    started: float,
+) -> MigrationReport:
+    legacy = _legacy_rows(con)
+    checksum = table_checksum(con, "identities", IDENTITY_COLUMNS)
+    reasons, warnings = _reason_counts(con, run_id)
+    report = MigrationReport(
+        run_id=run_id,
+        dry_run=False,
+        resumed=resumed,
+        partitions=buckets,
+        counts=total,
+        legacy_rows=legacy,
+        quarantine_reasons=reasons,
+        warnings=warnings,
+        partitions_skipped=skipped,
+        seconds=time.perf_counter() - started,
+        identities_checksum=checksum.to_dict(),
+    )
+    report.status = "completed" if report.balanced else "unbalanced"
+    con.execute(
+        "UPDATE kimera_migration_runs SET finished_at = ?, status = ?, counts = ?, "
+        "identities_rows = ?, identities_checksum = ? WHERE run_id = ?",
+        [
+            time.time(),
+            report.status,
+            json.dumps(report.to_dict()["counts"]),
+            checksum.rows,
+            checksum.hex,
+            run_id,
+        ],
+    )
+    con.execute("CHECKPOINT")
+    return report
+
+
+def _dry_run(
+    con: duckdb.DuckDBPyConnection,
+    buckets: int,
+    started: float,
+    on_partition: ProgressCallback | None,
+) -> MigrationReport:
+    total = MigrationCounts()
+    reasons: dict[str, int] = {}
+    plan = [(kind, b) for kind in KINDS for b in range(buckets)]
+    for index, (kind, bucket) in enumerate(plan, start=1):
+        counts = _migrate_partition(con, "dry-run", kind, bucket, buckets, record=False)
+        for key, n in con.execute(
+            "SELECT source_table || ':' || reasons[1], count(*) FROM mig_src "
+            "WHERE len(reasons) > 0 GROUP BY ALL"
+        ).fetchall():
+            reasons[key] = reasons.get(key, 0) + n
+        total.add(counts)
+        if on_partition:
+            on_partition(index, len(plan), kind, bucket, counts)
+    report = MigrationReport(
+        run_id="dry-run",
+        dry_run=True,
+        resumed=False,
+        partitions=buckets,
+        counts=total,
+        legacy_rows=_legacy_rows(con),
+        quarantine_reasons=dict(sorted(reasons.items())),
+        seconds=time.perf_counter() - started,
+    )
+    report.status = "dry-run" if report.balanced else "unbalanced"
+    return report
+
+
+# --- rollback -------------------------------------------------------------------------
+@dataclass
+class RollbackReport:
+    """What a rollback undid, and what it left because the application changed it since."""
+
+    runs: list[str]
+    deleted: int = 0
+    restored: int = 0
+    left_modified: int = 0
+    left_modified_sample: list[str] = field(default_factory=list)
+    identities_checksum: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ROW_HASH = (
+    "hash(i.id, i.identity_type, i.data, i.created_at, i.updated_at, i.lang_axis, i.entropy_score)"
+)
+
+
+def rollback(
+    con: duckdb.DuckDBPyConnection, run_id: str | None = None, sample: int = 20
+) -> RollbackReport:
+    """Undo migration runs newest first (one run, or all not yet rolled back), in one transaction.
+
+    An inserted identity is deleted and an updated one restored to its recorded before-image,
+    but only while it is still exactly what the migration wrote; an identity the application
+    changed since is left as it is and reported.
+    """
+    ensure_schema(con)
+    if run_id is not None:
+        found = con.execute(
+            "SELECT status FROM kimera_migration_runs WHERE run_id = ?", [run_id]
+        ).fetchone()
+        if found is None:
+            raise KimeraError(f"no migration run {run_id!r} (see 'kimera migrate status')")
+        if found[0] == "rolled_back":
+            raise KimeraError(f"run {run_id} is already rolled back")
+        runs = [run_id]
+        newer = con.execute(
+            "SELECT run_id FROM kimera_migration_runs WHERE status <> 'rolled_back' "
+            "AND started_at > (SELECT started_at FROM kimera_migration_runs WHERE run_id = ?)",
+            [run_id],
+        ).fetchall()
+        if newer:
+            raise KimeraError(
+                f"run {run_id} has newer runs ({', '.join(r[0] for r in newer)}): roll those "
+                "back first, or roll back all runs (omit --run)"
+            )
+    else:
+        runs = [
+            r[0]
+            for r in con.execute(
+                "SELECT run_id FROM kimera_migration_runs WHERE status <> 'rolled_back' "
+                "ORDER BY started_at DESC"
+            ).fetchall()
+        ]
+    report = RollbackReport(runs=runs)
+    con.execute("BEGIN")
+    try:
+        for rid in runs:
+            _rollback_run(con, rid, report, sample)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    report.identities_checksum = table_checksum(con, "identities", IDENTITY_COLUMNS).to_dict()
+    con.execute("CHECKPOINT")
+    return report
+
+
+def _rollback_run(
+    con: duckdb.DuckDBPyConnection, run_id: str, report: RollbackReport, sample: int
+) -> None:
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE rb_changes AS
+        SELECT c.*, i.id IS NOT NULL AS present,
+               i.id IS NOT NULL AND {ROW_HASH} = c.after_hash AS untouched
+        FROM kimera_migration_changes c LEFT JOIN identities i ON i.id = c.id
+        WHERE c.run_id = ?""",
+        [run_id],
+    )
+    modified = con.execute("SELECT id FROM rb_changes WHERE NOT untouched ORDER BY id").fetchall()
+    report.left_modified += len(modified)
+    room = sample - len(report.left_modified_sample)
+    report.left_modified_sample.extend(r[0] for r in modified[: max(room, 0)])
+    report.deleted += con.execute(
+        "DELETE FROM identities WHERE id IN "
+        "(SELECT id FROM rb_changes WHERE action = 'insert' AND untouched)"
+    ).fetchone()[0]
+    report.restored += con.execute(
+        """UPDATE identities SET identity_type = c.before_identity_type, data = c.before_data,
+               created_at = c.before_created_at, updated_at = c.before_updated_at,
+               lang_axis = c.before_lang_axis, entropy_score = c.before_entropy_score
+           FROM rb_changes c
+           WHERE identities.id = c.id AND c.action = 'update' AND c.untouched"""
+    ).fetchone()[0]
+    for table in (
+        "kimera_migration_changes",
+        "kimera_quarantine",
+        "kimera_migration_warnings",
+        "kimera_migration_partitions",
+    ):
+        con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+    con.execute(
+        "UPDATE kimera_migration_runs SET status = 'rolled_back', finished_at = ? WHERE run_id = ?",
+        [time.time(), run_id],
+    )
+
+
+# --- status and quarantine views ------------------------------------------------------
+def run_history(con: duckdb.DuckDBPyConnection, limit: int = 20) -> list[dict[str, Any]]:
+    """Recent runs with their progress (partitions done of total)."""
+    if "kimera_migration_runs" not in {
+        r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+    }:
+        return []
+    rows = con.execute(
+        """SELECT r.run_id, r.status, r.started_at, r.finished_at, r.partitions,
+                  (SELECT count(*) FROM kimera_migration_partitions p WHERE p.run_id = r.run_id),
+                  r.counts, r.identities_rows, r.identities_checksum
+           FROM kimera_migration_runs r ORDER BY r.started_at DESC LIMIT ?""",
+        [limit],
+    ).fetchall()
+    return [
+        {
+            "run_id": r[0],
+            "status": r[1],
+            "started_at": r[2],
+            "finished_at": r[3],
+            "partitions_total": 2 * int(r[4]),
+            "partitions_done": int(r[5]),
+            "counts": json.loads(r[6]) if r[6] else None,
+            "identities_rows": r[7],
+            "identities_checksum": r[8],
+        }
+        for r in rows
+    ]
+
+
+def quarantine_summary(
+    con: duckdb.DuckDBPyConnection, run_id: str | None = None, sample: int = 5
+) -> dict[str, Any]:
+    """Quarantined rows of a run (default: the latest run) by reason, with sample keys."""
+    if run_id is None:
+        row = con.execute(
+            "SELECT run_id FROM kimera_migration_runs WHERE status <> 'rolled_back' "
+            "ORDER BY started_at DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return {"run_id": None, "total": 0, "reasons": {}}
+        run_id = row[0]
+    reasons: dict[str, Any] = {}
+    for table, reason, count, keys in con.execute(
+        """SELECT source_table, reason, count(*), list(key ORDER BY key)[1:?]
+           FROM kimera_quarantine WHERE run_id = ? GROUP BY ALL ORDER BY 1, 2""",
+        [sample, run_id],
+    ).fetchall():
+        reasons[f"{table}:{reason}"] = {"rows": int(count), "sample_keys": keys}
+    return {"run_id": run_id, "total": sum(v["rows"] for v in reasons.values()), "reasons": reasons}
