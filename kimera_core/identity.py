@@ -254,6 +254,7 @@ class Geoid:
             meta=meta if meta is not None else {},
             created_at=created_at,
             updated_at=updated_at if updated_at is not None else created_at,
+            scars=[],
         )
 
     def to_identity(self) -> Identity:

@@ -102,13 +102,26 @@ SCHEMA_SQL: tuple[str, ...] = (
 # DOUBLE -> VARCHAR cast is the shortest round-trip form, like Python's repr.
 ISO_MACRO = """
 CREATE OR REPLACE TEMP MACRO kimera_iso(t) AS (
-    CASE WHEN t IS NULL THEN NULL
+    CASE WHEN t IS NULL OR NOT isfinite(t) OR t < -6.2e10 OR t > 2.5e11 THEN NULL
          WHEN t >= 0 AND t < 1e11 AND NOT contains(CAST(t AS VARCHAR), 'e') THEN
             strftime(make_timestamp(CAST(floor(t) AS BIGINT) * 1000000), '%Y-%m-%dT%H:%M:%S')
             || '.' || rpad(rtrim(split_part(CAST(t AS VARCHAR), '.', 2), '0'), 6, '0')
             || '+00:00'
          ELSE strftime(make_timestamp(CAST(round(t * 1000000) AS BIGINT)),
                        '%Y-%m-%dT%H:%M:%S.%f') || '+00:00'
+    END
+)
+"""
+
+# Documents equal as minified JSON; for a geoid, related_ids null and [] count as the same
+# (json_merge_patch moves the key, so both sides are patched alike).
+SAME_DOC_MACRO = """
+CREATE OR REPLACE TEMP MACRO kimera_same_doc(a, b, kind) AS (
+    CASE WHEN kind = 'geoid'
+              AND coalesce(json_array_length(a, '$.related_ids'), 0) = 0
+              AND coalesce(json_array_length(b, '$.related_ids'), 0) = 0
+         THEN json_merge_patch(a, '{"related_ids": []}') = json_merge_patch(b, '{"related_ids": []}')
+         ELSE json(a) = json(b)
     END
 )
 """
@@ -259,14 +272,16 @@ FROM mig_src WHERE len(reasons) = 0 AND len(warnings) > 0 AND key IS NOT NULL
 ON CONFLICT DO NOTHING
 """
 
-# The merge rule: no identity -> insert; same document and timestamps -> unchanged; the
+# The merge rule: no identity -> insert; same document and timestamps -> unchanged (a geoid's
+# related_ids null and [] are the same: legacy_geoids cannot hold the list); the
 # legacy row strictly newer by updated_at -> update; otherwise the identity (written by the
 # application, newer or tied) is kept.
 PLAN_SQL = """
 CREATE OR REPLACE TEMP TABLE mig_plan AS
 SELECT m.key, m.identity_type, m.doc, m.created_at, m.updated_at, m.lang_axis, e.entropy,
        CASE WHEN i.id IS NULL THEN 'insert'
-            WHEN json(i.data) = json(m.doc) AND i.created_at = m.created_at
+            WHEN kimera_same_doc(i.data, m.doc, m.identity_type)
+                 AND i.created_at = m.created_at
                  AND i.updated_at = m.updated_at THEN 'unchanged'
             WHEN m.updated_at > i.updated_at THEN 'update'
             ELSE 'kept'
@@ -527,6 +542,7 @@ def migrate(
         raise KimeraError("--partitions must be between 1 and 4096")
     started = time.perf_counter()
     con.execute(ISO_MACRO)
+    con.execute(SAME_DOC_MACRO)
     if dry_run:
         con.execute("BEGIN")
         try:
