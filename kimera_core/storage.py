@@ -1,0 +1,735 @@
+"""The storage API the Kimera application writes identities through, routed by the rollout stage.
+
+``Storage`` stores, fetches, deletes, lists and searches identities. The rollout stage
+(``kimera_core.rollout``) decides where writes go (legacy only, both, new only) and where
+reads come from; in the dual-write stages a sampled share of reads is shadowed on the new
+store (``kimera_core.shadow``).
+
+A write to both stores is one DuckDB transaction on one connection (both stores live in the
+same file): the new-store row, the legacy row and the ``dual_write_log`` row commit together
+or not at all. A failed write is rolled back, then recorded as ``failed`` in its own
+transaction, and raised as ``DualWriteError``.
+
+DuckDB allows one writer process per file: a ``Storage`` holds one connection, and the
+application keeps one ``Storage`` per process. It is not safe to share between threads
+without a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from kimera_core.db import open_database
+from kimera_core.entropy import geoid_entropy_sql, identity_entropy, scar_entropy_sql
+from kimera_core.errors import KimeraError
+from kimera_core.identity import ConversionError, Identity, epoch_to_iso
+from kimera_core.legacy import (
+    GEOID_COLUMNS,
+    SCAR_COLUMNS,
+    create_legacy_schema,
+    geoid_from_row,
+    geoid_to_row,
+    scar_from_row,
+    scar_to_row,
+)
+from kimera_core.rollout import Routing, get_stage, routing
+from kimera_core.shadow import ShadowReads
+
+# The fault-injection points of a write, in the order a write passes them.
+WRITE_STEPS: tuple[str, ...] = (
+    "after_new_store",
+    "after_legacy_store",
+    "before_log",
+    "before_commit",
+)
+
+# Store names as P1 wrote them in dual_write_log.details.stores.
+NEW_STORE = "identities"
+LEGACY_STORE = "legacy"
+
+_BEGIN = "BEGIN TRANSACTION; "
+IDENTITY_INSERT = (
+    "INSERT INTO identities (id, identity_type, data, created_at, updated_at, lang_axis, "
+    "entropy_score) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+GEOID_INSERT = f"INSERT INTO legacy_geoids ({GEOID_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+SCAR_INSERT = f"INSERT INTO legacy_scars ({SCAR_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+IDENTITY_DELETE = "DELETE FROM identities WHERE id = ?"
+GEOID_DELETE = "DELETE FROM legacy_geoids WHERE gid = ?"
+SCAR_DELETE = "DELETE FROM legacy_scars WHERE id = ?"
+LOG_INSERT = (
+    "INSERT INTO dual_write_log (timestamp, identity_id, operation, status, details) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def _union_entropy(geoid_sql: str, scar_sql: str) -> str:
+    return f"SELECT * FROM ({geoid_sql}) UNION ALL SELECT * FROM ({scar_sql})"
+
+
+# --- batch writes: set-based over a registered Arrow table ---------------------------------
+BATCH_VIEW = "kimera_storage_batch"
+BATCH_COLUMNS: tuple[str, ...] = (
+    "id",
+    "identity_type",
+    "raw",
+    "echo",
+    "lang_axis",
+    "tags",
+    "weight",
+    "related_ids",
+    "meta",
+    "created_at",
+    "updated_at",
+)
+
+# epoch seconds -> the P1 ISO text, in SQL for every value whose shortest repr has at most six
+# fraction digits (then microseconds are exact and epoch_to_iso writes exactly these six);
+# below 2**32 s one double per microsecond makes the test exact. Others are left NULL and
+# formatted by identity.epoch_to_iso in Python (rare: app timestamps are microseconds).
+_ISO_SQL = (
+    "CASE WHEN abs({c}) < 4294967296 AND round({c} * 1000000) / 1000000 = {c} "
+    "THEN strftime(make_timestamp(round({c} * 1000000)::BIGINT), '%Y-%m-%dT%H:%M:%S.%f') "
+    "|| '+00:00' END"
+)
+BATCH_PREP_SQL = f"""
+CREATE OR REPLACE TEMP TABLE kimera_batch_prep AS
+WITH b AS (
+    SELECT id::VARCHAR AS id, identity_type::VARCHAR AS identity_type, raw::VARCHAR AS raw,
+           echo::VARCHAR AS echo, lang_axis::VARCHAR AS lang_axis, tags::VARCHAR AS tags,
+           weight::DOUBLE AS weight, related_ids::VARCHAR AS related_ids, meta::VARCHAR AS meta,
+           coalesce(updated_at::DOUBLE, ?) AS updated_at,
+           coalesce(created_at::DOUBLE, updated_at::DOUBLE, ?) AS created_at
+    FROM {BATCH_VIEW}
+)
+SELECT *, {_ISO_SQL.format(c="created_at")} AS created_iso,
+       {_ISO_SQL.format(c="updated_at")} AS updated_iso
+FROM b
+"""
+BATCH_CHECK_SQL = """
+SELECT count(*) - count(DISTINCT id),
+       count(*) FILTER (WHERE id IS NULL),
+       count(*) FILTER (WHERE identity_type IS NULL OR identity_type NOT IN ('geoid', 'scar')),
+       count(*) FILTER (WHERE identity_type = 'geoid' AND raw IS NULL),
+       count(*) FILTER (WHERE identity_type = 'scar' AND (raw IS NOT NULL OR echo IS NOT NULL
+                        OR lang_axis IS NOT NULL OR (tags IS NOT NULL AND tags <> '[]'))),
+       min(id) FILTER (WHERE identity_type = 'geoid' AND raw IS NULL)
+FROM kimera_batch_prep
+"""
+BATCH_ENTROPY_SQL = "CREATE OR REPLACE TEMP TABLE kimera_batch_entropy AS " + _union_entropy(
+    geoid_entropy_sql("kimera_batch_geoids", "id", "meta", "tags"),
+    scar_entropy_sql("kimera_batch_scars", "id", "related_ids", "weight"),
+)
+BATCH_IDENTITY_INSERT = """
+INSERT INTO identities (id, identity_type, data, created_at, updated_at, lang_axis, entropy_score)
+SELECT p.id, p.identity_type,
+       json_object('id', p.id, 'identity_type', p.identity_type, 'raw', p.raw, 'echo', p.echo,
+                   'lang_axis', p.lang_axis, 'tags', p.tags::JSON, 'weight', p.weight,
+                   'related_ids', p.related_ids::JSON, 'meta', p.meta::JSON,
+                   'created_at', p.created_iso, 'updated_at', p.updated_iso),
+       p.created_at, p.updated_at, p.lang_axis, e.entropy
+FROM kimera_batch_prep p LEFT JOIN kimera_batch_entropy e ON e.key = p.id
+"""
+BATCH_GEOID_INSERT = f"""
+INSERT INTO legacy_geoids ({GEOID_COLUMNS})
+SELECT id, raw, echo, lang_axis, tags, weight, meta, created_at, updated_at
+FROM kimera_batch_prep WHERE identity_type = 'geoid'
+"""
+BATCH_SCAR_INSERT = f"""
+INSERT INTO legacy_scars ({SCAR_COLUMNS})
+SELECT id, weight, related_ids, meta, created_at, updated_at
+FROM kimera_batch_prep WHERE identity_type = 'scar'
+"""
+BATCH_LOG_INSERT = """
+INSERT INTO dual_write_log (timestamp, identity_id, operation, status, details)
+SELECT ?, id, 'store', ?, CASE identity_type WHEN 'scar' THEN ? ELSE ? END
+FROM kimera_batch_prep
+"""
+BATCH_DELETES = {
+    "identities": "DELETE FROM identities WHERE id IN (SELECT id FROM kimera_batch_prep)",
+    "legacy_geoids": "DELETE FROM legacy_geoids WHERE gid IN "
+    "(SELECT id FROM kimera_batch_prep WHERE identity_type = 'geoid')",
+    "legacy_scars": "DELETE FROM legacy_scars WHERE id IN "
+    "(SELECT id FROM kimera_batch_prep WHERE identity_type = 'scar')",
+}
+
+STATS_TOTALS_SQL = """
+SELECT count(*), count(*) FILTER (WHERE status = 'success'),
+       count(*) FILTER (WHERE status = 'failed'), max(timestamp) FILTER (WHERE status = 'failed')
+FROM dual_write_log
+"""
+STATS_STORES_SQL = """
+SELECT store, status, count(*) FROM (
+    SELECT status, unnest(TRY_CAST(json_extract(details, '$.stores') AS VARCHAR[])) AS store
+    FROM dual_write_log
+) GROUP BY ALL ORDER BY ALL
+"""
+STATS_OPERATIONS_SQL = (
+    "SELECT operation, status, count(*) FROM dual_write_log GROUP BY ALL ORDER BY ALL"
+)
+
+Fault = Callable[[str], None]
+
+
+class StorageError(KimeraError):
+    """A write was refused before touching either store."""
+
+
+class DualWriteError(StorageError):
+    """A write failed part-way and was rolled back: both stores are as before."""
+
+
+def _no_fault(step: str) -> None:
+    return None
+
+
+def get_dual_write_stats(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """Totals, failures, success rate and counts per store and operation over the whole log."""
+    total, successes, failures, last_failure = con.execute(STATS_TOTALS_SQL).fetchone()
+    stores: dict[str, dict[str, int]] = {}
+    for store, status, count in con.execute(STATS_STORES_SQL).fetchall():
+        stores.setdefault(store, {"success": 0, "failed": 0})[status] = count
+    operations: dict[str, dict[str, int]] = {}
+    for operation, status, count in con.execute(STATS_OPERATIONS_SQL).fetchall():
+        operations.setdefault(operation, {"success": 0, "failed": 0})[status] = count
+    return {
+        "total": total,
+        "successes": successes,
+        "failures": failures,
+        "success_rate": None if total == 0 else successes / total,
+        "last_failure_at": last_failure,
+        "stores": stores,
+        "operations": operations,
+    }
+
+
+def identities_to_arrow(identities: Iterable[Identity]) -> pa.Table:
+    """A batch for ``Storage.store_arrow``: the identity fields, JSON fields as text."""
+    items = list(identities)
+
+    def dumps(value: Any) -> str | None:
+        return None if value is None else json.dumps(value, ensure_ascii=False)
+
+    return pa.table(
+        {
+            "id": [i.id for i in items],
+            "identity_type": [i.identity_type for i in items],
+            "raw": [i.raw for i in items],
+            "echo": [i.echo for i in items],
+            "lang_axis": [i.lang_axis for i in items],
+            "tags": [dumps(i.tags) for i in items],
+            "weight": pa.array([i.weight for i in items], pa.float64()),
+            "related_ids": [dumps(i.related_ids) for i in items],
+            "meta": [dumps(i.meta) for i in items],
+            "created_at": pa.array([i.created_at for i in items], pa.float64()),
+            "updated_at": pa.array([i.updated_at for i in items], pa.float64()),
+        }
+    )
+
+
+class Storage:
+    """Identity storage for the application, routed by the rollout stage (one connection)."""
+
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        *,
+        stage: str | None = None,
+        shadow_sample: float = 0.01,
+        shadow: ShadowReads | None = None,
+        fault: Fault | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.con = con
+        create_legacy_schema(con)
+        self._clock = clock
+        self._fault = fault or _no_fault
+        self.stage = stage or get_stage(con)
+        self.routing: Routing = routing(self.stage)
+        self.shadow = shadow or ShadowReads(con, shadow_sample)
+        self._details_cache: dict[str, str] = {}
+        self._step = ""
+
+    @classmethod
+    def open(cls, path: str, **kwargs: Any) -> Storage:
+        """A Storage on its own connection to the file at ``path`` (created if missing)."""
+        return cls(open_database(path, create=True), **kwargs)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def refresh_stage(self) -> str:
+        """Re-read the live stage (the stage is read once at start, not per operation)."""
+        self.stage = get_stage(self.con)
+        self.routing = routing(self.stage)
+        self._details_cache.clear()
+        return self.stage
+
+    # --- writes --------------------------------------------------------------------------
+    def _stores(self) -> list[str]:
+        route = self.routing
+        return [
+            s
+            for s, on in ((NEW_STORE, route.writes_new), (LEGACY_STORE, route.writes_legacy))
+            if on
+        ]
+
+    def _details(self, identity_type: str) -> str:
+        text = self._details_cache.get(identity_type)
+        if text is None:
+            text = json.dumps({"identity_type": identity_type, "stores": self._stores()})
+            self._details_cache[identity_type] = text
+        return text
+
+    def _stamped(self, identity: Identity) -> Identity:
+        if identity.updated_at is not None and identity.created_at is not None:
+            return identity
+        updated = identity.updated_at if identity.updated_at is not None else self._clock()
+        created = identity.created_at if identity.created_at is not None else updated
+        return dataclasses.replace(identity, created_at=created, updated_at=updated)
+
+    def store(self, identity: Identity) -> Identity:
+        """Write an identity to the stores of the live stage; returns it with its timestamps."""
+        identity = self._stamped(identity)
+        route = self.routing
+        fast: list[tuple[str, list[tuple[str, Sequence[Any]]]]] = []
+        slow: list[tuple[str, list[tuple[str, Sequence[Any]]]]] = []
+        try:
+            if route.writes_new:
+                row = [
+                    identity.id,
+                    identity.identity_type,
+                    identity.to_json(),
+                    identity.created_at,
+                    identity.updated_at,
+                    identity.lang_axis,
+                    identity_entropy(identity),
+                ]
+                fast.append(("after_new_store", [(IDENTITY_INSERT, row)]))
+                slow.append(
+                    ("after_new_store", [(IDENTITY_DELETE, [identity.id]), (IDENTITY_INSERT, row)])
+                )
+            if route.writes_legacy:
+                record = identity.to_legacy()
+                if identity.identity_type == "geoid":
+                    insert, delete, row = GEOID_INSERT, GEOID_DELETE, geoid_to_row(record)  # type: ignore[arg-type]
+                else:
+                    insert, delete, row = SCAR_INSERT, SCAR_DELETE, scar_to_row(record)  # type: ignore[arg-type]
+                fast.append(("after_legacy_store", [(insert, row)]))
+                slow.append(("after_legacy_store", [(delete, [identity.id]), (insert, row)]))
+        except (ConversionError, ValueError) as exc:
+            self._record_failure(identity.id, identity.identity_type, "store", "validate", exc)
+            raise StorageError(f"identity {identity.id!r} refused: {exc}") from exc
+        details = self._details(identity.identity_type)
+        self._write("store", identity.id, identity.identity_type, details, fast, slow)
+        return identity
+
+    def delete(self, identity_id: str) -> bool:
+        """Remove an identity from the stores of the live stage; True if any row was removed."""
+        route = self.routing
+        steps: list[tuple[str, list[tuple[str, Sequence[Any]]]]] = []
+        if route.writes_new:
+            steps.append(("after_new_store", [(IDENTITY_DELETE, [identity_id])]))
+        if route.writes_legacy:
+            steps.append(
+                (
+                    "after_legacy_store",
+                    [(GEOID_DELETE, [identity_id]), (SCAR_DELETE, [identity_id])],
+                )
+            )
+        details = json.dumps({"stores": self._stores()})
+        removed = self._write("delete", identity_id, None, details, steps, None)
+        return removed > 0
+
+    def _write(
+        self,
+        operation: str,
+        identity_id: str,
+        identity_type: str | None,
+        details: str,
+        fast: list[tuple[str, list[tuple[str, Sequence[Any]]]]],
+        slow: list[tuple[str, list[tuple[str, Sequence[Any]]]]] | None,
+    ) -> int:
+        log = [self._clock(), identity_id, operation, "success", details]
+        try:
+            try:
+                return self._attempt(fast, log)
+            except duckdb.ConstraintException:
+                # the key exists already: replace it (rarer than a new key, so tried second)
+                if slow is None:
+                    raise
+                self._rollback()
+                return self._attempt(slow, log)
+        except Exception as exc:
+            step = self._step
+            self._rollback()
+            self._record_failure(identity_id, identity_type, operation, step, exc)
+            raise DualWriteError(
+                f"{operation} of identity {identity_id!r} failed at {step or 'begin'} and was "
+                f"rolled back ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def _attempt(
+        self, steps: list[tuple[str, list[tuple[str, Sequence[Any]]]]], log: list[Any]
+    ) -> int:
+        con, fault = self.con, self._fault
+        prefix = _BEGIN
+        changed = 0
+        self._step = ""
+        for step, statements in steps:
+            for sql, params in statements:
+                # BEGIN rides on the first statement: one round trip fewer per write
+                changed += con.execute(prefix + sql, params).fetchone()[0]
+                prefix = ""
+            self._step = step
+            fault(step)
+        if prefix:
+            con.execute("BEGIN TRANSACTION")
+        self._step = "before_log"
+        fault("before_log")
+        con.execute(LOG_INSERT, log)
+        self._step = "before_commit"
+        fault("before_commit")
+        con.execute("COMMIT")
+        self._step = "commit"
+        return changed
+
+    def _rollback(self) -> None:
+        # no transaction is open when the failure came before BEGIN
+        with contextlib.suppress(duckdb.Error):
+            self.con.execute("ROLLBACK")
+
+    def _record_failure(
+        self,
+        identity_id: str,
+        identity_type: str | None,
+        operation: str,
+        step: str,
+        exc: BaseException,
+    ) -> None:
+        details = {
+            "identity_type": identity_type,
+            "stores": self._stores(),
+            "step": step,
+            "error": f"{type(exc).__name__}: {exc}",
+        }
+        try:
+            self.con.execute(
+                LOG_INSERT, [self._clock(), identity_id, operation, "failed", json.dumps(details)]
+            )
+        except duckdb.Error as log_exc:
+            # the write is already refused; losing its log row must not hide why
+            exc.add_note(f"recording the failure in dual_write_log failed too: {log_exc}")
+
+    def store_batch(self, identities: Iterable[Identity]) -> int:
+        """Write many identities in one transaction, set-based; returns how many."""
+        return self.store_arrow(identities_to_arrow(identities))
+
+    def store_arrow(self, batch: pa.Table) -> int:
+        """Write a batch (columns BATCH_COLUMNS, JSON fields as text) in one transaction."""
+        missing = [c for c in BATCH_COLUMNS if c not in batch.column_names]
+        if missing:
+            raise StorageError(f"batch lacks columns: {', '.join(missing)}")
+        if batch.num_rows == 0:
+            return 0
+        con, route, now = self.con, self.routing, self._clock()
+        con.register(BATCH_VIEW, batch)
+        try:
+            con.execute(BATCH_PREP_SQL, [now, now])
+            self._check_batch()
+            self._fix_iso_text()
+            con.execute(
+                "CREATE OR REPLACE TEMP VIEW kimera_batch_geoids AS "
+                "SELECT * FROM kimera_batch_prep WHERE identity_type = 'geoid'"
+            )
+            con.execute(
+                "CREATE OR REPLACE TEMP VIEW kimera_batch_scars AS "
+                "SELECT * FROM kimera_batch_prep WHERE identity_type = 'scar'"
+            )
+            fast: list[tuple[str, list[tuple[str, Sequence[Any]]]]] = []
+            slow: list[tuple[str, list[tuple[str, Sequence[Any]]]]] = []
+            if route.writes_new:
+                con.execute(BATCH_ENTROPY_SQL)
+                fast.append(("after_new_store", [(BATCH_IDENTITY_INSERT, [])]))
+                slow.append(
+                    (
+                        "after_new_store",
+                        [(BATCH_DELETES["identities"], []), (BATCH_IDENTITY_INSERT, [])],
+                    )
+                )
+            if route.writes_legacy:
+                fast.append(
+                    ("after_legacy_store", [(BATCH_GEOID_INSERT, []), (BATCH_SCAR_INSERT, [])])
+                )
+                slow.append(
+                    (
+                        "after_legacy_store",
+                        [
+                            (BATCH_DELETES["legacy_geoids"], []),
+                            (BATCH_DELETES["legacy_scars"], []),
+                            (BATCH_GEOID_INSERT, []),
+                            (BATCH_SCAR_INSERT, []),
+                        ],
+                    )
+                )
+            log = [now, "success", self._details("scar"), self._details("geoid")]
+            try:
+                try:
+                    self._attempt_batch(fast, log)
+                except duckdb.ConstraintException:
+                    self._rollback()
+                    self._attempt_batch(slow, log)
+            except Exception as exc:
+                step = self._step
+                self._rollback()
+                self._record_batch_failure(now, step, exc)
+                raise DualWriteError(
+                    f"batch of {batch.num_rows} identities failed at {step or 'begin'} and was "
+                    f"rolled back ({type(exc).__name__}: {exc})"
+                ) from exc
+            return batch.num_rows
+        finally:
+            con.unregister(BATCH_VIEW)
+            for name in ("kimera_batch_geoids", "kimera_batch_scars"):
+                con.execute(f"DROP VIEW IF EXISTS {name}")
+            for name in ("kimera_batch_entropy", "kimera_batch_prep"):
+                con.execute(f"DROP TABLE IF EXISTS {name}")
+
+    def _check_batch(self) -> None:
+        dup, null_ids, bad_type, no_raw, scar_fields, example = self.con.execute(
+            BATCH_CHECK_SQL
+        ).fetchone()
+        problems = [
+            f"{n} {what}"
+            for n, what in (
+                (dup, "duplicate ids"),
+                (null_ids, "null ids"),
+                (bad_type, "rows whose identity_type is not geoid or scar"),
+                (no_raw, f"geoids without raw text (e.g. {example!r})"),
+                (
+                    scar_fields,
+                    "scars carrying raw/echo/lang_axis/tags, which legacy_scars cannot hold",
+                ),
+            )
+            if n
+        ]
+        if problems:
+            error = StorageError(f"batch refused: {'; '.join(problems)}")
+            self._record_batch_failure(self._clock(), "validate", error)
+            raise error
+
+    def _fix_iso_text(self) -> None:
+        rows = self.con.execute(
+            "SELECT id, created_at, updated_at FROM kimera_batch_prep "
+            "WHERE created_iso IS NULL OR updated_iso IS NULL"
+        ).fetchall()
+        if not rows:
+            return
+        fixes = pa.table(
+            {
+                "id": [r[0] for r in rows],
+                "created_iso": [epoch_to_iso(r[1]) for r in rows],
+                "updated_iso": [epoch_to_iso(r[2]) for r in rows],
+            }
+        )
+        self.con.register("kimera_batch_iso", fixes)
+        try:
+            self.con.execute(
+                "UPDATE kimera_batch_prep p SET created_iso = f.created_iso, "
+                "updated_iso = f.updated_iso FROM kimera_batch_iso f WHERE p.id = f.id"
+            )
+        finally:
+            self.con.unregister("kimera_batch_iso")
+
+    def _attempt_batch(
+        self, steps: list[tuple[str, list[tuple[str, Sequence[Any]]]]], log: list[Any]
+    ) -> None:
+        con, fault = self.con, self._fault
+        self._step = ""
+        con.execute("BEGIN TRANSACTION")
+        for step, statements in steps:
+            for sql, params in statements:
+                con.execute(sql, params)
+            self._step = step
+            fault(step)
+        self._step = "before_log"
+        fault("before_log")
+        con.execute(BATCH_LOG_INSERT, log)
+        self._step = "before_commit"
+        fault("before_commit")
+        con.execute("COMMIT")
+        self._step = "commit"
+
+    def _record_batch_failure(self, now: float, step: str, exc: BaseException) -> None:
+        details = json.dumps(
+            {"stores": self._stores(), "step": step, "error": f"{type(exc).__name__}: {exc}"}
+        )
+        try:
+            self.con.execute(
+                "INSERT INTO dual_write_log (timestamp, identity_id, operation, status, details) "
+                "SELECT ?, id, 'store', 'failed', "
+                "json_merge_patch(?, json_object('identity_type', identity_type)) "
+                "FROM kimera_batch_prep WHERE id IS NOT NULL",
+                [now, details],
+            )
+        except duckdb.Error as log_exc:
+            exc.add_note(f"recording the failure in dual_write_log failed too: {log_exc}")
+
+    # --- reads ---------------------------------------------------------------------------
+    def _read(
+        self,
+        operation: str,
+        legacy: Callable[[], Any],
+        new: Callable[[], Any],
+        key: str | None = None,
+    ) -> Any:
+        route = self.routing
+        if route.read == "new":
+            return new()
+        if route.shadow:
+            return self.shadow.run(operation, legacy, new, key)
+        return legacy()
+
+    def fetch(self, identity_id: str) -> Identity | None:
+        """The identity with this id from the stage's read store, or None."""
+        return self._read(
+            "fetch",
+            lambda: self._fetch_legacy(identity_id),
+            lambda: self._fetch_new(identity_id),
+            identity_id,
+        )
+
+    def list_identities(
+        self, identity_type: str | None = None, *, after_id: str | None = None, limit: int = 100
+    ) -> list[Identity]:
+        """Identities in id order, a page at a time (pass the last id seen as ``after_id``)."""
+        params = [identity_type, identity_type, after_id, after_id, limit]
+        return self._read(
+            "list",
+            lambda: self._legacy_query(LEGACY_LIST_SQL, params),
+            lambda: self._new_query(NEW_LIST_SQL, params),
+        )
+
+    def find_by_entropy(self, low: float, high: float, *, limit: int = 100) -> list[Identity]:
+        """Identities whose entropy lies in [low, high], highest first (ties by id)."""
+        params = [low, high, limit]
+        return self._read(
+            "find_by_entropy",
+            lambda: self._legacy_query(LEGACY_ENTROPY_SQL, params),
+            lambda: self._new_query(NEW_ENTROPY_SQL, params),
+        )
+
+    def search(self, text: str, *, limit: int = 100) -> list[Identity]:
+        """Geoids whose raw text contains ``text`` (case-insensitive, literally), in id order."""
+        params = [text, limit]
+        return self._read(
+            "search",
+            lambda: self._legacy_query(LEGACY_SEARCH_SQL, params),
+            lambda: self._new_query(NEW_SEARCH_SQL, params),
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """get_dual_write_stats over this storage's log."""
+        return get_dual_write_stats(self.con)
+
+    def _fetch_legacy(self, identity_id: str) -> Identity | None:
+        row = self.con.execute(
+            f"SELECT {GEOID_COLUMNS} FROM legacy_geoids WHERE gid = ?", [identity_id]
+        ).fetchone()
+        if row is not None:
+            return geoid_from_row(row).to_identity()
+        row = self.con.execute(
+            f"SELECT {SCAR_COLUMNS} FROM legacy_scars WHERE id = ?", [identity_id]
+        ).fetchone()
+        return None if row is None else scar_from_row(row).to_identity()
+
+    def _fetch_new(self, identity_id: str) -> Identity | None:
+        row = self.con.execute("SELECT data FROM identities WHERE id = ?", [identity_id]).fetchone()
+        return None if row is None else Identity.from_document(row[0])
+
+    def _new_query(self, sql: str, params: list[Any]) -> list[Identity]:
+        return [Identity.from_document(r[0]) for r in self.con.execute(sql, params).fetchall()]
+
+    def _legacy_query(self, sql: str, params: list[Any]) -> list[Identity]:
+        out = []
+        for (
+            kind,
+            key,
+            raw,
+            echo,
+            lang,
+            tags,
+            weight,
+            related,
+            meta,
+            created,
+            updated,
+            *_,
+        ) in self.con.execute(sql, params).fetchall():
+            if kind == "geoid":
+                row = (key, raw, echo, lang, tags, weight, meta, created, updated)
+                out.append(geoid_from_row(row).to_identity())
+            else:
+                row = (key, weight, related, meta, created, updated)
+                out.append(scar_from_row(row).to_identity())
+        return out
+
+
+# Both legacy tables as (kind, id, raw, echo, lang_axis, tags, weight, related_ids, meta,
+# created_at, updated_at), the shape _legacy_query reads.
+_LEGACY_UNION = """
+SELECT 'geoid' AS kind, gid AS id, raw, echo, lang_axis, tags, weight,
+       NULL::JSON AS related_ids, meta, created_at, updated_at
+FROM legacy_geoids
+UNION ALL
+SELECT 'scar', id, NULL, NULL, NULL, NULL, weight, related_ids, meta, created_at, updated_at
+FROM legacy_scars
+"""
+_LEGACY_SELECT = (
+    "SELECT kind, id, raw, echo, lang_axis, tags, weight, related_ids, meta, created_at, "
+    "updated_at FROM ({union}) u"
+)
+LEGACY_LIST_SQL = (
+    _LEGACY_SELECT.format(union=_LEGACY_UNION)
+    + " WHERE (? IS NULL OR kind = ?) AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?"
+)
+NEW_LIST_SQL = (
+    "SELECT data FROM identities WHERE (? IS NULL OR identity_type = ?) "
+    "AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?"
+)
+LEGACY_ENTROPY_SQL = (
+    "WITH e AS ("
+    + _union_entropy(
+        geoid_entropy_sql("legacy_geoids", "gid"), scar_entropy_sql("legacy_scars", "id")
+    )
+    + ") "
+    + _LEGACY_SELECT.format(union=_LEGACY_UNION).replace("FROM (", ", e.entropy FROM (", 1)
+    + " JOIN e ON e.key = u.id WHERE e.entropy BETWEEN ? AND ? "
+    "ORDER BY e.entropy DESC, u.id LIMIT ?"
+)
+NEW_ENTROPY_SQL = (
+    "SELECT data FROM identities WHERE entropy_score BETWEEN ? AND ? "
+    "ORDER BY entropy_score DESC, id LIMIT ?"
+)
+LEGACY_SEARCH_SQL = (
+    _LEGACY_SELECT.format(union=_LEGACY_UNION)
+    + " WHERE kind = 'geoid' AND contains(lower(raw), lower(?)) ORDER BY id LIMIT ?"
+)
+NEW_SEARCH_SQL = (
+    "SELECT data FROM identities WHERE identity_type = 'geoid' "
+    "AND contains(lower(data->>'$.raw'), lower(?)) ORDER BY id LIMIT ?"
+)

@@ -1,0 +1,333 @@
+"""The storage API: routing by stage, atomic dual writes under injected faults, the log, stats."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kimera_core.checksum import table_checksum
+from kimera_core.entropy import identity_entropy
+from kimera_core.identity import Identity
+from kimera_core.legacy import read_identity_p1
+from kimera_core.storage import (
+    WRITE_STEPS,
+    DualWriteError,
+    Storage,
+    StorageError,
+    get_dual_write_stats,
+)
+
+STORES = ("identities", "legacy_geoids", "legacy_scars", "dual_write_log")
+
+
+def geoid(i: int, **kw) -> Identity:
+    fields = {
+        "id": f"g{i:04d}",
+        "identity_type": "geoid",
+        "raw": f" text {i} ",
+        "echo": f"text {i}",
+        "lang_axis": "en",
+        "tags": ["memory", "art"],
+        "weight": 0.25 + i / 1000,
+        "meta": {"terms": [{"symbol": "a", "intensity": 1.0}, {"symbol": "b", "intensity": 3}]},
+        "created_at": 1_790_000_000.123456 + i,
+        "updated_at": 1_790_000_100.5 + i,
+    }
+    fields.update(kw)
+    return Identity(**fields)
+
+
+def scar(i: int, **kw) -> Identity:
+    fields = {
+        "id": f"scar_{i:04d}",
+        "identity_type": "scar",
+        "weight": 0.5,
+        "related_ids": [f"g{i:04d}", f"g{i + 1:04d}"],
+        "meta": {"relationship_type": "contradicts"},
+        "created_at": 1_790_000_000.0 + i,
+        "updated_at": 1_790_000_001.0 + i,
+    }
+    fields.update(kw)
+    return Identity(**fields)
+
+
+@pytest.fixture
+def storage(tmp_path):
+    s = Storage.open(str(tmp_path / "s.duckdb"), stage="dual-write", shadow_sample=0.0)
+    yield s
+    s.close()
+
+
+def checksums(con):
+    return {t: table_checksum(con, t) for t in STORES[:3]}
+
+
+def log_rows(con):
+    return con.execute(
+        "SELECT identity_id, operation, status, details FROM dual_write_log ORDER BY log_id"
+    ).fetchall()
+
+
+def test_dual_write_stores_both_and_logs_success(storage):
+    stored = storage.store(geoid(1))
+    con = storage.con
+    assert read_identity_p1(con, "g0001") == stored
+    legacy = con.execute("SELECT raw, tags::VARCHAR, weight FROM legacy_geoids").fetchone()
+    assert legacy[0] == " text 1 " and json.loads(legacy[1]) == ["memory", "art"]
+    entropy = con.execute("SELECT entropy_score FROM identities").fetchone()[0]
+    assert entropy == pytest.approx(identity_entropy(stored))
+    (row,) = log_rows(con)
+    assert row[:3] == ("g0001", "store", "success")
+    assert json.loads(row[3]) == {"identity_type": "geoid", "stores": ["identities", "legacy"]}
+
+
+def test_scar_goes_to_legacy_scars(storage):
+    storage.store(scar(1))
+    assert storage.con.execute("SELECT id, related_ids::VARCHAR FROM legacy_scars").fetchone()[
+        0
+    ] == ("scar_0001")
+    assert storage.fetch("scar_0001") == scar(1)
+
+
+def test_store_fills_missing_timestamps(storage):
+    storage._clock = lambda: 1_800_000_000.25
+    stored = storage.store(geoid(1, created_at=None, updated_at=None))
+    assert stored.updated_at == 1_800_000_000.25 and stored.created_at == stored.updated_at
+    only_created = storage.store(geoid(2, created_at=None, updated_at=5.0))
+    assert only_created.created_at == 5.0
+
+
+def test_store_again_replaces_in_both_stores(storage):
+    storage.store(geoid(1))
+    storage.store(geoid(1, raw="changed", weight=0.9))
+    con = storage.con
+    assert con.execute("SELECT count(*), min(raw) FROM legacy_geoids").fetchone() == (1, "changed")
+    assert read_identity_p1(con, "g0001").weight == 0.9
+    assert [r[2] for r in log_rows(con)] == ["success", "success"]
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-key", "existing-key"])
+@pytest.mark.parametrize("step", WRITE_STEPS)
+def test_injected_failure_leaves_both_stores_exactly_as_before(tmp_path, step, existing):
+    calls = []
+
+    def fault(name):
+        calls.append(name)
+        if name == step and armed:
+            raise RuntimeError(f"injected at {name}")
+
+    armed = False
+    s = Storage.open(str(tmp_path / "f.duckdb"), stage="dual-write", fault=fault)
+    try:
+        s.store(geoid(1))
+        if existing:
+            s.store(geoid(2))
+        before = checksums(s.con)
+        log_before = len(log_rows(s.con))
+        armed = True
+        with pytest.raises(DualWriteError, match=f"failed at {step}") as info:
+            s.store(geoid(2, raw="new text"))
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert checksums(s.con) == before
+        rows = log_rows(s.con)
+        assert len(rows) == log_before + 1
+        assert rows[-1][:3] == ("g0002", "store", "failed")
+        details = json.loads(rows[-1][3])
+        assert details["step"] == step and "injected" in details["error"]
+        # the connection is usable and not left inside a transaction
+        armed = False
+        s.store(geoid(3))
+        assert s.fetch("g0003") is not None
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("step", WRITE_STEPS)
+def test_injected_failure_in_a_batch_leaves_stores_as_before(tmp_path, step):
+    armed = {"on": False}
+
+    def fault(name):
+        if armed["on"] and name == step:
+            raise OSError("disk on fire")
+
+    s = Storage.open(str(tmp_path / "b.duckdb"), stage="dual-write", fault=fault)
+    try:
+        s.store_batch([geoid(i) for i in range(5)])
+        before = checksums(s.con)
+        armed["on"] = True
+        with pytest.raises(DualWriteError):
+            s.store_batch([geoid(i, raw="x") for i in range(3, 9)] + [scar(1)])
+        assert checksums(s.con) == before
+        failed = s.con.execute(
+            "SELECT count(*) FROM dual_write_log WHERE status = 'failed'"
+        ).fetchone()[0]
+        assert failed == 7
+    finally:
+        s.close()
+
+
+def test_refused_identity_touches_nothing_and_is_logged(storage):
+    before = checksums(storage.con)
+    with pytest.raises(StorageError, match="legacy_scars cannot hold"):
+        storage.store(scar(1, raw="text on a scar"))
+    assert checksums(storage.con) == before
+    assert log_rows(storage.con)[-1][2] == "failed"
+
+
+def test_batch_matches_single_writes(tmp_path):
+    items = [geoid(i) for i in range(50)] + [scar(i) for i in range(20)]
+    items.append(geoid(99, tags=None, meta=None, weight=None, created_at=1.0 / 3))
+    single = Storage.open(str(tmp_path / "a.duckdb"), stage="dual-write")
+    batch = Storage.open(str(tmp_path / "b.duckdb"), stage="dual-write")
+    try:
+        for item in items:
+            single.store(item)
+        assert batch.store_batch(items) == len(items)
+        for item in items:
+            assert read_identity_p1(batch.con, item.id) == read_identity_p1(single.con, item.id)
+        query = "SELECT id, entropy_score FROM identities ORDER BY id"
+        for (a, ea), (b, eb) in zip(
+            single.con.execute(query).fetchall(), batch.con.execute(query).fetchall(), strict=True
+        ):
+            assert a == b and (ea == pytest.approx(eb, abs=1e-12) or (ea is None and eb is None))
+        for table in ("legacy_geoids", "legacy_scars"):
+            assert table_checksum(single.con, table) == table_checksum(batch.con, table)
+    finally:
+        single.close()
+        batch.close()
+
+
+def test_batch_timestamps_round_trip_exactly(storage):
+    odd = [1.0 / 3, 1e-7, -0.5, 1_790_000_000.1234567, 5e9 + 0.25, 1_790_000_000.5]
+    storage.store_batch([geoid(i, created_at=t, updated_at=t) for i, t in enumerate(odd)])
+    for i, t in enumerate(odd):
+        assert read_identity_p1(storage.con, f"g{i:04d}").created_at == t
+
+
+def test_batch_replaces_existing_rows(storage):
+    storage.store_batch([geoid(i) for i in range(3)])
+    storage.store_batch([geoid(i, raw="again") for i in range(2, 5)])
+    con = storage.con
+    assert con.execute("SELECT count(*) FROM identities").fetchone()[0] == 5
+    assert con.execute("SELECT count(*) FROM legacy_geoids WHERE raw = 'again'").fetchone()[0] == 3
+
+
+def test_batch_with_duplicate_ids_is_refused(storage):
+    with pytest.raises(StorageError, match="duplicate ids"):
+        storage.store_batch([geoid(1), geoid(1)])
+    assert storage.con.execute("SELECT count(*) FROM identities").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("stage", "in_new", "in_legacy"),
+    [("legacy-only", 0, 1), ("dual-write", 1, 1), ("read-new", 1, 1), ("write-new", 1, 0)],
+)
+def test_stage_decides_where_writes_go(tmp_path, stage, in_new, in_legacy):
+    s = Storage.open(str(tmp_path / "st.duckdb"), stage=stage)
+    try:
+        s.store(geoid(1))
+        s.store_batch([geoid(2)])
+        assert s.con.execute("SELECT count(*) FROM identities").fetchone()[0] == 2 * in_new
+        assert s.con.execute("SELECT count(*) FROM legacy_geoids").fetchone()[0] == 2 * in_legacy
+        stores = json.loads(log_rows(s.con)[0][3])["stores"]
+        assert stores == [n for n, on in (("identities", in_new), ("legacy", in_legacy)) if on]
+    finally:
+        s.close()
+
+
+def test_stage_decides_where_reads_come_from(tmp_path):
+    path = str(tmp_path / "r.duckdb")
+    with Storage.open(path, stage="dual-write") as s:
+        s.store(geoid(1))
+        s.con.execute("UPDATE legacy_geoids SET raw = 'legacy says'")
+        assert s.fetch("g0001").raw == "legacy says"
+    with Storage.open(path, stage="read-new") as s:
+        assert s.fetch("g0001").raw == " text 1 "
+
+
+def test_delete_removes_from_written_stores_and_logs(storage):
+    storage.store(geoid(1))
+    storage.store(scar(1))
+    assert storage.delete("g0001") is True
+    assert storage.delete("scar_0001") is True
+    assert storage.delete("nothing") is False
+    con = storage.con
+    assert con.execute("SELECT count(*) FROM identities").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM legacy_geoids").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM legacy_scars").fetchone()[0] == 0
+    assert [r[1] for r in log_rows(con)][-3:] == ["delete", "delete", "delete"]
+
+
+def test_list_find_and_search_agree_on_both_read_sources(tmp_path):
+    path = str(tmp_path / "q.duckdb")
+    items = [geoid(i) for i in range(30)] + [scar(i) for i in range(10)]
+    with Storage.open(path, stage="dual-write") as s:
+        s.store_batch(items)
+        legacy = (
+            s.list_identities(limit=100),
+            s.list_identities("scar", after_id="scar_0003", limit=3),
+            s.find_by_entropy(0.5, 2.0),
+            s.search("TEXT 1"),
+        )
+    with Storage.open(path, stage="read-new") as s:
+        new = (
+            s.list_identities(limit=100),
+            s.list_identities("scar", after_id="scar_0003", limit=3),
+            s.find_by_entropy(0.5, 2.0),
+            s.search("TEXT 1"),
+        )
+    assert [i.id for i in legacy[1]] == ["scar_0004", "scar_0005", "scar_0006"]
+    assert len(legacy[0]) == 40
+    assert {i.id for i in legacy[3]} == {f"g{i:04d}" for i in (1, *range(10, 20))}
+    assert len(legacy[2]) == 40 and legacy[2][0].identity_type == "geoid"
+    for a, b in zip(legacy, new, strict=True):
+        assert [i.id for i in a] == [i.id for i in b]
+
+
+def test_search_treats_wildcards_literally(storage):
+    storage.store(geoid(1, raw="100% sure"))
+    storage.store(geoid(2, raw="1000 sure"))
+    assert [i.id for i in storage.search("0%")] == ["g0001"]
+
+
+def test_stats_cover_the_whole_log(tmp_path):
+    armed = {"on": False}
+
+    def fault(name):
+        if armed["on"] and name == "before_commit":
+            raise RuntimeError("boom")
+
+    with Storage.open(str(tmp_path / "x.duckdb"), stage="dual-write", fault=fault) as s:
+        for i in range(25):
+            s.store(geoid(i))
+        armed["on"] = True
+        for i in range(3):
+            with pytest.raises(DualWriteError):
+                s.store(geoid(100 + i))
+        armed["on"] = False
+        s.delete("g0000")
+        stats = get_dual_write_stats(s.con)
+    assert stats["total"] == 29
+    assert stats["successes"] == 26 and stats["failures"] == 3
+    assert math.isclose(stats["success_rate"], 26 / 29)
+    assert stats["stores"]["identities"] == {"success": 26, "failed": 3}
+    assert stats["stores"]["legacy"] == {"success": 26, "failed": 3}
+    assert stats["operations"]["delete"] == {"success": 1, "failed": 0}
+    assert stats["last_failure_at"] is not None
+
+
+def test_stats_read_p1_rows(demo_db):
+    from kimera_core.db import connect
+
+    path, _ = demo_db
+    with connect(path, read_only=True) as con:
+        stats = get_dual_write_stats(con)
+        total = con.execute("SELECT count(*) FROM dual_write_log").fetchone()[0]
+    assert stats["total"] == total and stats["successes"] + stats["failures"] == total
+    assert stats["stores"]["identities"]["success"] == stats["successes"]
+
+
+def test_empty_log_has_no_success_rate(storage):
+    assert get_dual_write_stats(storage.con)["success_rate"] is None
