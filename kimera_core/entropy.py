@@ -136,15 +136,19 @@ def decay_factor(age_seconds: float, tau_eff: float) -> float:
 # Numeric JSON types DuckDB reports for a JSON number.
 _NUMERIC_JSON_TYPES = "('BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'UHUGEINT')"
 
-# Each stage is its own projection so every JSON value is parsed once.
-GEOID_ENTROPY_SQL = f"""
-WITH src AS (
-    -- one parse of meta; TRY turns text that is not JSON (old files, VARCHAR batches) into NULL
-    SELECT {{key}} AS key,
-           TRY(json_extract({{meta}}, '$.terms')) AS terms_j,
-           TRY(CASE WHEN json_type({{tags}}) = 'ARRAY' THEN json_array_length({{tags}}) END) AS n_tags
-    FROM {{source}}
-), terms AS (
+# The first stage parses meta once; TRY turns text that is not JSON (old files, VARCHAR
+# batches) into NULL. Migration reuses the later stages over columns it parsed itself.
+GEOID_PARSE_SQL = """
+SELECT {key} AS key,
+       TRY(json_extract({meta}, '$.terms')) AS terms_j,
+       TRY(CASE WHEN json_type({tags}) = 'ARRAY' THEN json_array_length({tags}) END) AS n_tags
+FROM {source}
+"""
+
+# From a relation with columns key, terms_j (meta.terms as JSON) and n_tags; each stage is
+# its own projection so every JSON value is parsed once.
+GEOID_SHANNON_SQL = f"""
+WITH kimera_terms AS (
     SELECT key, n_tags,
            json_type(terms_j) = 'ARRAY' AS has_terms,
            list_filter(
@@ -152,12 +156,12 @@ WITH src AS (
                    x -> CASE WHEN json_type(x) IN {_NUMERIC_JSON_TYPES}
                              THEN TRY_CAST(x AS DOUBLE) END),
                x -> x > 0 AND isfinite(x)) AS v
-    FROM src
-), scaled AS (
+    FROM {{parsed}}
+), kimera_scaled AS (
     SELECT key, has_terms, n_tags, list_transform(v, x -> x / list_max(v)) AS s
-    FROM terms
-), summed AS (
-    SELECT key, has_terms, n_tags, s, list_sum(s) AS total FROM scaled
+    FROM kimera_terms
+), kimera_summed AS (
+    SELECT key, has_terms, n_tags, s, list_sum(s) AS total FROM kimera_scaled
 )
 SELECT key,
        CASE WHEN coalesce(has_terms, false) THEN
@@ -169,7 +173,7 @@ SELECT key,
             WHEN n_tags > 1 THEN log2(n_tags)
             ELSE 0.0
        END::DOUBLE AS entropy
-FROM summed
+FROM kimera_summed
 """
 
 SCAR_ENTROPY_SQL = """
@@ -199,12 +203,18 @@ def geoid_entropy_sql(
     source: str = "legacy_geoids", key: str = "gid", meta: str = "meta", tags: str = "tags"
 ) -> str:
     """The bulk geoid-entropy query over a table or view (vetted identifiers only)."""
-    return GEOID_ENTROPY_SQL.format(
+    parse = GEOID_PARSE_SQL.format(
         source=vetted_identifier(source),
         key=vetted_identifier(key),
         meta=vetted_identifier(meta),
         tags=vetted_identifier(tags),
     )
+    return f"WITH kimera_parsed AS ({parse}) SELECT * FROM ({geoid_shannon_sql('kimera_parsed')})"
+
+
+def geoid_shannon_sql(parsed: str) -> str:
+    """Geoid entropy from a relation (table or CTE) with columns key, terms_j and n_tags."""
+    return GEOID_SHANNON_SQL.format(parsed=vetted_identifier(parsed))
 
 
 def scar_entropy_sql(

@@ -13,6 +13,8 @@ state as an uninterrupted run. docs/migration.md is the operator's runbook.
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from typing import Any
 import duckdb
 
 from kimera_core.checksum import Checksum, table_checksum
-from kimera_core.entropy import geoid_entropy_sql, scar_entropy_sql
+from kimera_core.entropy import geoid_shannon_sql, scar_entropy_sql
 from kimera_core.errors import KimeraError
 from kimera_core.legacy import create_legacy_schema, missing_tables
 
@@ -36,7 +38,11 @@ IDENTITY_COLUMNS = [
     "lang_axis",
     "entropy_score",
 ]
-DEFAULT_PARTITIONS = 8
+# Rows of the larger legacy table per partition when --partitions is not given: bounds the
+# memory of one partition's transaction (docs/benchmarks.md has the measured peak).
+ROWS_PER_PARTITION = 250_000
+MEMORY_LIMIT_ENV = "KIMERA_MEMORY_LIMIT"
+DEFAULT_MEMORY_LIMIT = "1GB"
 
 SCHEMA_SQL: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS kimera_migration_runs (
@@ -75,8 +81,7 @@ SCHEMA_SQL: tuple[str, ...] = (
         before_updated_at DOUBLE,
         before_lang_axis TEXT,
         before_entropy_score DOUBLE,
-        after_hash UBIGINT,
-        PRIMARY KEY (run_id, id)
+        after_hash UBIGINT         -- one row per (run_id, id): a partition holds each key once
     )""",
     """CREATE TABLE IF NOT EXISTS kimera_quarantine (
         run_id TEXT NOT NULL,
@@ -101,12 +106,12 @@ SCHEMA_SQL: tuple[str, ...] = (
 # Exact ISO-8601 text of an epoch float, as identity.epoch_to_iso writes it: DuckDB's
 # DOUBLE -> VARCHAR cast is the shortest round-trip form, like Python's repr.
 ISO_MACRO = """
-CREATE OR REPLACE TEMP MACRO kimera_iso(t) AS (
+CREATE OR REPLACE TEMP MACRO kimera_iso(t, s) AS (
+    -- s is CAST(t AS VARCHAR), passed in so that it is computed once per row
     CASE WHEN t IS NULL OR NOT isfinite(t) OR t < -6.2e10 OR t > 2.5e11 THEN NULL
-         WHEN t >= 0 AND t < 1e11 AND NOT contains(CAST(t AS VARCHAR), 'e') THEN
+         WHEN t >= 0 AND t < 1e11 AND NOT contains(s, 'e') THEN
             strftime(make_timestamp(CAST(floor(t) AS BIGINT) * 1000000), '%Y-%m-%dT%H:%M:%S')
-            || '.' || rpad(rtrim(split_part(CAST(t AS VARCHAR), '.', 2), '0'), 6, '0')
-            || '+00:00'
+            || '.' || rpad(rtrim(split_part(s, '.', 2), '0'), 6, '0') || '+00:00'
          ELSE strftime(make_timestamp(CAST(round(t * 1000000) AS BIGINT)),
                        '%Y-%m-%dT%H:%M:%S.%f') || '+00:00'
     END
@@ -126,41 +131,80 @@ CREATE OR REPLACE TEMP MACRO kimera_same_doc(a, b, kind) AS (
 )
 """
 
-# A term intensity that is a JSON number but not finite (NaN, Infinity, 1e400).
-_NON_FINITE_INTENSITY = """
-    coalesce(TRY(len(list_filter(json_extract(meta_j, '$.terms[*].intensity'),
-        x -> json_type(x) = 'DOUBLE' AND NOT isfinite(TRY_CAST(x AS DOUBLE)))) > 0), false)
+# The existing identity under the same key, columns renamed so nothing is ambiguous.
+_EXISTING = """(SELECT id AS i_id, identity_type AS i_type, data AS i_data, created_at AS i_created,
+          updated_at AS i_updated, lang_axis AS i_lang, entropy_score AS i_entropy
+   FROM identities)"""
+
+# Entropy rows are keyed by rowid: an old file without a primary key may repeat a key.
+# The merge rule: no identity -> insert; same document and timestamps -> unchanged (a geoid's
+# related_ids null and [] are the same: legacy_geoids cannot hold the list); the legacy row
+# strictly newer by updated_at -> update; otherwise the identity (written by the
+# application, newer or tied) is kept.
+_PLAN = """
+SELECT c.*, e.entropy,
+       hash(c.key, c.identity_type, c.doc, c.created_at, c.updated_at, c.lang_axis, e.entropy)
+           AS new_hash,
+       CASE WHEN c.i_id IS NOT NULL THEN hash(c.i_id, c.i_type, c.i_data, c.i_created,
+                                              c.i_updated, c.i_lang, c.i_entropy) END AS old_hash,
+       CASE WHEN len(c.reasons) > 0 THEN NULL
+            WHEN c.i_id IS NULL THEN 'insert'
+            WHEN kimera_same_doc(c.i_data, c.doc, c.identity_type)
+                 AND c.i_created = c.created_at AND c.i_updated = c.updated_at THEN 'unchanged'
+            WHEN c.updated_at > c.i_updated THEN 'update'
+            ELSE 'kept'
+       END AS action
+FROM checked_out c LEFT JOIN e ON e.key = c.src_rowid
 """
 
-PREPARE_GEOIDS_SQL = f"""
+# One statement per partition: parse once, validate, build the P1 document, compute entropy
+# with the bulk form's stages, and decide each row's action. __NAME__ tokens are replaced
+# with vetted SQL fragments before execution.
+PREPARE_GEOIDS_SQL = (
+    """
 CREATE OR REPLACE TEMP TABLE mig_src AS
 WITH src AS (
-    SELECT g.*, to_json(g) AS original,
-           count(*) OVER (PARTITION BY g.gid) AS dup_count
+    SELECT g.*, g.rowid AS src_rowid, __DUP_COUNT__ AS dup_count,
+           coalesce(g.created_at, g.updated_at) AS c_at,
+           coalesce(g.updated_at, g.created_at) AS u_at,
+           CAST(c_at AS VARCHAR) AS c_s, CAST(u_at AS VARCHAR) AS u_s
     FROM legacy_geoids g
     WHERE hash(g.gid) % $buckets = $bucket
 ), parsed AS (
-    SELECT *, TRY(json(meta)) AS meta_j, TRY(json(tags)) AS tags_j FROM src
-), checked AS (
-    SELECT p.*,
+    SELECT s.*, __META__ AS meta_j, __TAGS__ AS tags_j, i.*
+    FROM src s LEFT JOIN """
+    + _EXISTING
+    + """ i ON i.i_id = s.gid
+), terms AS (
+    SELECT p.*, gid AS key,
+           TRY(json_extract(meta_j, '$.terms')) AS terms_j,
+           TRY(CASE WHEN json_type(tags_j) = 'ARRAY' THEN json_array_length(tags_j) END) AS n_tags
+    FROM parsed p
+), e_in AS (
+    SELECT src_rowid AS key, terms_j, n_tags FROM terms
+), e AS (SELECT * FROM (__SHANNON__)), checked AS (
+    SELECT t.*,
         list_filter([
             CASE WHEN gid IS NULL OR trim(gid) = '' THEN 'null_or_empty_key' END,
             CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
             CASE WHEN gid IN (SELECT id FROM legacy_scars WHERE hash(id) % $buckets = $bucket)
                  THEN 'key_in_both_tables' END,
-            CASE WHEN EXISTS (SELECT 1 FROM identities i
-                              WHERE i.id = p.gid AND i.identity_type <> 'geoid')
-                 THEN 'identity_type_conflict' END,
+            CASE WHEN i_type <> 'geoid' THEN 'identity_type_conflict' END,
             CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
             CASE WHEN tags IS NOT NULL AND tags_j IS NULL THEN 'invalid_json_tags' END,
             CASE WHEN json_type(meta_j) <> 'OBJECT' THEN 'non_object_meta' END,
             CASE WHEN json_type(tags_j) <> 'ARRAY' THEN 'non_list_tags' END,
             CASE WHEN raw IS NULL OR regexp_matches(raw, '^\\s*$') THEN 'empty_raw' END,
             CASE WHEN NOT isfinite(weight) THEN 'non_finite_weight' END,
-            CASE WHEN {_NON_FINITE_INTENSITY} THEN 'non_finite_intensity' END,
+            -- the text test is cheap and rules out almost every row before the JSON test
+            CASE WHEN regexp_matches(terms_j, '(?i)nan|inf|e\\+?[0-9]{3}')
+                      AND coalesce(TRY(len(list_filter(json_extract(terms_j, '$[*].intensity'),
+                          x -> json_type(x) = 'DOUBLE' AND NOT isfinite(TRY_CAST(x AS DOUBLE))))
+                          > 0), false)
+                 THEN 'non_finite_intensity' END,
             CASE WHEN NOT isfinite(created_at) OR NOT isfinite(updated_at)
                  THEN 'non_finite_timestamp' END,
-            CASE WHEN created_at IS NULL AND updated_at IS NULL THEN 'missing_timestamps' END
+            CASE WHEN c_at IS NULL THEN 'missing_timestamps' END
         ], x -> x IS NOT NULL) AS reasons,
         list_filter([
             CASE WHEN weight IS NULL THEN 'null_weight' END,
@@ -172,33 +216,39 @@ WITH src AS (
             CASE WHEN created_at IS NULL AND updated_at IS NOT NULL THEN 'null_created_at' END,
             CASE WHEN updated_at < created_at THEN 'updated_before_created' END,
             CASE WHEN lang_axis IS NULL THEN 'null_lang_axis' END
-        ], x -> x IS NOT NULL) AS warnings
-    FROM parsed p
+        ], x -> x IS NOT NULL) AS warnings,
+        json_object('id', gid, 'identity_type', 'geoid', 'raw', raw, 'echo', echo,
+                    'lang_axis', lang_axis, 'tags', tags_j, 'weight', weight,
+                    'related_ids', '[]'::JSON, 'meta', meta_j,
+                    'created_at', kimera_iso(c_at, c_s), 'updated_at', kimera_iso(u_at, u_s)) AS doc
+    FROM terms t
+), checked_out AS (
+    SELECT key, 'geoid' AS identity_type, 'legacy_geoids' AS source_table, src_rowid, reasons,
+           warnings, doc, lang_axis, c_at AS created_at, u_at AS updated_at,
+           i_id, i_type, i_data, i_created, i_updated, i_lang, i_entropy
+    FROM checked
 )
-SELECT gid AS key, 'geoid' AS identity_type, 'legacy_geoids' AS source_table,
-       original, reasons, warnings, meta_j AS meta, tags_j AS tags,
-       coalesce(created_at, updated_at) AS created_at,
-       coalesce(updated_at, created_at) AS updated_at,
-       lang_axis,
-       json_object('id', gid, 'identity_type', 'geoid', 'raw', raw, 'echo', echo,
-                   'lang_axis', lang_axis, 'tags', tags_j, 'weight', weight,
-                   'related_ids', '[]'::JSON, 'meta', meta_j,
-                   'created_at', kimera_iso(coalesce(created_at, updated_at)),
-                   'updated_at', kimera_iso(coalesce(updated_at, created_at))) AS doc
-FROM checked
 """
+    + _PLAN
+)
 
-PREPARE_SCARS_SQL = """
+PREPARE_SCARS_SQL = (
+    """
 CREATE OR REPLACE TEMP TABLE mig_src AS
 WITH src AS (
-    SELECT s.*, to_json(s) AS original,
-           count(*) OVER (PARTITION BY s.id) AS dup_count
+    SELECT s.*, s.rowid AS src_rowid, __DUP_COUNT__ AS dup_count,
+           coalesce(s.created_at, s.updated_at) AS c_at,
+           coalesce(s.updated_at, s.created_at) AS u_at,
+           CAST(c_at AS VARCHAR) AS c_s, CAST(u_at AS VARCHAR) AS u_s
     FROM legacy_scars s
     WHERE hash(s.id) % $buckets = $bucket
 ), parsed AS (
-    SELECT *, TRY(json(meta)) AS meta_j, TRY(json(related_ids)) AS rel_j FROM src
+    SELECT s.*, __META__ AS meta_j, __RELATED__ AS rel_j, i.*, s.id AS key
+    FROM src s LEFT JOIN """
+    + _EXISTING
+    + """ i ON i.i_id = s.id
 ), members AS (
-    -- related ids that are strings, one row each, with where they stand after the geoids
+    -- related ids that are strings, one row each, and where they stand after the geoids
     SELECT p.id, r.x AS member,
            EXISTS (SELECT 1 FROM identities i WHERE i.id = r.x AND i.identity_type = 'geoid')
                AS migrated,
@@ -211,22 +261,21 @@ WITH src AS (
            bool_or(NOT migrated AND NOT in_legacy) AS dangling,
            bool_or(NOT migrated AND in_legacy) AS unmigrated_member
     FROM members GROUP BY id
-), checked AS (
+), e AS (SELECT * FROM (__SCAR_ENTROPY__)), checked AS (
     SELECT p.*,
         list_filter([
             CASE WHEN p.id IS NULL OR trim(p.id) = '' THEN 'null_or_empty_key' END,
             CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
             CASE WHEN p.id IN (SELECT gid FROM legacy_geoids WHERE hash(gid) % $buckets = $bucket)
                  THEN 'key_in_both_tables' END,
-            CASE WHEN EXISTS (SELECT 1 FROM identities i
-                              WHERE i.id = p.id AND i.identity_type <> 'scar')
-                 THEN 'identity_type_conflict' END,
+            CASE WHEN i_type <> 'scar' THEN 'identity_type_conflict' END,
             CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
             CASE WHEN related_ids IS NOT NULL AND rel_j IS NULL THEN 'invalid_json_related_ids' END,
             CASE WHEN json_type(meta_j) <> 'OBJECT' THEN 'non_object_meta' END,
             CASE WHEN rel_j IS NULL OR json_type(rel_j) <> 'ARRAY' THEN 'related_ids_not_list'
                  WHEN json_array_length(rel_j) < 2 THEN 'too_few_related_ids'
-                 WHEN len(list_filter(json_extract(rel_j, '$[*]'), x -> json_type(x) <> 'VARCHAR')) > 0
+                 WHEN len(list_filter(json_extract(rel_j, '$[*]'),
+                                      x -> json_type(x) <> 'VARCHAR')) > 0
                       THEN 'related_ids_not_strings'
             END,
             CASE WHEN ms.dangling THEN 'dangling_related_id' END,
@@ -234,34 +283,36 @@ WITH src AS (
             CASE WHEN NOT isfinite(weight) THEN 'non_finite_weight' END,
             CASE WHEN NOT isfinite(p.created_at) OR NOT isfinite(p.updated_at)
                  THEN 'non_finite_timestamp' END,
-            CASE WHEN p.created_at IS NULL AND p.updated_at IS NULL THEN 'missing_timestamps' END
+            CASE WHEN c_at IS NULL THEN 'missing_timestamps' END
         ], x -> x IS NOT NULL) AS reasons,
         list_filter([
             CASE WHEN weight IS NULL THEN 'null_weight' END,
             CASE WHEN p.updated_at IS NULL AND p.created_at IS NOT NULL THEN 'null_updated_at' END,
             CASE WHEN p.created_at IS NULL AND p.updated_at IS NOT NULL THEN 'null_created_at' END,
             CASE WHEN p.updated_at < p.created_at THEN 'updated_before_created' END
-        ], x -> x IS NOT NULL) AS warnings
-    FROM parsed p
-    LEFT JOIN member_state ms ON ms.id = p.id
+        ], x -> x IS NOT NULL) AS warnings,
+        json_object('id', p.id, 'identity_type', 'scar', 'raw', NULL, 'echo', NULL,
+                    'lang_axis', NULL, 'tags', NULL, 'weight', weight,
+                    'related_ids', rel_j, 'meta', meta_j,
+                    'created_at', kimera_iso(c_at, c_s), 'updated_at', kimera_iso(u_at, u_s)) AS doc
+    FROM parsed p LEFT JOIN member_state ms ON ms.id = p.id
+), checked_out AS (
+    SELECT key, 'scar' AS identity_type, 'legacy_scars' AS source_table, src_rowid, reasons,
+           warnings, doc, NULL::TEXT AS lang_axis, c_at AS created_at, u_at AS updated_at,
+           i_id, i_type, i_data, i_created, i_updated, i_lang, i_entropy
+    FROM checked
 )
-SELECT id AS key, 'scar' AS identity_type, 'legacy_scars' AS source_table,
-       original, reasons, warnings, meta_j AS meta, rel_j AS related_ids, weight,
-       coalesce(created_at, updated_at) AS created_at,
-       coalesce(updated_at, created_at) AS updated_at,
-       NULL::TEXT AS lang_axis,
-       json_object('id', id, 'identity_type', 'scar', 'raw', NULL, 'echo', NULL,
-                   'lang_axis', NULL, 'tags', NULL, 'weight', weight,
-                   'related_ids', rel_j, 'meta', meta_j,
-                   'created_at', kimera_iso(coalesce(created_at, updated_at)),
-                   'updated_at', kimera_iso(coalesce(updated_at, created_at))) AS doc
-FROM checked
 """
+    + _PLAN
+)
 
+# The original row is serialised only for the rows quarantined (found again by rowid).
 QUARANTINE_SQL = """
 INSERT INTO kimera_quarantine
-SELECT $run_id, source_table, key, reasons[1], to_json(reasons), original, hash(original), $now
-FROM mig_src WHERE len(reasons) > 0
+SELECT $run_id, m.source_table, m.key, m.reasons[1], to_json(m.reasons), to_json(t),
+       hash(to_json(t)), $now
+FROM mig_src m JOIN {table} t ON t.rowid = m.src_rowid
+WHERE len(m.reasons) > 0
 ON CONFLICT DO NOTHING
 """
 
@@ -272,70 +323,44 @@ FROM mig_src WHERE len(reasons) = 0 AND len(warnings) > 0 AND key IS NOT NULL
 ON CONFLICT DO NOTHING
 """
 
-# The merge rule: no identity -> insert; same document and timestamps -> unchanged (a geoid's
-# related_ids null and [] are the same: legacy_geoids cannot hold the list); the
-# legacy row strictly newer by updated_at -> update; otherwise the identity (written by the
-# application, newer or tied) is kept.
-PLAN_SQL = """
-CREATE OR REPLACE TEMP TABLE mig_plan AS
-SELECT m.key, m.identity_type, m.doc, m.created_at, m.updated_at, m.lang_axis, e.entropy,
-       CASE WHEN i.id IS NULL THEN 'insert'
-            WHEN kimera_same_doc(i.data, m.doc, m.identity_type)
-                 AND i.created_at = m.created_at
-                 AND i.updated_at = m.updated_at THEN 'unchanged'
-            WHEN m.updated_at > i.updated_at THEN 'update'
-            ELSE 'kept'
-       END AS action
-FROM mig_src m
-JOIN mig_entropy e ON e.key = m.key
-LEFT JOIN identities i ON i.id = m.key
-WHERE len(m.reasons) = 0
-"""
-
+# Before-images for rollback; after_hash is the hash of the row as written.
 JOURNAL_SQL = """
 INSERT INTO kimera_migration_changes
-SELECT $run_id, p.key, p.action, i.identity_type, i.data, i.created_at, i.updated_at,
-       i.lang_axis, i.entropy_score, NULL
-FROM mig_plan p LEFT JOIN identities i ON i.id = p.key
-WHERE p.action IN ('insert', 'update')
+SELECT $run_id, key, action, i_type, i_data, i_created, i_updated, i_lang, i_entropy,
+       new_hash
+FROM mig_src WHERE action IN ('insert', 'update')
 """
 
 APPLY_INSERT_SQL = """
 INSERT INTO identities (id, identity_type, data, created_at, updated_at, lang_axis, entropy_score)
 SELECT key, identity_type, doc, created_at, updated_at, lang_axis, entropy
-FROM mig_plan WHERE action = 'insert'
+FROM mig_src WHERE action = 'insert'
 """
 
 APPLY_UPDATE_SQL = """
 UPDATE identities SET
     identity_type = p.identity_type, data = p.doc, created_at = p.created_at,
     updated_at = p.updated_at, lang_axis = p.lang_axis, entropy_score = p.entropy
-FROM mig_plan p
+FROM mig_src p
 WHERE identities.id = p.key AND p.action = 'update'
 """
 
-AFTER_HASH_SQL = """
-UPDATE kimera_migration_changes SET after_hash = hash(i.id, i.identity_type, i.data,
-    i.created_at, i.updated_at, i.lang_axis, i.entropy_score)
-FROM identities i
-WHERE kimera_migration_changes.run_id = $run_id AND kimera_migration_changes.id = i.id
-  AND kimera_migration_changes.after_hash IS NULL
-"""
-
 PARTITION_COUNTS_SQL = """
-SELECT (SELECT count(*) FROM mig_src),
+SELECT count(*),
        count(*) FILTER (WHERE action = 'insert'),
        count(*) FILTER (WHERE action = 'update'),
        count(*) FILTER (WHERE action = 'unchanged'),
        count(*) FILTER (WHERE action = 'kept'),
-       (SELECT count(*) FROM mig_src WHERE len(reasons) > 0)
-FROM mig_plan
+       count(*) FILTER (WHERE len(reasons) > 0)
+FROM mig_src
 """
 
+# The checksum of the identities rows this partition's legacy keys map to, after it ran.
 PARTITION_CHECKSUM_SQL = """
-SELECT count(*), coalesce(sum(hash(id, identity_type, data, created_at, updated_at, lang_axis,
-                                   entropy_score)::HUGEINT), 0)
-FROM identities WHERE identity_type = $kind AND hash(id) % $buckets = $bucket
+SELECT count(*),
+       coalesce(sum((CASE WHEN action IN ('insert', 'update') THEN new_hash ELSE old_hash END)
+                     ::HUGEINT), 0)
+FROM mig_src WHERE action IS NOT NULL
 """
 
 
@@ -443,40 +468,61 @@ def _done_partitions(
     return {(r[0], int(r[1])): MigrationCounts(*map(int, r[2:])) for r in rows}
 
 
+def _has_primary_key(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM duckdb_constraints() WHERE table_name = ? "
+            "AND constraint_type = 'PRIMARY KEY'",
+            [table],
+        ).fetchone()[0]
+    )
+
+
+def _json_typed_columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
+    return {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = 'main' "
+            "AND table_name = ? AND data_type = 'JSON'",
+            [table],
+        ).fetchall()
+    }
+
+
 def _migrate_partition(
     con: duckdb.DuckDBPyConnection, run_id: str, kind: str, bucket: int, buckets: int, record: bool
-) -> MigrationCounts:
+) -> tuple[MigrationCounts, Checksum]:
     """Prepare, quarantine, merge and journal one partition (caller owns the transaction)."""
-    params = {
-        "run_id": run_id,
-        "bucket": bucket,
-        "buckets": buckets,
-        "now": time.time(),
-        "kind": kind,
-    }
-    _exec(con, PREPARE_GEOIDS_SQL if kind == "geoid" else PREPARE_SCARS_SQL, params)
-    entropy_inner = (
-        geoid_entropy_sql("mig_src", "key")
-        if kind == "geoid"
-        else scar_entropy_sql("mig_src", "key")
-    )
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE mig_entropy AS "
-        f"SELECT key, entropy FROM ({entropy_inner}) WHERE key IS NOT NULL"
-    )
-    _exec(con, PLAN_SQL, params)
+    params = {"run_id": run_id, "bucket": bucket, "buckets": buckets, "now": time.time()}
+    table = "legacy_geoids" if kind == "geoid" else "legacy_scars"
+    key = "gid" if kind == "geoid" else "id"
+    # A primary key already rules out duplicates; old files without one get the window count.
+    dup = "1" if _has_primary_key(con, table) else f"count(*) OVER (PARTITION BY {key})"
+    json_columns = _json_typed_columns(con, table)
+
+    def parsed(column: str) -> str:
+        # a JSON column holds valid JSON already; TEXT columns (old files) are validated
+        return column if column in json_columns else f"TRY(json({column}))"
+
+    if kind == "geoid":
+        sql = PREPARE_GEOIDS_SQL.replace("__SHANNON__", geoid_shannon_sql("e_in"))
+        sql = sql.replace("__META__", parsed("meta")).replace("__TAGS__", parsed("tags"))
+    else:
+        sql = PREPARE_SCARS_SQL.replace(
+            "__SCAR_ENTROPY__", scar_entropy_sql("parsed", "src_rowid", "rel_j", "weight")
+        )
+        sql = sql.replace("__META__", parsed("meta")).replace("__RELATED__", parsed("related_ids"))
+    _exec(con, sql.replace("__DUP_COUNT__", dup), params)
     counts = MigrationCounts(*map(int, con.execute(PARTITION_COUNTS_SQL).fetchone()))
+    rows, digest = con.execute(PARTITION_CHECKSUM_SQL).fetchone()
+    checksum = Checksum(int(rows), int(digest))
     if record:
-        _exec(con, QUARANTINE_SQL, params)
+        _exec(con, QUARANTINE_SQL.format(table=table), params)
         _exec(con, WARNINGS_SQL, params)
         _exec(con, JOURNAL_SQL, params)
     con.execute(APPLY_INSERT_SQL)
     con.execute(APPLY_UPDATE_SQL)
     if record:
-        _exec(con, AFTER_HASH_SQL, params)
-        rows, digest = con.execute(
-            PARTITION_CHECKSUM_SQL, _run_params(PARTITION_CHECKSUM_SQL, params)
-        ).fetchone()
         con.execute(
             "INSERT INTO kimera_migration_partitions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
@@ -490,11 +536,38 @@ def _migrate_partition(
                 counts.unchanged,
                 counts.kept,
                 counts.quarantined,
-                int(rows),
-                Checksum(int(rows), int(digest)).hex,
+                checksum.rows,
+                checksum.hex,
             ],
         )
-    return counts
+    return counts, checksum
+
+
+def auto_partitions(con: duckdb.DuckDBPyConnection) -> int:
+    """Partitions so that each holds at most ROWS_PER_PARTITION rows of either table."""
+    largest = con.execute(
+        "SELECT greatest((SELECT count(*) FROM legacy_geoids), (SELECT count(*) FROM legacy_scars))"
+    ).fetchone()[0]
+    return max(1, -(-int(largest) // ROWS_PER_PARTITION))
+
+
+def _limit_memory(con: duckdb.DuckDBPyConnection) -> None:
+    # DuckDB spills to its temp directory beyond the limit instead of growing without bound.
+    limit = os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT)
+    try:
+        con.execute("SELECT current_setting('memory_limit')")
+        con.execute(f"SET memory_limit = '{_vetted_size(limit)}'")
+    except duckdb.Error as exc:
+        raise KimeraError(
+            f"{MEMORY_LIMIT_ENV}={limit!r} is not a DuckDB memory size: {exc}"
+        ) from None
+    con.execute("SET preserve_insertion_order = false")
+
+
+def _vetted_size(text: str) -> str:
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", text, re.I):
+        raise KimeraError(f"{MEMORY_LIMIT_ENV}={text!r} is not a memory size like 1GB or 512MiB")
+    return text.strip()
 
 
 def _legacy_rows(con: duckdb.DuckDBPyConnection) -> int:
@@ -541,13 +614,14 @@ def migrate(
     if partitions is not None and not 1 <= partitions <= 4096:
         raise KimeraError("--partitions must be between 1 and 4096")
     started = time.perf_counter()
+    _limit_memory(con)
     con.execute(ISO_MACRO)
     con.execute(SAME_DOC_MACRO)
     if dry_run:
         con.execute("BEGIN")
         try:
             ensure_schema(con)
-            return _dry_run(con, partitions or DEFAULT_PARTITIONS, started, on_partition)
+            return _dry_run(con, partitions or auto_partitions(con), started, on_partition)
         finally:
             con.execute("ROLLBACK")
 
@@ -569,7 +643,7 @@ def migrate(
         resumed = True
     else:
         run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-        buckets = partitions or DEFAULT_PARTITIONS
+        buckets = partitions or auto_partitions(con)
         con.execute(
             "INSERT INTO kimera_migration_runs (run_id, started_at, status, partitions, duckdb_version) "
             "VALUES (?, ?, 'running', ?, ?)",
@@ -587,7 +661,7 @@ def migrate(
         else:
             con.execute("BEGIN")
             try:
-                counts = _migrate_partition(con, run_id, kind, bucket, buckets, record=True)
+                counts, _ = _migrate_partition(con, run_id, kind, bucket, buckets, record=True)
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
@@ -651,7 +725,7 @@ def _dry_run(
     reasons: dict[str, int] = {}
     plan = [(kind, b) for kind in KINDS for b in range(buckets)]
     for index, (kind, bucket) in enumerate(plan, start=1):
-        counts = _migrate_partition(con, "dry-run", kind, bucket, buckets, record=False)
+        counts, _ = _migrate_partition(con, "dry-run", kind, bucket, buckets, record=False)
         for key, n in con.execute(
             "SELECT source_table || ':' || reasons[1], count(*) FROM mig_src "
             "WHERE len(reasons) > 0 GROUP BY ALL"
