@@ -1,0 +1,566 @@
+"""The consistency verifier: do the legacy tables and ``identities`` hold the same identities?
+
+Both stores are mapped to the ADR-001 fields (id, identity_type, raw, echo, lang_axis, tags,
+weight, related_ids, meta, created_at, updated_at) and compared set-based in DuckDB:
+
+1. row counts per store and identity type; duplicate and NULL keys;
+2. a checksum per key segment (the top bits of ``hash(id)``) over normalised fields on
+   each side; segments that agree are done; segments that differ are split further
+   (bisection, as data-diff does) until they are small, and only their rows are compared;
+3. row level: keys on one side only, and rows whose fields differ (NULL-safe, weight and
+   timestamps at a stated tolerance, JSON compared as values);
+4. a verdict with reasons, capped samples of offending keys, and a row in
+   ``kimera_verifications`` that incremental mode starts from.
+
+Checksums are a fast filter, never the judge: normalised values hash exactly (JSON
+minified, timestamps in microseconds), so equal rows hash equal; a row whose hash differs is
+compared field by field with the tolerances, and may still turn out equal (e.g. JSON keys in
+another order). docs/consistency.md explains each finding and what to do about it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+
+from kimera_core.shadow import DEFAULT_TOLERANCE, Tolerance
+
+FIELDS: tuple[str, ...] = (
+    "identity_type",
+    "raw",
+    "echo",
+    "lang_axis",
+    "tags",
+    "weight",
+    "related_ids",
+    "meta",
+    "created_at",
+    "updated_at",
+)
+DEFAULT_SAMPLE = 20
+TOP_SEGMENT_ROWS = 65_536  # rows per segment of the first checksum pass, on average
+LEAF_ROWS = 1024  # a segment this small is compared row by row rather than split again
+SPLIT_BITS = 4  # each bisection step splits a differing segment into 16
+
+VERIFICATIONS_DDL = """CREATE TABLE IF NOT EXISTS kimera_verifications (
+    verified_at DOUBLE NOT NULL,
+    mode TEXT NOT NULL,
+    verdict TEXT NOT NULL,
+    findings JSON
+)"""
+
+# Helpers as temp macros (per connection; they work on read-only files too).
+MACROS: tuple[str, ...] = (
+    # JSON text, minified, with JSON null as SQL NULL; text that is not JSON stays as it is
+    """CREATE OR REPLACE TEMP MACRO kimera_jnorm(x) AS
+       nullif(coalesce(TRY(json(x))::VARCHAR, x::VARCHAR), 'null')""",
+    # the text inside a JSON string literal that needs no unescaping (ISO timestamps)
+    """CREATE OR REPLACE TEMP MACRO kimera_unquote(x) AS
+       CASE WHEN starts_with(x, '"') THEN substr(x, 2, length(x) - 2) ELSE x END""",
+    # ISO-8601 (any offset) or a JSON number -> epoch seconds, exact to the fraction digits
+    """CREATE OR REPLACE TEMP MACRO kimera_iso_epoch(x) AS
+       coalesce(TRY_CAST(x AS DOUBLE),
+                epoch(TRY_CAST(substr(x, 1, 19) AS TIMESTAMP))
+                + coalesce(TRY_CAST('0' || nullif(regexp_extract(x, '^[^.]*(\\.\\d+)', 1), '')
+                                    AS DOUBLE), 0)
+                - CASE WHEN regexp_matches(x, '[+-]\\d\\d:?\\d\\d$') THEN
+                       (CASE WHEN regexp_extract(x, '([+-])\\d\\d:?\\d\\d$', 1) = '-'
+                             THEN -1 ELSE 1 END)
+                       * (TRY_CAST(regexp_extract(x, '[+-](\\d\\d):?\\d\\d$', 1) AS INTEGER) * 3600
+                          + TRY_CAST(regexp_extract(x, '[+-]\\d\\d:?(\\d\\d)$', 1) AS INTEGER) * 60)
+                  ELSE 0 END)""",
+    # the same in whole microseconds, with a fast path for the UTC text P1 writes
+    """CREATE OR REPLACE TEMP MACRO kimera_iso_us(x) AS
+       CASE WHEN suffix(x, '+00:00') THEN epoch_us(TRY_CAST(x AS TIMESTAMP))
+            ELSE TRY_CAST(round(kimera_iso_epoch(x) * 1000000) AS BIGINT) END""",
+    # an order-independent fingerprint of a JSON value: object key order does not count,
+    # array order does, numbers compare by value (1 = 1.0), types otherwise strict
+    """CREATE OR REPLACE TEMP MACRO kimera_json_canon(j) AS (
+       SELECT hash(list(hash(t.fullkey,
+                  CASE WHEN t.type IN ('BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'UHUGEINT')
+                       THEN 'N' || TRY_CAST(t.atom AS DOUBLE)::VARCHAR
+                       ELSE t.type || ':' || coalesce(t.atom::VARCHAR, t.value::VARCHAR) END)
+                  ORDER BY t.fullkey))
+       FROM json_tree(j) t
+       WHERE t.type NOT IN ('OBJECT', 'ARRAY') OR t.value::VARCHAR IN ('{}', '[]'))""",
+    # JSON equality as values, NULL-safe
+    """CREATE OR REPLACE TEMP MACRO kimera_json_eq(a, b) AS
+       (a IS NULL AND b IS NULL)
+       OR (a IS NOT NULL AND b IS NOT NULL AND (a = b OR (json_valid(a) AND json_valid(b)
+           AND kimera_json_canon(a) = kimera_json_canon(b))))""",
+    """CREATE OR REPLACE TEMP MACRO kimera_float_eq(a, b, tol, rel) AS
+       (a IS NULL AND b IS NULL)
+       OR (a IS NOT NULL AND b IS NOT NULL AND (a = b OR (isnan(a) AND isnan(b))
+           OR abs(a - b) <= tol * CASE WHEN rel THEN greatest(1, abs(a)) ELSE 1 END))""",
+)
+
+# Each side as (id, kh = hash(id), rh = hash of the normalised mapped fields). {where} is a
+# filter on kh (segments) or on id (incremental). A geoid's related_ids: legacy_geoids has
+# no column for it, so an empty list in identities is normalised to NULL like legacy's.
+LEGACY_HASHED = """
+SELECT id, hash(id) AS kh,
+       hash(identity_type, raw, echo, lang_axis, tags, weight, related_ids, meta, created_us,
+            updated_us) AS rh
+FROM (
+    SELECT gid AS id, 'geoid' AS identity_type, to_json(raw)::VARCHAR AS raw,
+           to_json(echo)::VARCHAR AS echo, to_json(lang_axis)::VARCHAR AS lang_axis,
+           kimera_jnorm(tags) AS tags, weight, NULL::VARCHAR AS related_ids,
+           kimera_jnorm(meta) AS meta,
+           TRY_CAST(round(created_at * 1000000) AS BIGINT) AS created_us,
+           TRY_CAST(round(updated_at * 1000000) AS BIGINT) AS updated_us
+    FROM legacy_geoids WHERE {where_gid}
+    UNION ALL
+    SELECT id, 'scar', NULL, NULL, NULL, NULL, weight, kimera_jnorm(related_ids),
+           kimera_jnorm(meta), TRY_CAST(round(created_at * 1000000) AS BIGINT),
+           TRY_CAST(round(updated_at * 1000000) AS BIGINT)
+    FROM legacy_scars WHERE {where_id}
+)
+"""
+# One parse of each document: every field comes out as minified JSON text (strings quoted,
+# as to_json quotes the legacy text columns above).
+NEW_HASHED = """
+SELECT id, hash(id) AS kh,
+       hash(identity_type, nullif(f[1], 'null'), nullif(f[2], 'null'), nullif(f[3], 'null'),
+            nullif(f[4], 'null'), TRY_CAST(f[5] AS DOUBLE),
+            CASE WHEN identity_type = 'geoid' AND f[6] IN ('[]', 'null') THEN NULL
+                 ELSE nullif(f[6], 'null') END,
+            nullif(f[7], 'null'), kimera_iso_us(kimera_unquote(f[8])),
+            kimera_iso_us(kimera_unquote(f[9]))) AS rh
+FROM (
+    SELECT id, identity_type,
+           json_extract(data, ['$.raw', '$.echo', '$.lang_axis', '$.tags', '$.weight',
+                               '$.related_ids', '$.meta', '$.created_at',
+                               '$.updated_at'])::VARCHAR[] AS f
+    FROM identities WHERE {where_id}
+)
+"""
+
+SEGMENT_SQL = """
+SELECT kh >> {shift} AS seg, count(*) AS n, sum(rh::HUGEINT) AS s
+FROM ({side}) GROUP BY seg
+"""
+
+# Field by field over the keys in kimera_verify_changed, both sides present.
+FIELD_DIFF_SQL = """
+WITH l AS (
+    SELECT gid AS id, 'geoid' AS identity_type, raw, echo, lang_axis, kimera_jnorm(tags) AS tags,
+           weight, '[]' AS related_ids, kimera_jnorm(meta) AS meta, created_at, updated_at
+    FROM legacy_geoids WHERE gid IN (SELECT id FROM kimera_verify_changed)
+    UNION ALL
+    SELECT id, 'scar', NULL, NULL, NULL, NULL, weight, kimera_jnorm(related_ids),
+           kimera_jnorm(meta), created_at, updated_at
+    FROM legacy_scars WHERE id IN (SELECT id FROM kimera_verify_changed)
+), n AS (
+    SELECT id, identity_type, data->>'$.raw' AS raw, data->>'$.echo' AS echo,
+           data->>'$.lang_axis' AS lang_axis, kimera_jnorm(data->'$.tags') AS tags,
+           TRY_CAST(data->>'$.weight' AS DOUBLE) AS weight,
+           CASE WHEN identity_type = 'geoid'
+                THEN coalesce(kimera_jnorm(data->'$.related_ids'), '[]')
+                ELSE kimera_jnorm(data->'$.related_ids') END AS related_ids,
+           kimera_jnorm(data->'$.meta') AS meta,
+           kimera_iso_epoch(data->>'$.created_at') AS created_at,
+           kimera_iso_epoch(data->>'$.updated_at') AS updated_at
+    FROM identities WHERE id IN (SELECT id FROM kimera_verify_changed)
+)
+SELECT id, list_filter([
+    CASE WHEN l.identity_type IS DISTINCT FROM n.identity_type THEN 'identity_type' END,
+    CASE WHEN l.raw IS DISTINCT FROM n.raw THEN 'raw' END,
+    CASE WHEN l.echo IS DISTINCT FROM n.echo THEN 'echo' END,
+    CASE WHEN l.lang_axis IS DISTINCT FROM n.lang_axis THEN 'lang_axis' END,
+    CASE WHEN NOT kimera_json_eq(l.tags, n.tags) THEN 'tags' END,
+    CASE WHEN NOT kimera_float_eq(l.weight, n.weight, $wtol, true) THEN 'weight' END,
+    CASE WHEN NOT kimera_json_eq(l.related_ids, n.related_ids) THEN 'related_ids' END,
+    CASE WHEN NOT kimera_json_eq(l.meta, n.meta) THEN 'meta' END,
+    CASE WHEN NOT kimera_float_eq(l.created_at, n.created_at, $ttol, false) THEN 'created_at' END,
+    CASE WHEN NOT kimera_float_eq(l.updated_at, n.updated_at, $ttol, false) THEN 'updated_at' END
+], x -> x IS NOT NULL) AS fields
+FROM l JOIN n USING (id)
+"""
+
+COUNTS_SQL = """
+SELECT 'legacy', 'geoid', count(*), count(*) - count(gid) FROM legacy_geoids
+UNION ALL SELECT 'legacy', 'scar', count(*), count(*) - count(id) FROM legacy_scars
+UNION ALL SELECT 'new', identity_type, count(*), count(*) - count(id) FROM identities
+          GROUP BY identity_type
+"""
+DUPLICATES_SQL = """
+SELECT 'legacy' AS store, id, count(*) AS n FROM (
+    SELECT gid AS id FROM legacy_geoids {where_gid} UNION ALL SELECT id FROM legacy_scars {where_id}
+) WHERE id IS NOT NULL GROUP BY id HAVING count(*) > 1
+UNION ALL
+SELECT 'new', id, count(*) FROM identities WHERE id IS NOT NULL {and_id}
+GROUP BY id HAVING count(*) > 1
+"""
+
+
+@dataclass
+class Finding:
+    """One kind of problem: its total and a capped sample of offending keys."""
+
+    total: int = 0
+    sample: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class VerificationReport:
+    """What a verification found, and its verdict."""
+
+    mode: str
+    started_at: float
+    seconds: float = 0.0
+    since: float | None = None
+    keys_checked: int | None = None
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    null_keys: dict[str, int] = field(default_factory=dict)
+    duplicate_keys: Finding = field(default_factory=Finding)
+    missing_in_new: Finding = field(default_factory=Finding)
+    missing_in_legacy: Finding = field(default_factory=Finding)
+    field_mismatches: Finding = field(default_factory=Finding)
+    mismatches_by_field: dict[str, int] = field(default_factory=dict)
+    checksums: dict[str, Any] = field(default_factory=dict)
+    tolerance: dict[str, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def consistent(self) -> bool:
+        return not self.reasons
+
+    def to_dict(self) -> dict[str, Any]:
+        def finding(f: Finding) -> dict[str, Any]:
+            return {"total": f.total, "sample": f.sample}
+
+        return {
+            "verdict": "consistent" if self.consistent else "inconsistent",
+            "consistent": self.consistent,
+            "reasons": self.reasons,
+            "mode": self.mode,
+            "started_at": self.started_at,
+            "since": self.since,
+            "seconds": round(self.seconds, 4),
+            "keys_checked": self.keys_checked,
+            "counts": self.counts,
+            "null_keys": self.null_keys,
+            "duplicate_keys": finding(self.duplicate_keys),
+            "missing_in_new": finding(self.missing_in_new),
+            "missing_in_legacy": finding(self.missing_in_legacy),
+            "field_mismatches": finding(self.field_mismatches),
+            "mismatches_by_field": self.mismatches_by_field,
+            "checksums": self.checksums,
+            "tolerance": self.tolerance,
+        }
+
+
+def _install(con: duckdb.DuckDBPyConnection) -> None:
+    for macro in MACROS:
+        con.execute(macro)
+
+
+def _hex(digest: int) -> str:
+    return f"{int(digest) & ((1 << 128) - 1):032x}"
+
+
+def _counts(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> None:
+    counts: dict[str, dict[str, int]] = {"legacy": {}, "new": {}, "difference": {}}
+    nulls = {"legacy": 0, "new": 0}
+    for store, kind, n, null_keys in con.execute(COUNTS_SQL).fetchall():
+        counts[store][kind] = counts[store].get(kind, 0) + n
+        nulls[store] += null_keys
+    for kind in sorted(set(counts["legacy"]) | set(counts["new"])):
+        counts["difference"][kind] = counts["new"].get(kind, 0) - counts["legacy"].get(kind, 0)
+    counts["legacy"]["total"] = sum(counts["legacy"].values())
+    counts["new"]["total"] = sum(counts["new"].values())
+    counts["difference"]["total"] = counts["new"]["total"] - counts["legacy"]["total"]
+    report.counts, report.null_keys = counts, nulls
+
+
+def _duplicates(
+    con: duckdb.DuckDBPyConnection, report: VerificationReport, sample: int, restricted: bool
+) -> None:
+    if restricted:
+        sql = DUPLICATES_SQL.format(
+            where_gid="WHERE gid IN (SELECT id FROM kimera_verify_keys)",
+            where_id="WHERE id IN (SELECT id FROM kimera_verify_keys)",
+            and_id="AND id IN (SELECT id FROM kimera_verify_keys)",
+        )
+    else:
+        sql = DUPLICATES_SQL.format(where_gid="", where_id="", and_id="")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE kimera_verify_dups AS {sql}")
+    total = con.execute("SELECT count(*) FROM kimera_verify_dups").fetchone()[0]
+    rows = con.execute(
+        "SELECT store, id, n FROM kimera_verify_dups ORDER BY store, id LIMIT ?", [sample]
+    ).fetchall()
+    report.duplicate_keys = Finding(total, [{"store": s, "id": i, "rows": n} for s, i, n in rows])
+
+
+def _segments(
+    con: duckdb.DuckDBPyConnection, shift: int, parents: list[int] | None, parent_shift: int
+) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int]]]:
+    """(legacy, new) checksum per segment of ``64 - shift`` key-hash bits, inside ``parents``."""
+    if parents is None:
+        where_gid = where_id = "true"
+    else:
+        con.execute("CREATE OR REPLACE TEMP TABLE kimera_verify_segs (seg UBIGINT)")
+        con.executemany("INSERT INTO kimera_verify_segs VALUES (?)", [[p] for p in parents])
+        # parent_shift is an int computed here, never input
+        where_gid = f"hash(gid) >> {int(parent_shift)} IN (SELECT seg FROM kimera_verify_segs)"
+        where_id = f"hash(id) >> {int(parent_shift)} IN (SELECT seg FROM kimera_verify_segs)"
+    out = []
+    for side in (
+        LEGACY_HASHED.format(where_gid=where_gid, where_id=where_id),
+        NEW_HASHED.format(where_id=where_id),
+    ):
+        rows = con.execute(SEGMENT_SQL.format(shift=int(shift), side=side)).fetchall()
+        out.append({int(seg): (int(n), int(s)) for seg, n, s in rows})
+    return out[0], out[1]
+
+
+def _initial_bits(rows: int) -> int:
+    if rows <= TOP_SEGMENT_ROWS:
+        return 0
+    return min(16, math.ceil(math.log2(rows / TOP_SEGMENT_ROWS)))
+
+
+def _bisect(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> tuple[int, list[int]]:
+    """Descend into differing segments; returns (shift, leaf segments to compare row by row)."""
+    total = max(report.counts["legacy"]["total"], report.counts["new"]["total"])
+    bits = _initial_bits(total)
+    parents: list[int] | None = None
+    parent_shift = 64
+    levels = []
+    while True:
+        shift = 64 - bits
+        legacy, new = _segments(con, shift, parents, parent_shift)
+        if parents is None:
+            report.checksums["legacy"] = {
+                "rows": sum(n for n, _ in legacy.values()),
+                "checksum": _hex(sum(s for _, s in legacy.values())),
+            }
+            report.checksums["new"] = {
+                "rows": sum(n for n, _ in new.values()),
+                "checksum": _hex(sum(s for _, s in new.values())),
+            }
+        keys = legacy.keys() | new.keys()
+        differing = sorted(k for k in keys if legacy.get(k) != new.get(k))
+        diff_rows = sum(max(legacy.get(k, (0, 0))[0], new.get(k, (0, 0))[0]) for k in differing)
+        levels.append(
+            {
+                "bits": bits,
+                "segments_compared": len(keys),
+                "segments_differing": len(differing),
+                "rows_in_differing": diff_rows,
+            }
+        )
+        report.checksums["levels"] = levels
+        if (
+            not differing
+            or bits + SPLIT_BITS > 64
+            or diff_rows <= LEAF_ROWS * len(differing)
+            or diff_rows > total // 2
+        ):
+            return shift, differing
+        parents, parent_shift = differing, shift
+        bits += SPLIT_BITS
+
+
+def _materialise_sides(con: duckdb.DuckDBPyConnection, where_gid: str, where_id: str) -> None:
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE kimera_verify_l AS "
+        + LEGACY_HASHED.format(where_gid=where_gid, where_id=where_id)
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE kimera_verify_n AS " + NEW_HASHED.format(where_id=where_id)
+    )
+
+
+def _row_level(
+    con: duckdb.DuckDBPyConnection, report: VerificationReport, sample: int, tol: Tolerance
+) -> None:
+    """Compare the rows in kimera_verify_l / kimera_verify_n (duplicate keys left out)."""
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE kimera_verify_missing AS "
+        "SELECT 'new' AS missing_in, l.id FROM kimera_verify_l l ANTI JOIN kimera_verify_n n "
+        "USING (id) UNION ALL "
+        "SELECT 'legacy', n.id FROM kimera_verify_n n ANTI JOIN kimera_verify_l l USING (id)"
+    )
+    for side, attr in (("new", "missing_in_new"), ("legacy", "missing_in_legacy")):
+        total = con.execute(
+            "SELECT count(*) FROM kimera_verify_missing WHERE missing_in = ?", [side]
+        ).fetchone()[0]
+        ids = con.execute(
+            "SELECT id FROM kimera_verify_missing WHERE missing_in = ? ORDER BY id LIMIT ?",
+            [side, sample],
+        ).fetchall()
+        setattr(report, attr, Finding(total, [{"id": r[0]} for r in ids]))
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE kimera_verify_changed AS "
+        "SELECT DISTINCT l.id FROM kimera_verify_l l JOIN kimera_verify_n n USING (id) "
+        "WHERE l.rh IS DISTINCT FROM n.rh "
+        "AND l.id NOT IN (SELECT id FROM kimera_verify_dups)"
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE kimera_verify_diff AS SELECT * FROM ("
+        + FIELD_DIFF_SQL
+        + ") WHERE len(fields) > 0",
+        {"wtol": tol.weight_relative, "ttol": tol.seconds},
+    )
+    total = con.execute("SELECT count(*) FROM kimera_verify_diff").fetchone()[0]
+    rows = con.execute(
+        "SELECT id, fields FROM kimera_verify_diff ORDER BY id LIMIT ?", [sample]
+    ).fetchall()
+    report.field_mismatches = Finding(total, [{"id": i, "fields": f} for i, f in rows])
+    report.mismatches_by_field = dict(
+        con.execute(
+            "SELECT f, count(*) FROM (SELECT unnest(fields) AS f FROM kimera_verify_diff) "
+            "GROUP BY f ORDER BY f"
+        ).fetchall()
+    )
+
+
+def _verdict(report: VerificationReport) -> None:
+    reasons = []
+    for kind, diff in report.counts["difference"].items():
+        if diff and kind != "total":
+            reasons.append(
+                f"row counts differ for {kind}: legacy {report.counts['legacy'].get(kind, 0):,}, "
+                f"new {report.counts['new'].get(kind, 0):,}"
+            )
+    for store, n in report.null_keys.items():
+        if n:
+            reasons.append(f"{n:,} rows with a NULL key in the {store} store")
+    checks = (
+        (report.duplicate_keys, "duplicate keys"),
+        (report.missing_in_new, "keys in legacy but not in identities"),
+        (report.missing_in_legacy, "keys in identities but not in legacy"),
+        (report.field_mismatches, "rows whose mapped fields differ"),
+    )
+    for finding_, what in checks:
+        if finding_.total:
+            reasons.append(f"{finding_.total:,} {what}")
+    if report.mismatches_by_field:
+        fields = ", ".join(f"{k} {v:,}" for k, v in report.mismatches_by_field.items())
+        reasons.append(f"differing fields: {fields}")
+    report.reasons = reasons
+
+
+def last_verification(con: duckdb.DuckDBPyConnection) -> dict[str, Any] | None:
+    """The most recent recorded verification (time, mode, verdict), or None."""
+    try:
+        row = con.execute(
+            "SELECT verified_at, mode, verdict FROM kimera_verifications "
+            "ORDER BY verified_at DESC LIMIT 1"
+        ).fetchone()
+    except duckdb.CatalogException:
+        return None
+    return None if row is None else {"verified_at": row[0], "mode": row[1], "verdict": row[2]}
+
+
+def verify(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    incremental: bool = False,
+    sample: int = DEFAULT_SAMPLE,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
+    record: bool = True,
+    clock: Any = time.time,
+) -> VerificationReport:
+    """Verify that the legacy tables and identities agree; full, or incremental since the last run.
+
+    ``record`` appends the verdict to ``kimera_verifications`` (the base of the next
+    incremental run); pass False on a read-only connection.
+    """
+    if sample < 0:
+        raise ValueError("sample must not be negative")
+    started = clock()
+    t0 = time.perf_counter()
+    _install(con)
+    base = last_verification(con) if incremental else None
+    mode = "incremental" if base is not None else "full"
+    report = VerificationReport(mode=mode, started_at=started)
+    report.tolerance = {
+        "weight_relative": tolerance.weight_relative,
+        "seconds": tolerance.seconds,
+    }
+    _counts(con, report)
+    if base is None:
+        _duplicates(con, report, sample, restricted=False)
+        shift, leaves = _bisect(con, report)
+        if leaves:
+            con.execute("CREATE OR REPLACE TEMP TABLE kimera_verify_segs (seg UBIGINT)")
+            con.executemany("INSERT INTO kimera_verify_segs VALUES (?)", [[s] for s in leaves])
+            _materialise_sides(
+                con,
+                f"hash(gid) >> {int(shift)} IN (SELECT seg FROM kimera_verify_segs)",
+                f"hash(id) >> {int(shift)} IN (SELECT seg FROM kimera_verify_segs)",
+            )
+            _row_level(con, report, sample, tolerance)
+        report.checksums["rows_compared_row_level"] = (
+            con.execute("SELECT count(*) FROM kimera_verify_l").fetchone()[0]
+            + con.execute("SELECT count(*) FROM kimera_verify_n").fetchone()[0]
+            if leaves
+            else 0
+        )
+    else:
+        report.since = base["verified_at"]
+        _changed_keys(con, report.since)
+        report.keys_checked = con.execute("SELECT count(*) FROM kimera_verify_keys").fetchone()[0]
+        _duplicates(con, report, sample, restricted=True)
+        _materialise_sides(
+            con,
+            "gid IN (SELECT id FROM kimera_verify_keys)",
+            "id IN (SELECT id FROM kimera_verify_keys)",
+        )
+        _row_level(con, report, sample, tolerance)
+    _verdict(report)
+    if base is not None and base["verdict"] != "consistent":
+        report.reasons.append(
+            f"the base verification ({base['mode']}) was {base['verdict']}: "
+            "incremental checks only what changed since; run a full verification"
+        )
+    report.seconds = time.perf_counter() - t0
+    _cleanup(con)
+    if record:
+        con.execute(VERIFICATIONS_DDL)
+        con.execute(
+            "INSERT INTO kimera_verifications VALUES (?, ?, ?, ?)",
+            [
+                started,
+                report.mode,
+                "consistent" if report.consistent else "inconsistent",
+                json.dumps(report.to_dict(), default=str),
+            ],
+        )
+    return report
+
+
+def _changed_keys(con: duckdb.DuckDBPyConnection, since: float) -> None:
+    """Keys written since ``since``: by updated_at on either side, or by the dual-write log.
+
+    The log also names deleted keys, which no longer have an updated_at anywhere.
+    """
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE kimera_verify_keys AS "
+        "SELECT gid AS id FROM legacy_geoids WHERE updated_at > $since "
+        "UNION SELECT id FROM legacy_scars WHERE updated_at > $since "
+        "UNION SELECT id FROM identities WHERE updated_at > $since "
+        "UNION SELECT identity_id FROM dual_write_log WHERE timestamp > $since",
+        {"since": since},
+    )
+
+
+def _cleanup(con: duckdb.DuckDBPyConnection) -> None:
+    for name in (
+        "kimera_verify_segs",
+        "kimera_verify_l",
+        "kimera_verify_n",
+        "kimera_verify_missing",
+        "kimera_verify_changed",
+        "kimera_verify_diff",
+        "kimera_verify_dups",
+        "kimera_verify_keys",
+    ):
+        con.execute(f"DROP TABLE IF EXISTS {name}")

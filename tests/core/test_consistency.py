@@ -1,0 +1,273 @@
+"""The consistency verifier finds each kind of problem planted in a real database."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from kimera_core.consistency import verify
+from kimera_core.db import open_database
+from kimera_core.identity import Identity
+from kimera_core.legacy import create_legacy_schema
+from kimera_core.shadow import Tolerance
+from kimera_core.storage import Storage
+
+_ISO = (
+    "strftime(make_timestamp(CAST(round({c} * 1000000) AS BIGINT)), "
+    "'%Y-%m-%dT%H:%M:%S.%f') || '+00:00'"
+)
+# A clean migration, set-based: every legacy row as a P1 document in identities.
+MIGRATE_SQL = f"""
+INSERT INTO identities
+SELECT gid, 'geoid',
+       json_object('id', gid, 'identity_type', 'geoid', 'raw', raw, 'echo', echo,
+                   'lang_axis', lang_axis, 'tags', tags, 'weight', weight, 'related_ids', NULL,
+                   'meta', meta, 'created_at', {_ISO.format(c="created_at")},
+                   'updated_at', {_ISO.format(c="updated_at")}),
+       created_at, updated_at, lang_axis, 0
+FROM legacy_geoids
+UNION ALL
+SELECT id, 'scar',
+       json_object('id', id, 'identity_type', 'scar', 'raw', NULL, 'echo', NULL,
+                   'lang_axis', NULL, 'tags', NULL, 'weight', weight,
+                   'related_ids', related_ids, 'meta', meta,
+                   'created_at', {_ISO.format(c="created_at")},
+                   'updated_at', {_ISO.format(c="updated_at")}),
+       created_at, updated_at, NULL, 0
+FROM legacy_scars
+"""
+
+
+@pytest.fixture
+def con(demo_db, tmp_path):
+    """A copy of the demo database after a clean migration (colliding scar ids removed)."""
+    path = tmp_path / "v.duckdb"
+    shutil.copy(demo_db[0], path)
+    c = open_database(path)
+    c.execute("DELETE FROM identities")
+    c.execute("DELETE FROM legacy_scars WHERE id IN (SELECT gid FROM legacy_geoids)")
+    c.execute(MIGRATE_SQL)
+    yield c
+    c.close()
+
+
+def some_geoid(con, n=0):
+    return con.execute(
+        "SELECT gid FROM legacy_geoids ORDER BY gid LIMIT 1 OFFSET ?", [n]
+    ).fetchone()[0]
+
+
+def some_scar(con, n=0):
+    return con.execute("SELECT id FROM legacy_scars ORDER BY id LIMIT 1 OFFSET ?", [n]).fetchone()[
+        0
+    ]
+
+
+def patch(con, key, doc):
+    con.execute(
+        "UPDATE identities SET data = json_merge_patch(data, ?) WHERE id = ?",
+        [json.dumps(doc), key],
+    )
+
+
+def test_clean_migration_is_consistent(con):
+    report = verify(con)
+    assert report.consistent, report.reasons
+    d = report.to_dict()
+    assert d["verdict"] == "consistent"
+    assert d["checksums"]["legacy"] == d["checksums"]["new"]
+    assert d["counts"]["difference"] == {"geoid": 0, "scar": 0, "total": 0}
+    assert d["checksums"]["rows_compared_row_level"] == 0
+
+
+def test_missing_in_new(con):
+    key = some_geoid(con, 3)
+    con.execute("DELETE FROM identities WHERE id = ?", [key])
+    report = verify(con)
+    assert not report.consistent
+    assert report.missing_in_new.total == 1 and report.missing_in_new.sample == [{"id": key}]
+    assert report.counts["difference"]["geoid"] == -1
+    assert any("not in identities" in r for r in report.reasons)
+
+
+def test_missing_in_legacy(con):
+    key = some_scar(con, 2)
+    con.execute("DELETE FROM legacy_scars WHERE id = ?", [key])
+    report = verify(con)
+    assert report.missing_in_legacy.total == 1 and report.missing_in_legacy.sample[0]["id"] == key
+    assert report.missing_in_new.total == 0
+
+
+def test_duplicate_key_across_legacy_tables(con):
+    key = some_geoid(con, 5)
+    con.execute("INSERT INTO legacy_scars VALUES (?, 0.5, '[\"a\", \"b\"]', '{}', 1.0, 1.0)", [key])
+    report = verify(con)
+    assert report.duplicate_keys.total == 1
+    assert report.duplicate_keys.sample == [{"store": "legacy", "id": key, "rows": 2}]
+    assert report.field_mismatches.total == 0  # a duplicated key is reported once, as such
+
+
+@pytest.mark.parametrize(
+    ("field", "doc"),
+    [
+        ("raw", {"raw": "changed"}),
+        ("echo", {"echo": "changed"}),
+        ("lang_axis", {"lang_axis": "xx"}),
+        ("tags", {"tags": ["other"]}),
+        ("weight", {"weight": 123.0}),
+        ("meta", {"meta": {"other": 1}}),
+        ("created_at", {"created_at": "2001-01-01T00:00:00.000000+00:00"}),
+        ("updated_at", {"updated_at": "2001-01-01T00:00:00.000000+00:00"}),
+        ("related_ids", {"related_ids": ["someone"]}),
+    ],
+)
+def test_each_changed_geoid_field_is_found(con, field, doc):
+    key = some_geoid(con, 7)
+    patch(con, key, doc)
+    report = verify(con)
+    assert report.field_mismatches.sample == [{"id": key, "fields": [field]}]
+    assert report.mismatches_by_field == {field: 1}
+
+
+def test_changed_scar_related_ids_and_type(con):
+    key = some_scar(con, 1)
+    patch(con, key, {"related_ids": ["x", "y"]})
+    other = some_scar(con, 4)
+    con.execute("UPDATE identities SET identity_type = 'geoid' WHERE id = ?", [other])
+    report = verify(con)
+    found = {s["id"]: s["fields"] for s in report.field_mismatches.sample}
+    assert found[key] == ["related_ids"]
+    assert "identity_type" in found[other]
+
+
+def test_change_on_the_legacy_side_is_found(con):
+    key = some_geoid(con, 9)
+    con.execute("UPDATE legacy_geoids SET raw = raw || '!' WHERE gid = ?", [key])
+    assert verify(con).field_mismatches.sample == [{"id": key, "fields": ["raw"]}]
+
+
+def test_weight_within_tolerance_is_equal_beyond_is_not(con):
+    near, far = some_geoid(con, 11), some_geoid(con, 12)
+    con.execute("UPDATE legacy_geoids SET weight = weight + 1e-12 WHERE gid = ?", [near])
+    con.execute("UPDATE legacy_geoids SET weight = weight + 1e-6 WHERE gid = ?", [far])
+    report = verify(con)
+    assert report.field_mismatches.sample == [{"id": far, "fields": ["weight"]}]
+    loose = verify(con, tolerance=Tolerance(weight_relative=1e-3))
+    assert loose.consistent
+    assert loose.to_dict()["tolerance"]["weight_relative"] == 1e-3
+
+
+def test_timestamp_within_tolerance_is_equal(con):
+    key = some_geoid(con, 13)
+    con.execute("UPDATE legacy_geoids SET created_at = created_at + 4e-7 WHERE gid = ?", [key])
+    assert verify(con).consistent
+
+
+def test_json_key_order_and_whitespace_do_not_count(con):
+    key = some_scar(con, 3)
+    meta = con.execute("SELECT meta::VARCHAR FROM legacy_scars WHERE id = ?", [key]).fetchone()[0]
+    reordered = dict(reversed(list(json.loads(meta).items())))
+    con.execute(
+        "UPDATE legacy_scars SET meta = ? WHERE id = ?", [json.dumps(reordered, indent=2), key]
+    )
+    report = verify(con)
+    assert report.consistent, report.reasons
+
+
+def test_null_versus_empty_list_is_a_difference(con):
+    key = some_geoid(con, 15)
+    con.execute("UPDATE legacy_geoids SET tags = '[]' WHERE gid = ?", [key])
+    patch(con, key, {"tags": None})
+    report = verify(con)
+    assert report.field_mismatches.sample == [{"id": key, "fields": ["tags"]}]
+
+
+def test_geoid_related_ids_null_and_empty_are_equal(con):
+    key = some_geoid(con, 16)
+    patch(con, key, {"related_ids": []})
+    assert verify(con).consistent
+
+
+def test_sample_is_capped_and_totals_are_complete(con):
+    con.execute(
+        "DELETE FROM identities WHERE id IN (SELECT gid FROM legacy_geoids ORDER BY gid LIMIT 50)"
+    )
+    report = verify(con, sample=5)
+    assert report.missing_in_new.total == 50 and len(report.missing_in_new.sample) == 5
+
+
+def test_each_verification_is_recorded(con):
+    verify(con)
+    verify(con, record=False)
+    rows = con.execute("SELECT mode, verdict, findings FROM kimera_verifications").fetchall()
+    assert [(m, v) for m, v, _ in rows] == [("full", "consistent")]
+    assert json.loads(rows[0][2])["consistent"] is True
+
+
+def test_incremental_checks_only_what_changed(con):
+    verify(con)
+    key = some_geoid(con, 20)
+    con.execute(
+        "UPDATE legacy_geoids SET raw = 'edited', updated_at = epoch(now()) + 10 WHERE gid = ?",
+        [key],
+    )
+    report = verify(con, incremental=True)
+    assert report.mode == "incremental" and report.keys_checked == 1
+    assert report.field_mismatches.sample == [{"id": key, "fields": ["raw", "updated_at"]}]
+
+
+def test_incremental_sees_a_delete_through_the_log(con):
+    verify(con)
+    key = some_geoid(con, 21)
+    with Storage(con, stage="write-new") as storage:
+        assert storage.delete(key)
+        report = verify(con, incremental=True)
+    assert report.missing_in_legacy.total == 0
+    assert report.missing_in_new.sample == [{"id": key}]
+
+
+def test_incremental_without_a_base_runs_in_full(con):
+    report = verify(con, incremental=True)
+    assert report.mode == "full" and report.consistent
+
+
+def test_incremental_after_an_inconsistent_base_says_so(con):
+    con.execute("DELETE FROM identities WHERE id = ?", [some_geoid(con, 1)])
+    verify(con)
+    report = verify(con, incremental=True)
+    assert not report.consistent and "run a full verification" in report.reasons[-1]
+
+
+def test_writes_through_storage_verify_consistent(tmp_path):
+    with Storage.open(str(tmp_path / "s.duckdb"), stage="dual-write") as s:
+        s.store_batch(
+            [
+                Identity(id=f"g{i}", identity_type="geoid", raw=f"r{i}", tags=[], meta={"k": i})
+                for i in range(200)
+            ]
+        )
+        s.store(Identity(id="s1", identity_type="scar", related_ids=["g1", "g2"], weight=0.1))
+        assert verify(s.con).consistent
+
+
+@pytest.mark.slow
+def test_bisection_finds_one_changed_row_in_a_million(tmp_path):
+    con = open_database(tmp_path / "m.duckdb", create=True)
+    try:
+        create_legacy_schema(con)
+        con.execute(
+            "INSERT INTO legacy_geoids SELECT 'g' || i, 'text ' || i, 'text ' || i, 'en', "
+            "'[\"a\"]', i / 7, '{\"k\": 1}', 1.7e9 + i, 1.7e9 + i FROM range(1000000) t(i)"
+        )
+        con.execute(MIGRATE_SQL)
+        con.execute("UPDATE legacy_geoids SET weight = weight + 0.5 WHERE gid = 'g777777'")
+        report = verify(con, record=False)
+    finally:
+        con.close()
+    assert report.field_mismatches.sample == [{"id": "g777777", "fields": ["weight"]}]
+    levels = report.checksums["levels"]
+    assert len(levels) >= 2 and levels[0]["segments_differing"] == 1
+    assert levels[-1]["segments_differing"] == 1
+    assert report.checksums["rows_compared_row_level"] < 2 * 1024
