@@ -234,6 +234,9 @@ def db_init(db_path: Path) -> None:
 
 
 # --- commands defined in their own modules (one import + add_command line each) ---------
+from kimera_core.cli_verify import verify  # noqa: E402
+
+cli.add_command(verify)
 from kimera_core.cli_migrate import migrate_cmd  # noqa: E402
 
 cli.add_command(migrate_cmd, name="migrate")

@@ -1,0 +1,77 @@
+"""``kimera verify``: prove the legacy tables and identities agree, or say why not (exit 1)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from kimera_core.cli import DB_OPTION, JSON_OPTION, _emit_json, console
+from kimera_core.db import connect
+
+
+@click.command()
+@DB_OPTION
+@JSON_OPTION
+@click.option(
+    "--sample",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Offending keys shown per kind of problem.",
+)
+@click.option(
+    "--incremental",
+    is_flag=True,
+    help="Check only keys changed since the last recorded verification (full if none).",
+)
+@click.option(
+    "--record/--no-record",
+    default=True,
+    show_default=True,
+    help="Append the verdict to kimera_verifications (--no-record opens the file read-only).",
+)
+def verify(db_path: Path, as_json: bool, sample: int, incremental: bool, record: bool) -> None:
+    """Compare legacy_geoids/legacy_scars with identities; exit 1 when they disagree."""
+    from kimera_core.consistency import verify as run_verify
+
+    with connect(db_path, read_only=not record) as con:
+        report = run_verify(con, incremental=incremental, sample=sample, record=record)
+    payload = report.to_dict()
+    if as_json:
+        _emit_json(payload)
+    else:
+        _print(payload)
+    if not report.consistent:
+        sys.exit(1)
+
+
+def _print(d: dict) -> None:
+    style = "green" if d["consistent"] else "red"
+    console.print(
+        f"[bold {style}]{d['verdict'].upper()}[/bold {style}] ({d['mode']}, {d['seconds']:.2f} s)"
+    )
+    counts = d["counts"]
+    for kind in sorted(set(counts["legacy"]) | set(counts["new"])):
+        console.print(
+            f"  {kind:<8} legacy {counts['legacy'].get(kind, 0):>12,}  "
+            f"identities {counts['new'].get(kind, 0):>12,}  "
+            f"difference {counts['difference'].get(kind, 0):>+10,}"
+        )
+    if d["keys_checked"] is not None:
+        console.print(f"  keys changed since the last verification: {d['keys_checked']:,}")
+    checksums = d["checksums"]
+    if "legacy" in checksums:
+        console.print(
+            f"  checksum legacy {checksums['legacy']['checksum']}  "
+            f"identities {checksums['new']['checksum']}"
+        )
+    for reason in d["reasons"]:
+        console.print(f"  - {reason}", markup=False)
+    for kind in ("missing_in_new", "missing_in_legacy", "duplicate_keys", "field_mismatches"):
+        finding = d[kind]
+        if finding["total"]:
+            console.print(f"  {kind} ({finding['total']:,}; first {len(finding['sample'])}):")
+            for item in finding["sample"]:
+                console.print(f"    {item}", markup=False)
