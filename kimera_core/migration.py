@@ -562,6 +562,9 @@ def _limit_memory(con: duckdb.DuckDBPyConnection) -> None:
             f"{MEMORY_LIMIT_ENV}={limit!r} is not a DuckDB memory size: {exc}"
         ) from None
     con.execute("SET preserve_insertion_order = false")
+    # One checkpoint at the end of the run instead of one every 16 MB of WAL: each rewrites
+    # identities and its indexes. A crash replays the WAL, which holds only committed partitions.
+    con.execute("SET checkpoint_threshold = '16GB'")
 
 
 def _vetted_size(text: str) -> str:
