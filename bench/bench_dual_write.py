@@ -1,0 +1,221 @@
+"""Dual-write benchmarks: single-write latency off/on against the bare two-INSERT floor, and batches.
+
+Usage: .venv/bin/python bench/bench_dual_write.py [--writes 3000] [--rounds 6] [--batch-rows 1000000]
+
+Variants are interleaved in rounds, each on its own database file, so the machine's noise
+hits them alike; read the ratios, which are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from kimera_core.db import open_database
+from kimera_core.entropy import identity_entropy
+from kimera_core.identity import Identity
+from kimera_core.legacy import create_legacy_schema, geoid_to_row
+from kimera_core.storage import GEOID_INSERT, IDENTITY_INSERT, Storage
+
+
+def identity(i: int, tag: str) -> Identity:
+    return Identity(
+        id=f"{tag}{i:012d}",
+        identity_type="geoid",
+        raw=f"The river remembers the morning light · {i}",
+        echo=f"The river remembers the morning light · {i}",
+        lang_axis="en",
+        tags=["memory", "physics"],
+        weight=0.5,
+        meta={
+            "terms": [{"symbol": "echo", "intensity": 0.7}, {"symbol": "seed", "intensity": 1.3}]
+        },
+        created_at=1_790_000_000.25 + i,
+        updated_at=1_790_000_000.25 + i,
+    )
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1e3
+
+
+def floor_writer(con, fold_begin: bool):
+    """The floor: two bare parameterised INSERTs of the same rows in one transaction."""
+
+    def write(item: Identity) -> None:
+        new_row = [
+            item.id,
+            item.identity_type,
+            item.to_json(),
+            item.created_at,
+            item.updated_at,
+            item.lang_axis,
+            identity_entropy(item),
+        ]
+        legacy_row = geoid_to_row(item.to_legacy())
+        if fold_begin:
+            con.execute("BEGIN TRANSACTION; " + IDENTITY_INSERT, new_row)
+        else:
+            con.execute("BEGIN TRANSACTION")
+            con.execute(IDENTITY_INSERT, new_row)
+        con.execute(GEOID_INSERT, legacy_row)
+        con.execute("COMMIT")
+
+    return write
+
+
+def single_writes(tmp: Path, writes: int, rounds: int) -> dict[str, list[float]]:
+    variants = {}
+    for name, stage in (
+        ("dual-write off (legacy-only)", "legacy-only"),
+        ("new store only (write-new)", "write-new"),
+        ("dual-write on", "dual-write"),
+    ):
+        storage = Storage.open(str(tmp / f"{stage}.duckdb"), stage=stage, shadow_sample=0.0)
+        variants[name] = (storage.store, storage.con)
+    for name, fold in (("floor: BEGIN + 2 INSERTs + COMMIT", False), ("floor, BEGIN folded", True)):
+        con = open_database(tmp / f"floor{int(fold)}.duckdb", create=True)
+        create_legacy_schema(con)
+        variants[name] = (floor_writer(con, fold), con)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    per_round = writes // rounds
+    for r in range(rounds):
+        for v, (name, (write, _)) in enumerate(variants.items()):
+            items = [identity(r * per_round + i, f"v{v}_") for i in range(per_round)]
+            for item in items[:20]:  # warm up this round's code path
+                write(dataclass_copy(item, "w"))
+            for item in items:
+                t0 = time.perf_counter()
+                write(item)
+                times[name].append(time.perf_counter() - t0)
+    for _, con in variants.values():
+        con.close()
+    return times
+
+
+def dataclass_copy(item: Identity, prefix: str) -> Identity:
+    import dataclasses
+
+    return dataclasses.replace(item, id=prefix + item.id)
+
+
+def arrow_batch(con, start: int, rows: int) -> pa.Table:
+    result = con.execute(
+        """
+        SELECT 'b' || lpad((i)::VARCHAR, 12, '0') AS id, 'geoid' AS identity_type,
+               'The river remembers · ' || i AS raw, 'The river remembers · ' || i AS echo,
+               'en' AS lang_axis, '["memory", "physics"]' AS tags, 0.5 AS weight,
+               NULL::VARCHAR AS related_ids,
+               '{"terms": [{"symbol": "echo", "intensity": ' || (1 + i % 7) ||
+               '}, {"symbol": "seed", "intensity": 1.3}]}' AS meta,
+               1790000000.25 + i AS created_at, 1790000000.25 + i AS updated_at
+        FROM range(?, ?) t(i)
+        """,
+        [start, start + rows],
+    )
+    return result.to_arrow_table() if hasattr(result, "to_arrow_table") else result.arrow()
+
+
+def batches(tmp: Path, total: int, batch_rows: int) -> tuple[float, float]:
+    scratch = open_database(tmp / "scratch.duckdb", create=True)
+    parts = [
+        arrow_batch(scratch, s, min(batch_rows, total - s)) for s in range(0, total, batch_rows)
+    ]
+    # the bare insert gets the identities rows ready-made: the document text and entropy
+    # are computed before timing starts, so it measures only the two inserts
+    ready = []
+    for part in parts:
+        scratch.register("part", part)
+        res = scratch.execute(
+            """SELECT id, identity_type,
+                   json_object('id', id, 'identity_type', identity_type, 'raw', raw,
+                               'echo', echo, 'lang_axis', lang_axis, 'tags', tags::JSON,
+                               'weight', weight, 'related_ids', related_ids::JSON,
+                               'meta', meta::JSON, 'created_at', created_at::VARCHAR,
+                               'updated_at', updated_at::VARCHAR)::VARCHAR AS data,
+                   created_at, updated_at, lang_axis, 1.0 AS entropy_score FROM part"""
+        )
+        ready.append(res.to_arrow_table() if hasattr(res, "to_arrow_table") else res.arrow())
+        scratch.unregister("part")
+    scratch.close()
+
+    storage = Storage.open(str(tmp / "batch.duckdb"), stage="dual-write", shadow_sample=0.0)
+    t0 = time.perf_counter()
+    for part in parts:
+        storage.store_arrow(part)
+    ours = time.perf_counter() - t0
+    storage.close()
+
+    con = open_database(tmp / "bare.duckdb", create=True)
+    create_legacy_schema(con)
+    t0 = time.perf_counter()
+    for part, rows in zip(parts, ready, strict=True):
+        con.register("part", part)
+        con.register("ready", rows)
+        con.execute("BEGIN TRANSACTION")
+        con.execute("INSERT INTO identities SELECT * FROM ready")
+        con.execute(
+            "INSERT INTO legacy_geoids SELECT id, raw, echo, lang_axis, tags, weight, meta, "
+            "created_at, updated_at FROM part"
+        )
+        con.execute("COMMIT")
+        con.unregister("part")
+        con.unregister("ready")
+    bare = time.perf_counter() - t0
+    con.close()
+    return ours, bare
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--writes", type=int, default=3000, help="single writes per variant")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--batch-rows", type=int, default=1_000_000, help="identities in batches")
+    parser.add_argument("--batch-size", type=int, default=100_000)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        times = single_writes(Path(tmp), args.writes, args.rounds)
+        print(
+            f"single-identity writes ({args.writes:,} per variant, interleaved in {args.rounds} rounds)"
+        )
+        print(f"  {'variant':<36} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
+        for name, values in times.items():
+            print(
+                f"  {name:<36} {pct(values, 0.5):8.3f} {pct(values, 0.99):8.3f} "
+                f"{statistics.fmean(values) * 1e3:8.3f}"
+            )
+        on = pct(times["dual-write on"], 0.5)
+        off = pct(times["dual-write off (legacy-only)"], 0.5)
+        new_only = pct(times["new store only (write-new)"], 0.5)
+        floor = pct(times["floor: BEGIN + 2 INSERTs + COMMIT"], 0.5)
+        floor_folded = pct(times["floor, BEGIN folded"], 0.5)
+        print(f"  dual-write p50 / floor p50                 {on / floor:6.2f}x (target <= 1.20)")
+        print(f"  dual-write p50 / floor (BEGIN folded) p50  {on / floor_folded:6.2f}x")
+        print(
+            f"  dual-write overhead vs legacy-only write   {100 * (on / off - 1):+6.1f} % (P1: +164 %)"
+        )
+        print(f"  dual-write overhead vs new-only write      {100 * (on / new_only - 1):+6.1f} %")
+
+        ours, bare = batches(Path(tmp), args.batch_rows, args.batch_size)
+        n = args.batch_rows
+        print(f"batched writes ({n:,} identities in batches of {args.batch_size:,})")
+        print(
+            f"  dual-write store_arrow (doc + entropy in SQL, log rows)  {ours:6.2f} s  {n / ours:>10,.0f} /s (target >= 300,000)"
+        )
+        print(
+            f"  bare two-table batched insert (rows ready-made)         {bare:6.2f} s  {n / bare:>10,.0f} /s"
+        )
+        print(
+            f"  ratio dual-write / bare throughput                       {bare / ours:6.2f}  (target >= 0.80)"
+        )
+
+
+if __name__ == "__main__":
+    main()
