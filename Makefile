@@ -14,7 +14,7 @@ export DAGSTER_HOME
 .PHONY: help setup run test lint format ui bench clean
 
 help:
-	@echo "make run    set up, write a demo legacy DB at $(KIMERA_DB), run the main Dagster job, print the summary"
+	@echo "make run    set up, write a demo legacy DB at $(KIMERA_DB), run the main Dagster job (summary + migration), print the results"
 	@echo "make test   set up and run the whole test suite (ruff + pytest)"
 	@echo "make ui     start dagster dev (webserver + daemon) on 127.0.0.1:$(DAGSTER_PORT)"
 	@echo "make bench  run the benchmarks under bench/"
@@ -42,6 +42,8 @@ run: setup $(DAGSTER_HOME)/dagster.yaml $(KIMERA_DB)
 		|| { tail -n 40 var/logs/kimera_main_job.log; exit 1; }
 	@grep -q RUN_SUCCESS var/logs/kimera_main_job.log && echo "kimera_main_job: RUN_SUCCESS"
 	@$(BIN)/kimera summary --db $(KIMERA_DB)
+	@$(BIN)/kimera migrate status --db $(KIMERA_DB)
+	@$(BIN)/kimera migrate quarantine --db $(KIMERA_DB)
 
 test: setup
 	$(BIN)/ruff check .
@@ -61,6 +63,7 @@ ui: setup $(DAGSTER_HOME)/dagster.yaml $(KIMERA_DB)
 
 bench: setup
 	$(BIN)/python bench/bench_foundation.py
+	$(BIN)/python bench/bench_migration.py
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache .hypothesis

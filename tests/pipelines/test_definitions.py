@@ -59,3 +59,26 @@ def test_main_job_fails_clearly_on_missing_database(tmp_path):
     failure = result.failure_data_for_node("legacy_summary")
     assert "absent.duckdb: no such file" in failure.error.cause.message
     assert not missing.exists()
+
+
+def test_main_job_migrates_and_reports_the_reconciliation(tmp_path):
+    db = tmp_path / "kimera.duckdb"
+    generate_demo_data(db, geoids=600, scars=200, seed=9)
+    result = defs.resolve_job_def("kimera_main_job").execute_in_process(
+        resources={"database": KimeraDatabase(path=str(db))}
+    )
+    assert result.success
+    (mat,) = result.asset_materializations_for_node("identities")
+    meta = mat.metadata
+    assert meta["balanced"].value is True
+    assert meta["read"].value == 800
+    assert (
+        meta["inserted"].value
+        + meta["updated"].value
+        + meta["unchanged"].value
+        + meta["kept"].value
+        + meta["quarantined"].value
+    ) == 800
+    with connect(db, read_only=True) as con:
+        rows = con.execute("SELECT count(*) FROM identities").fetchone()[0]
+    assert meta["identities_rows"].value == rows

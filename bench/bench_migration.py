@@ -1,0 +1,120 @@
+"""Migration benchmark: the migration against the floor of a raw copy, side by side.
+
+Usage:
+  .venv/bin/python bench/bench_migration.py [--geoids 800000 --scars 200000]
+  .venv/bin/python bench/bench_migration.py --memory-only --geoids 8000000 --scars 2000000
+
+The floor is ``INSERT INTO ... SELECT`` of the same legacy rows into plain tables (no keys,
+no indexes, no transformation) in one transaction. The migration runs on a fresh copy of
+the same database. Peak memory is measured on a child process (ru_maxrss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+
+from kimera_core.db import connect
+from kimera_core.demo import generate_demo_data
+from kimera_core.migration import migrate
+
+KIMERA = str(Path(sys.executable).parent / "kimera")
+
+
+def floor_copy(source: Path, target: Path) -> float:
+    con = duckdb.connect(str(target))
+    con.execute("SET enable_progress_bar = false")
+    con.execute(f"ATTACH '{source}' AS src (READ_ONLY)")
+    con.execute("CREATE TABLE g AS SELECT * FROM src.legacy_geoids WHERE false")
+    con.execute("CREATE TABLE s AS SELECT * FROM src.legacy_scars WHERE false")
+    start = time.perf_counter()
+    con.execute("BEGIN")
+    con.execute("INSERT INTO g SELECT * FROM src.legacy_geoids")
+    con.execute("INSERT INTO s SELECT * FROM src.legacy_scars")
+    con.execute("COMMIT")
+    con.execute("CHECKPOINT")
+    elapsed = time.perf_counter() - start
+    con.close()
+    return elapsed
+
+
+def peak_memory_of_cli_migration(db: Path) -> tuple[float, float, dict]:
+    start = time.perf_counter()
+    out = subprocess.run(
+        [KIMERA, "migrate", "--db", str(db), "--json"], capture_output=True, text=True, check=True
+    )
+    elapsed = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return elapsed, peak_kib / 1024, json.loads(out.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--geoids", type=int, default=800_000)
+    parser.add_argument("--scars", type=int, default=200_000)
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the peak-memory measurement of a CLI migration",
+    )
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        source = tmp / "legacy.duckdb"
+        t0 = time.perf_counter()
+        generate_demo_data(source, geoids=args.geoids, scars=args.scars, seed=3)
+        rows = args.geoids + args.scars
+        print(f"demo database: {rows:,} legacy rows generated in {time.perf_counter() - t0:.1f} s")
+
+        if args.memory_only:
+            elapsed, peak, report = peak_memory_of_cli_migration(source)
+            print(
+                f"kimera migrate (CLI, {report['partitions']} partitions): {elapsed:.1f} s, "
+                f"peak RSS {peak:,.0f} MiB, balanced={report['balanced']}"
+            )
+            return
+
+        floor = floor_copy(source, tmp / "floor.duckdb")
+        print(
+            f"floor: raw INSERT INTO ... SELECT of {rows:,} rows into plain tables: {floor:.2f} s"
+        )
+
+        target = tmp / "migrate.duckdb"
+        shutil.copy(source, target)
+        with connect(target) as con:
+            start = time.perf_counter()
+            report = migrate(con)
+            elapsed = time.perf_counter() - start
+            again_start = time.perf_counter()
+            again = migrate(con)
+            again_elapsed = time.perf_counter() - again_start
+        print(
+            f"migration: {elapsed:.2f} s ({rows / elapsed:,.0f} rows/s, {report.partitions} "
+            f"partitions; inserted {report.counts.inserted:,}, unchanged "
+            f"{report.counts.unchanged:,}, quarantined {report.counts.quarantined:,})"
+        )
+        print(f"ratio migration / floor: {elapsed / floor:.1f}x (target <= 3x)")
+        print(f"second (idempotent) run: {again_elapsed:.2f} s, changes {again.counts.changes}")
+
+        mem_db = tmp / "memory.duckdb"
+        shutil.copy(source, mem_db)
+        cli_elapsed, peak, _ = peak_memory_of_cli_migration(mem_db)
+        print(
+            f"kimera migrate (CLI) on the same rows: {cli_elapsed:.1f} s, peak RSS {peak:,.0f} MiB"
+        )
+    print(f"duckdb {duckdb.__version__}")
+
+
+if __name__ == "__main__":
+    main()
