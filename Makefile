@@ -20,10 +20,12 @@ help:
 	@echo "make bench  run the benchmarks under bench/"
 
 $(BIN)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $@
+	@mkdir -p var/logs
+	@echo "Installing into $(VENV) (log: var/logs/install.log)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@{ $(BIN)/python -m pip install --upgrade pip && $(BIN)/python -m pip install -e '.[dev]'; } \
+		> var/logs/install.log 2>&1 || { tail -n 40 var/logs/install.log; exit 1; }
+	@touch $@
 
 setup: $(BIN)/.installed
 

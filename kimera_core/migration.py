@@ -132,9 +132,10 @@ CREATE OR REPLACE TEMP MACRO kimera_same_doc(a, b, kind) AS (
 """
 
 # The existing identity under the same key, columns renamed so nothing is ambiguous.
+# Only this partition's bucket: the scan hashes every id but reads documents for 1/N rows.
 _EXISTING = """(SELECT id AS i_id, identity_type AS i_type, data AS i_data, created_at AS i_created,
           updated_at AS i_updated, lang_axis AS i_lang, entropy_score AS i_entropy
-   FROM identities)"""
+   FROM identities WHERE hash(id) % $buckets = $bucket)"""
 
 # Entropy rows are keyed by rowid: an old file without a primary key may repeat a key.
 # The merge rule: no identity -> insert; same document and timestamps -> unchanged (a geoid's
@@ -247,15 +248,19 @@ WITH src AS (
     FROM src s LEFT JOIN """
     + _EXISTING
     + """ i ON i.i_id = s.id
-), members AS (
-    -- related ids that are strings, one row each, and where they stand after the geoids
-    SELECT p.id, r.x AS member,
-           EXISTS (SELECT 1 FROM identities i WHERE i.id = r.x AND i.identity_type = 'geoid')
-               AS migrated,
-           EXISTS (SELECT 1 FROM legacy_geoids g WHERE g.gid = r.x) AS in_legacy
-    FROM parsed p,
-         LATERAL (SELECT unnest(TRY(CAST(json_extract_string(p.rel_j, '$[*]') AS TEXT[]))) AS x) r
+), member_ids AS (
+    -- related ids that are strings, one row each
+    SELECT p.id, unnest(TRY(CAST(json_extract_string(p.rel_j, '$[*]') AS TEXT[]))) AS member
+    FROM parsed p
     WHERE json_type(p.rel_j) = 'ARRAY'
+), members AS (
+    -- where each stands after the geoids; joins keep the partition's few ids on the build side
+    SELECT m.id, mi.id IS NOT NULL AS migrated, lg.gid IS NOT NULL AS in_legacy
+    FROM member_ids m
+    LEFT JOIN (SELECT DISTINCT id FROM identities WHERE identity_type = 'geoid'
+               AND id IN (SELECT member FROM member_ids)) mi ON mi.id = m.member
+    LEFT JOIN (SELECT DISTINCT gid FROM legacy_geoids
+               WHERE gid IN (SELECT member FROM member_ids)) lg ON lg.gid = m.member
 ), member_state AS (
     SELECT id,
            bool_or(NOT migrated AND NOT in_legacy) AS dangling,
