@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import duckdb
 
+from kimera_core import metrics
 from kimera_core.identity import Identity
 
 T = TypeVar("T")
@@ -191,13 +192,19 @@ class ShadowReads:
             found = compare_reads(result, observed, self.tolerance)  # type: ignore[arg-type]
         except Exception as exc:  # the new side must never reach the caller
             self.counters.errors += 1
+            metrics.SHADOW_READS.labels(operation, "error").inc()
             self._record(operation, [(key, None)], "error", f"{type(exc).__name__}: {exc}")
             return result
         if found:
             self.counters.mismatched += 1
+            metrics.SHADOW_READS.labels(operation, "mismatch").inc()
+            for fields in found.values():
+                for name in fields:
+                    metrics.SHADOW_MISMATCHED_FIELDS.labels(name).inc()
             self._record(operation, list(found.items()), "mismatch", None)
         else:
             self.counters.matched += 1
+            metrics.SHADOW_READS.labels(operation, "match").inc()
         return result
 
     def _record(
@@ -220,6 +227,7 @@ class ShadowReads:
             )
         except Exception:  # recording is best effort: the read has been served already
             self.counters.record_failures += 1
+            metrics.SHADOW_RECORD_FAILURES.inc()
 
 
 def mismatch_summary(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:

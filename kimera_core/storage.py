@@ -22,11 +22,13 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
+from time import perf_counter
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
+from kimera_core import metrics
 from kimera_core.db import open_database
 from kimera_core.entropy import geoid_entropy_sql, identity_entropy, scar_entropy_sql
 from kimera_core.errors import KimeraError
@@ -257,6 +259,7 @@ class Storage:
         self.shadow = shadow or ShadowReads(con, shadow_sample)
         self._details_cache: dict[str, str] = {}
         self._step = ""
+        self._instrument()
 
     @classmethod
     def open(cls, path: str, **kwargs: Any) -> Storage:
@@ -277,7 +280,55 @@ class Storage:
         self.stage = get_stage(self.con)
         self.routing = routing(self.stage)
         self._details_cache.clear()
+        self._instrument()
         return self.stage
+
+    # --- metrics (kimera_core.metrics): public operations time themselves ----------------
+    def _instrument(self) -> None:
+        route = self.routing
+        self._write_mode = route.write
+        self._write_store = {"legacy": LEGACY_STORE, "both": "both", "new": NEW_STORE}[route.write]
+        self._read_store = NEW_STORE if route.read == "new" else LEGACY_STORE
+        metrics.init_write_path_metrics(route.write, self.stage)
+
+    def _timed(self, operation: str, identity_type: str, call: Callable[[], Any]) -> Any:
+        t0 = perf_counter()
+        try:
+            result = call()
+        except Exception:
+            metrics.IDENTITY_OPERATION_ERRORS.labels(
+                operation, identity_type, self._write_mode
+            ).inc()
+            raise
+        finally:
+            metrics.IDENTITY_OPERATION_SECONDS.labels(
+                operation, identity_type, self._write_mode
+            ).observe(perf_counter() - t0)
+        return result
+
+    def _counted_write(
+        self, operation: str, identity_type: str, identity_id: str | None, rows: int, call: Any
+    ) -> Any:
+        t0 = perf_counter()
+        try:
+            result = self._timed(operation, identity_type, call)
+        except StorageError as exc:
+            metrics.DUAL_WRITES.labels(operation, self._write_mode, "failure").inc(rows)
+            metrics.log_storage_write(
+                identity_id,
+                operation,
+                self._write_mode,
+                "failure",
+                perf_counter() - t0,
+                rows,
+                str(exc),
+            )
+            raise
+        metrics.DUAL_WRITES.labels(operation, self._write_mode, "success").inc(rows)
+        metrics.log_storage_write(
+            identity_id, operation, self._write_mode, "success", perf_counter() - t0, rows
+        )
+        return result
 
     # --- writes --------------------------------------------------------------------------
     def _stores(self) -> list[str]:
@@ -304,8 +355,14 @@ class Storage:
 
     def store(self, identity: Identity) -> Identity:
         """Write an identity to the stores of the live stage; returns it with its timestamps."""
+        return self._counted_write(
+            "store", identity.identity_type, identity.id, 1, lambda: self._store(identity)
+        )
+
+    def _store(self, identity: Identity) -> Identity:
         identity = self._stamped(identity)
         route = self.routing
+        entropy = identity_entropy(identity)
         fast: list[tuple[str, list[tuple[str, Sequence[Any]]]]] = []
         slow: list[tuple[str, list[tuple[str, Sequence[Any]]]]] = []
         try:
@@ -317,7 +374,7 @@ class Storage:
                     identity.created_at,
                     identity.updated_at,
                     identity.lang_axis,
-                    identity_entropy(identity),
+                    entropy,
                 ]
                 fast.append(("after_new_store", [(IDENTITY_INSERT, row)]))
                 slow.append(
@@ -336,10 +393,16 @@ class Storage:
             raise StorageError(f"identity {identity.id!r} refused: {exc}") from exc
         details = self._details(identity.identity_type)
         self._write("store", identity.id, identity.identity_type, details, fast, slow)
+        metrics.observe_entropy(identity.id, identity.identity_type, entropy)
         return identity
 
     def delete(self, identity_id: str) -> bool:
         """Remove an identity from the stores of the live stage; True if any row was removed."""
+        return self._counted_write(
+            "delete", metrics.ANY_TYPE, identity_id, 1, lambda: self._delete(identity_id)
+        )
+
+    def _delete(self, identity_id: str) -> bool:
         route = self.routing
         steps: list[tuple[str, list[tuple[str, Sequence[Any]]]]] = []
         if route.writes_new:
@@ -390,28 +453,38 @@ class Storage:
         prefix = _BEGIN
         changed = 0
         self._step = ""
-        for step, statements in steps:
-            for sql, params in statements:
-                # BEGIN rides on the first statement: one round trip fewer per write
-                changed += con.execute(prefix + sql, params).fetchone()[0]
-                prefix = ""
-            self._step = step
-            fault(step)
-        if prefix:
-            con.execute("BEGIN TRANSACTION")
-        self._step = "before_log"
-        fault("before_log")
-        con.execute(LOG_INSERT, log)
-        self._step = "before_commit"
-        fault("before_commit")
-        con.execute("COMMIT")
-        self._step = "commit"
-        return changed
+        t0 = perf_counter()
+        try:
+            for step, statements in steps:
+                for sql, params in statements:
+                    # BEGIN rides on the first statement: one round trip fewer per write
+                    changed += con.execute(prefix + sql, params).fetchone()[0]
+                    prefix = ""
+                self._step = step
+                fault(step)
+            if prefix:
+                con.execute("BEGIN TRANSACTION")
+            self._step = "before_log"
+            fault("before_log")
+            con.execute(LOG_INSERT, log)
+            self._step = "before_commit"
+            fault("before_commit")
+            con.execute("COMMIT")
+            self._step = "commit"
+            return changed
+        finally:
+            metrics.STORAGE_OPERATION_SECONDS.labels(
+                "write_transaction", self._write_store
+            ).observe(perf_counter() - t0)
 
     def _rollback(self) -> None:
         # no transaction is open when the failure came before BEGIN
+        t0 = perf_counter()
         with contextlib.suppress(duckdb.Error):
             self.con.execute("ROLLBACK")
+        metrics.STORAGE_OPERATION_SECONDS.labels("rollback", self._write_store).observe(
+            perf_counter() - t0
+        )
 
     def _record_failure(
         self,
@@ -427,6 +500,7 @@ class Storage:
             "step": step,
             "error": f"{type(exc).__name__}: {exc}",
         }
+        t0 = perf_counter()
         try:
             self.con.execute(
                 LOG_INSERT, [self._clock(), identity_id, operation, "failed", json.dumps(details)]
@@ -434,6 +508,9 @@ class Storage:
         except duckdb.Error as log_exc:
             # the write is already refused; losing its log row must not hide why
             exc.add_note(f"recording the failure in dual_write_log failed too: {log_exc}")
+        metrics.STORAGE_OPERATION_SECONDS.labels("failure_log", self._write_store).observe(
+            perf_counter() - t0
+        )
 
     def store_batch(self, identities: Iterable[Identity]) -> int:
         """Write many identities in one transaction, set-based; returns how many."""
@@ -441,6 +518,11 @@ class Storage:
 
     def store_arrow(self, batch: pa.Table) -> int:
         """Write a batch (columns BATCH_COLUMNS, JSON fields as text) in one transaction."""
+        return self._counted_write(
+            "store_batch", metrics.ANY_TYPE, None, batch.num_rows, lambda: self._store_arrow(batch)
+        )
+
+    def _store_arrow(self, batch: pa.Table) -> int:
         missing = [c for c in BATCH_COLUMNS if c not in batch.column_names]
         if missing:
             raise StorageError(f"batch lacks columns: {', '.join(missing)}")
@@ -560,19 +642,25 @@ class Storage:
     ) -> None:
         con, fault = self.con, self._fault
         self._step = ""
-        con.execute("BEGIN TRANSACTION")
-        for step, statements in steps:
-            for sql, params in statements:
-                con.execute(sql, params)
-            self._step = step
-            fault(step)
-        self._step = "before_log"
-        fault("before_log")
-        con.execute(BATCH_LOG_INSERT, log)
-        self._step = "before_commit"
-        fault("before_commit")
-        con.execute("COMMIT")
-        self._step = "commit"
+        t0 = perf_counter()
+        try:
+            con.execute("BEGIN TRANSACTION")
+            for step, statements in steps:
+                for sql, params in statements:
+                    con.execute(sql, params)
+                self._step = step
+                fault(step)
+            self._step = "before_log"
+            fault("before_log")
+            con.execute(BATCH_LOG_INSERT, log)
+            self._step = "before_commit"
+            fault("before_commit")
+            con.execute("COMMIT")
+            self._step = "commit"
+        finally:
+            metrics.STORAGE_OPERATION_SECONDS.labels(
+                "batch_transaction", self._write_store
+            ).observe(perf_counter() - t0)
 
     def _record_batch_failure(self, now: float, step: str, exc: BaseException) -> None:
         details = json.dumps(
@@ -598,48 +686,79 @@ class Storage:
         key: str | None = None,
     ) -> Any:
         route = self.routing
-        if route.read == "new":
-            return new()
-        if route.shadow:
-            return self.shadow.run(operation, legacy, new, key)
-        return legacy()
+        t0 = perf_counter()
+        try:
+            if route.read == "new":
+                return new()
+            if route.shadow:
+                return self.shadow.run(operation, legacy, new, key)
+            return legacy()
+        finally:
+            metrics.STORAGE_OPERATION_SECONDS.labels("read", self._read_store).observe(
+                perf_counter() - t0
+            )
 
     def fetch(self, identity_id: str) -> Identity | None:
         """The identity with this id from the stage's read store, or None."""
-        return self._read(
-            "fetch",
-            lambda: self._fetch_legacy(identity_id),
-            lambda: self._fetch_new(identity_id),
-            identity_id,
+        t0 = perf_counter()
+        try:
+            found = self._read(
+                "fetch",
+                lambda: self._fetch_legacy(identity_id),
+                lambda: self._fetch_new(identity_id),
+                identity_id,
+            )
+        except Exception:
+            metrics.IDENTITY_OPERATION_ERRORS.labels(
+                "fetch", metrics.ANY_TYPE, self._write_mode
+            ).inc()
+            raise
+        kind = metrics.ANY_TYPE if found is None else found.identity_type
+        metrics.IDENTITY_OPERATION_SECONDS.labels("fetch", kind, self._write_mode).observe(
+            perf_counter() - t0
         )
+        return found
 
     def list_identities(
         self, identity_type: str | None = None, *, after_id: str | None = None, limit: int = 100
     ) -> list[Identity]:
         """Identities in id order, a page at a time (pass the last id seen as ``after_id``)."""
         params = [identity_type, identity_type, after_id, after_id, limit]
-        return self._read(
+        kind = identity_type if identity_type in metrics.IDENTITY_TYPES else metrics.ANY_TYPE
+        return self._timed(
             "list",
-            lambda: self._legacy_query(LEGACY_LIST_SQL, params),
-            lambda: self._new_query(NEW_LIST_SQL, params),
+            kind,
+            lambda: self._read(
+                "list",
+                lambda: self._legacy_query(LEGACY_LIST_SQL, params),
+                lambda: self._new_query(NEW_LIST_SQL, params),
+            ),
         )
 
     def find_by_entropy(self, low: float, high: float, *, limit: int = 100) -> list[Identity]:
         """Identities whose entropy lies in [low, high], highest first (ties by id)."""
         params = [low, high, limit]
-        return self._read(
+        return self._timed(
             "find_by_entropy",
-            lambda: self._legacy_query(LEGACY_ENTROPY_SQL, params),
-            lambda: self._new_query(NEW_ENTROPY_SQL, params),
+            metrics.ANY_TYPE,
+            lambda: self._read(
+                "find_by_entropy",
+                lambda: self._legacy_query(LEGACY_ENTROPY_SQL, params),
+                lambda: self._new_query(NEW_ENTROPY_SQL, params),
+            ),
         )
 
     def search(self, text: str, *, limit: int = 100) -> list[Identity]:
         """Geoids whose raw text contains ``text`` (case-insensitive, literally), in id order."""
         params = [text, limit]
-        return self._read(
+        return self._timed(
             "search",
-            lambda: self._legacy_query(LEGACY_SEARCH_SQL, params),
-            lambda: self._new_query(NEW_SEARCH_SQL, params),
+            "geoid",
+            lambda: self._read(
+                "search",
+                lambda: self._legacy_query(LEGACY_SEARCH_SQL, params),
+                lambda: self._new_query(NEW_SEARCH_SQL, params),
+            ),
         )
 
     def stats(self) -> dict[str, Any]:
