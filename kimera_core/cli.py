@@ -244,6 +244,10 @@ from kimera_core.cli_backup import backup, restore  # noqa: E402
 
 db.add_command(backup)
 db.add_command(restore)
+from kimera_core.cli_metrics import metrics_group, workload  # noqa: E402
+
+cli.add_command(metrics_group)
+cli.add_command(workload)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,13 +26,13 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
-from prometheus_client.exposition import push_to_gateway
+from prometheus_client.exposition import push_to_gateway, pushadd_to_gateway
 from prometheus_client.registry import Collector
 
 from kimera_core.entropy import ENTROPY_BUCKETS_BITS, TAU_0_SECONDS, TAU_K, effective_tau
@@ -161,7 +161,7 @@ SHADOW_RECORD_FAILURES = Counter(
     registry=REGISTRY,
 )
 IDENTITY_ENTROPY_BITS = Histogram(
-    "kimera_identity_entropy_bits",
+    "kimera_identity_entropy",
     "Entropy of identities stored through the storage API, in bits.",
     ["identity_type"],
     buckets=ENTROPY_BUCKETS,
@@ -368,19 +368,19 @@ def entropy_registry(snapshot: Mapping[str, Mapping[str, Any]], at: float) -> Co
     ``kimera_core.stats`` computes it). Missing keys count as absent, never as zero rows.
     """
     hist = HistogramMetricFamily(
-        "kimera_entropy_snapshot_bits",
+        "kimera_entropy_snapshot",
         "Entropy of the stored identities at the last snapshot, in bits (cumulative buckets).",
         labels=["identity_type"],
     )
     quantiles = GaugeMetricFamily(
-        "kimera_entropy_snapshot_quantile_bits",
-        "Entropy quantile of the stored identities at the last snapshot, in bits.",
-        labels=["identity_type", "quantile"],
+        "kimera_entropy_snapshot_percentile",
+        "Entropy percentile (50, 90, 99) of the stored identities at the last snapshot, in bits.",
+        labels=["identity_type", "percentile"],
     )
     taus = GaugeMetricFamily(
-        "kimera_effective_tau_snapshot_quantile_seconds",
-        "Effective-tau quantile tau_0 * (1 + k * H) at the last snapshot's entropy quantile.",
-        labels=["identity_type", "quantile"],
+        "kimera_effective_tau_snapshot_percentile_seconds",
+        "Effective tau tau_0 * (1 + k * H) at the last snapshot's entropy percentile.",
+        labels=["identity_type", "percentile"],
     )
     unknown = GaugeMetricFamily(
         "kimera_entropy_snapshot_unknown_identities",
@@ -403,7 +403,7 @@ def entropy_registry(snapshot: Mapping[str, Mapping[str, Any]], at: float) -> Co
             value = dist.get(q)
             if value is None:
                 continue
-            label = f"0.{q[1:]}"
+            label = q[1:]
             quantiles.add_metric([identity_type, label], float(value))
             taus.add_metric([identity_type, label], effective_tau(float(value)))
         if dist.get("unknown") is not None:
@@ -438,8 +438,8 @@ def migration_registry(progress: Mapping[str, Any], at: float) -> CollectorRegis
         ),
         (
             "partitions_total",
-            "kimera_migration_partitions_total",
-            "Partitions the latest migration run plans.",
+            "kimera_migration_partitions_planned",
+            "Partitions the latest migration run plans (done / planned is its progress).",
         ),
         (
             "running",
@@ -557,3 +557,26 @@ def push(
         grouping_key=dict(grouping_key or {}),
         timeout=timeout,
     )
+
+
+def pushadd(
+    registry: CollectorRegistry,
+    job: str,
+    grouping_key: Mapping[str, str] | None = None,
+    *,
+    gateway: str | None = None,
+    timeout: float = 10.0,
+) -> None:
+    """POST to a group: replaces only the metrics pushed, keeps the group's others."""
+    pushadd_to_gateway(
+        gateway or pushgateway_address(),
+        job=job,
+        registry=registry,
+        grouping_key=dict(grouping_key or {}),
+        timeout=timeout,
+    )
+
+
+def serve(host: str = DEFAULT_METRICS_HOST, port: int = DEFAULT_METRICS_PORT) -> tuple[Any, Any]:
+    """Start the /metrics HTTP server for ``REGISTRY`` in a daemon thread: (server, thread)."""
+    return start_http_server(port, addr=host, registry=REGISTRY)
