@@ -49,6 +49,7 @@ PUSH_JOB_ENTROPY = "kimera_entropy"
 PUSH_JOB_MIGRATION = "kimera_migration"
 PUSH_JOB_CONSISTENCY = "kimera_consistency"
 PUSH_JOB_HEARTBEAT = "kimera_observability"
+PUSH_JOB_ROLLOUT = "kimera_rollout"
 
 # --- bucket edges -----------------------------------------------------------------------
 # Entropy in bits: the edges of kimera_core.entropy (0 = no information, 1 = two equal
@@ -211,6 +212,10 @@ def init_write_path_metrics(write_mode: str, stage: str) -> None:
     for operation in SHADOW_OPERATIONS:
         for outcome in SHADOW_OUTCOMES:
             SHADOW_READS.labels(operation, outcome)
+    from kimera_core.shadow import COMPARED_FIELDS, MISSING_IN_LEGACY, MISSING_IN_NEW
+
+    for name in (*COMPARED_FIELDS, MISSING_IN_NEW, MISSING_IN_LEGACY):
+        SHADOW_MISMATCHED_FIELDS.labels(name)
     for identity_type in IDENTITY_TYPES:
         IDENTITY_ENTROPY_BITS.labels(identity_type)
         IDENTITY_EFFECTIVE_TAU_SECONDS.labels(identity_type)
@@ -405,7 +410,9 @@ def entropy_registry(snapshot: Mapping[str, Mapping[str, Any]], at: float) -> Co
                 continue
             label = q[1:]
             quantiles.add_metric([identity_type, label], float(value))
-            taus.add_metric([identity_type, label], effective_tau(float(value)))
+            tau_days = dist.get(f"tau_{q}_days")
+            tau = float(tau_days) * 86400.0 if tau_days is not None else effective_tau(value)
+            taus.add_metric([identity_type, label], tau)
         if dist.get("unknown") is not None:
             unknown.add_metric([identity_type], float(dist["unknown"]))
     stamp = GaugeMetricFamily(
@@ -476,11 +483,11 @@ def consistency_registry(result: Mapping[str, Any], at: float) -> CollectorRegis
     if findings is not None:
         family = GaugeMetricFamily(
             "kimera_consistency_findings",
-            "Findings of the latest consistency verification, by kind (0 when clean).",
+            "Findings of the latest consistency verification by kind (check), 0 when clean.",
             labels=["kind"],
         )
-        for kind in FINDING_KINDS:
-            family.add_metric([kind], float(findings.get(kind, 0)))
+        for kind in sorted(findings):
+            family.add_metric([kind], float(findings[kind]))
         families.append(family)
     verdict = result.get("verdict")
     if verdict in VERDICTS:
@@ -515,6 +522,32 @@ def consistency_registry(result: Mapping[str, Any], at: float) -> CollectorRegis
         )
     )
     return _registry(families)
+
+
+def rollout_registry(stage: str, at: float) -> CollectorRegistry:
+    """The rollout stage recorded by the last rollout run (same names as the app's gauges)."""
+    family = GaugeMetricFamily(
+        "kimera_rollout_stage",
+        "1 for the live rollout stage, 0 for the others.",
+        labels=["stage"],
+    )
+    for name in STAGES:
+        family.add_metric([name], 1.0 if name == stage else 0.0)
+    return _registry(
+        [
+            family,
+            GaugeMetricFamily(
+                "kimera_rollout_stage_number",
+                "Position of the live rollout stage: 0 legacy-only ... 6 legacy-retired.",
+                value=float(STAGES.index(stage)),
+            ),
+            GaugeMetricFamily(
+                "kimera_rollout_snapshot_timestamp_seconds",
+                "Unix time of the rollout run the stage was read from.",
+                value=at,
+            ),
+        ]
+    )
 
 
 def heartbeat_registry(push_failures: int, at: float) -> CollectorRegistry:

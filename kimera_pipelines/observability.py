@@ -30,7 +30,7 @@ from typing import Any
 import dagster as dg
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
-from kimera_core import metrics
+from kimera_core import metrics, rollout
 
 PUSH_FAILURES_KEY = "kimera_observability/push_failures"
 RECENT_RUNS = 25
@@ -43,7 +43,26 @@ _STATUS_OUTCOME = {
 }
 # the identities asset logs "partition {done}/{total} (...)" per finished partition
 _PARTITION_LOG = re.compile(r"\bpartition (\d+)/(\d+)\b")
-_ENTROPY_KEY = re.compile(r"^entropy/(geoid|scar)/([a-z0-9_]+)$")
+# entropy metadata: "<type>/<stat>" (entropy_distribution, effective_tau_distribution) or
+# "entropy/<type>/<stat>" (the earlier legacy summary)
+_ENTROPY_KEY = re.compile(r"^(?:entropy/)?(geoid|scar)/([a-z0-9_]+)$")
+_ENTROPY_STATS = frozenset(
+    {"count", "unknown", "mean", "p50", "p90", "p99", "histogram"}
+    | {"tau_mean_days", "tau_p50_days", "tau_p90_days", "tau_p99_days"}
+)
+# the consistency gates are checks on identities (kimera_core.rollout.CONSISTENCY_GATES)
+CONSISTENCY_CHECKS = frozenset(
+    getattr(rollout, "CONSISTENCY_GATES", ())
+    or (
+        "count_parity",
+        "key_coverage_legacy_to_new",
+        "key_coverage_new_to_legacy",
+        "field_equality",
+        "reconciliation",
+    )
+)
+# numbers a failing check's "counts" metadata may carry as its count of offending keys
+_OFFENDING_COUNT_KEYS = ("unexplained", "offending", "mismatched_rows", "total", "rows")
 _MIGRATION_KEYS = ("read", *metrics.MIGRATION_OUTCOMES)
 # consistency metadata: a finding kind as a top-level int, or under "findings/<kind>"
 _FINDING_ALIASES = {
@@ -104,6 +123,8 @@ def entropy_from_metadata(metadata: Mapping[str, Any]) -> dict[str, dict[str, An
         if not match:
             continue
         identity_type, stat = match.groups()
+        if stat not in _ENTROPY_STATS:
+            continue
         value = _value(entry)
         if stat == "histogram":
             if isinstance(value, str):
@@ -152,7 +173,25 @@ def consistency_from_metadata(
 
 
 def _is_consistency_check(check_name: str, metadata: Mapping[str, Any]) -> bool:
-    return "consisten" in check_name or "verdict" in metadata
+    return (
+        check_name in CONSISTENCY_CHECKS
+        or "consisten" in check_name
+        or "verdict" in metadata
+        or "verifier_verdict" in metadata
+    )
+
+
+def _offending(metadata: Mapping[str, Any], passed: bool) -> float:
+    """A failing check's count of offending keys where its metadata has one, else 1."""
+    if passed:
+        return 0.0
+    counts = _value(metadata.get("counts"))
+    if isinstance(counts, Mapping):
+        for key in _OFFENDING_COUNT_KEYS:
+            number = _number(counts.get(key))
+            if number:
+                return number
+    return 1.0
 
 
 def run_snapshots(instance: DagsterInstance, run_id: str) -> dict[str, Any]:
@@ -179,13 +218,25 @@ def run_snapshots(instance: DagsterInstance, run_id: str) -> dict[str, Any]:
                 result = consistency_from_metadata(metadata)
                 if result is not None:
                     found["consistency"] = {**result, "checked_at": entry.timestamp}
+            stage = _value(metadata.get("stage"))
+            if stage in rollout.STAGES:
+                found["rollout"] = (stage, entry.timestamp)
         elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
             evaluation = event.event_specific_data
             metadata = evaluation.metadata
-            if _is_consistency_check(evaluation.check_name, metadata):
+            if not _is_consistency_check(evaluation.check_name, metadata):
+                continue
+            if "verdict" in metadata:  # one evaluation carrying a whole verification
                 result = consistency_from_metadata(metadata, evaluation.passed)
                 if result is not None:
                     found["consistency"] = {**result, "checked_at": entry.timestamp}
+                continue
+            # one evaluation per gate: the run's verdict is consistent when every gate passed
+            gates = found.setdefault("consistency", {"verdict": "consistent", "findings": {}})
+            gates["findings"][evaluation.check_name] = _offending(metadata, evaluation.passed)
+            gates["checked_at"] = entry.timestamp
+            if not evaluation.passed:
+                gates["verdict"] = "inconsistent"
     if partitions is not None:
         done, total, at = partitions
         migration = found.setdefault("migration", {"progress_timestamp": at})
@@ -269,6 +320,10 @@ def push_snapshots(
             replace=False,
         ):
             pushed.append("consistency")
+    if "rollout" in snapshots:
+        stage, at = snapshots["rollout"]
+        if _push(instance, log, metrics.rollout_registry(stage, at), metrics.PUSH_JOB_ROLLOUT):
+            pushed.append("rollout")
     return pushed
 
 
