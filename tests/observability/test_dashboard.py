@@ -1,0 +1,87 @@
+"""The Grafana dashboard is import-ready and uniform; the generator and the JSON agree."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from observability.exprs import DASHBOARD, ROOT
+
+
+def _board() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def test_json_is_what_the_generator_writes():
+    sys.path.insert(0, str(ROOT / "dashboards"))
+    try:
+        import build_dashboard
+    finally:
+        sys.path.pop(0)
+    assert build_dashboard.build() == _board()
+
+
+def test_uid_and_panel_ids_are_unique():
+    board = _board()
+    assert board["uid"] == "kimera-rollout"
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_datasource_is_a_template_variable_not_a_uid():
+    board = _board()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    text = DASHBOARD.read_text()
+    uids = {m for m in __import__("re").findall(r'"uid": "([^"]*)"', text)}
+    assert uids == {"kimera-rollout", "${datasource}"}
+
+
+def test_every_panel_uses_the_variable_has_a_unit_and_complete_targets():
+    data_panels = [p for p in _board()["panels"] if p["type"] != "row"]
+    assert len(data_panels) >= 25
+    for panel in data_panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+        assert panel["targets"], panel["title"]
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)), panel["title"]
+        for target in panel["targets"]:
+            assert target["expr"].strip() and target["refId"], panel["title"]
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_rows_in_the_order_on_call_reads_them():
+    rows = [p["title"] for p in _board()["panels"] if p["type"] == "row"]
+    assert rows == [
+        "Rollout overview",
+        "Migration progress",
+        "Consistency",
+        "Entropy and effective tau",
+        "Identity operations",
+        "Storage operations",
+    ]
+
+
+def test_panels_do_not_overlap():
+    cells = set()
+    for panel in _board()["panels"]:
+        g = panel["gridPos"]
+        assert g["x"] + g["w"] <= 24, panel["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, panel["title"]
+                cells.add((x, y))
+
+
+def test_generator_runs_as_a_script(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "dashboards" / "build_dashboard.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(DASHBOARD.read_text()) == _board()
