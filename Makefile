@@ -9,12 +9,13 @@ SCARS ?= 10000
 SEED ?= 42
 DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 DAGSTER_PORT ?= 3000
+ROLLOUT_TARGET ?= legacy-retired
 export DAGSTER_HOME
 
 .PHONY: help setup run test lint format ui bench clean
 
 help:
-	@echo "make run    set up, write a demo legacy DB at $(KIMERA_DB), run the main Dagster job (summary + migration), print the results"
+	@echo "make run    set up, write a demo legacy DB at $(KIMERA_DB), run the whole pipeline headless (migrate, checks, entropy report, rollout) and print where the report is"
 	@echo "make test   set up and run the whole test suite (ruff + pytest)"
 	@echo "make ui     start dagster dev (webserver + daemon) on 127.0.0.1:$(DAGSTER_PORT)"
 	@echo "make bench  run the benchmarks under bench/"
@@ -38,14 +39,10 @@ $(KIMERA_DB): | setup
 
 run: setup $(DAGSTER_HOME)/dagster.yaml $(KIMERA_DB)
 	@mkdir -p var/logs
-	@echo "Running kimera_main_job (Dagster log: var/logs/kimera_main_job.log)"
-	@KIMERA_DB=$(KIMERA_DB) $(BIN)/dagster job execute -m kimera_pipelines.definitions \
-		-j kimera_main_job > var/logs/kimera_main_job.log 2>&1 \
-		|| { tail -n 40 var/logs/kimera_main_job.log; exit 1; }
-	@grep -q RUN_SUCCESS var/logs/kimera_main_job.log && echo "kimera_main_job: RUN_SUCCESS"
-	@$(BIN)/kimera summary --db $(KIMERA_DB)
-	@$(BIN)/kimera migrate status --db $(KIMERA_DB)
-	@$(BIN)/kimera migrate quarantine --db $(KIMERA_DB)
+	@echo "Running the pipeline headless on $(KIMERA_DB): observe, migrate, checks, entropy report, rollout (Dagster log: var/logs/pipeline.log)"
+	@KIMERA_DB=$(KIMERA_DB) $(BIN)/python -m kimera_pipelines.headless --target $(ROLLOUT_TARGET) \
+		2> var/logs/pipeline.log || { tail -n 40 var/logs/pipeline.log; exit 1; }
+	@echo "All runs are in the Dagster UI: make ui"
 
 test: setup
 	$(BIN)/ruff check .
@@ -61,7 +58,8 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 ui: setup $(DAGSTER_HOME)/dagster.yaml $(KIMERA_DB)
-	KIMERA_DB=$(KIMERA_DB) $(BIN)/dagster dev -h 127.0.0.1 -p $(DAGSTER_PORT)
+	@echo "Dagster UI (webserver + daemon: schedules and sensors run) on http://127.0.0.1:$(DAGSTER_PORT) over $(KIMERA_DB)"
+	KIMERA_DB=$(KIMERA_DB) $(BIN)/dagster dev -h 127.0.0.1 -p $(DAGSTER_PORT) -w workspace.yaml
 
 bench: setup
 	$(BIN)/python bench/bench_foundation.py

@@ -102,3 +102,83 @@ def test_read_only_file_without_tables_reports_the_default(tmp_path, monkeypatch
         assert stage_history(con) == []
     finally:
         con.close()
+
+
+# --- gating ------------------------------------------------------------------------------------
+from kimera_core.rollout import (  # noqa: E402
+    CheckEvidence,
+    Evidence,
+    RolloutGateError,
+    advance,
+    rollback_reads,
+    step_back,
+)
+
+REQUIRED = ("count_parity", "field_equality")
+
+
+def _evidence(run_ok=True, scheduled_ok: bool | None = True, at: float = 0.0) -> Evidence:
+    run = tuple(CheckEvidence(n, run_ok, "run-1", at) for n in REQUIRED)
+    scheduled = (
+        ()
+        if scheduled_ok is None
+        else tuple(CheckEvidence(n, scheduled_ok, "sched-1", at) for n in REQUIRED)
+    )
+    return Evidence("run-1", REQUIRED, run, scheduled)
+
+
+def test_advance_moves_one_stage_and_records_the_evidence(con):
+    assert advance(con, "dual-write", _evidence(), actor="ops") == "legacy-only"
+    (move,) = stage_history(con)
+    assert move["to_stage"] == "dual-write" and "run run-1" in move["reason"]
+
+
+def test_advance_refuses_a_skip(con):
+    with pytest.raises(RolloutGateError, match="one stage at a time"):
+        advance(con, "backfilled", _evidence(), actor="ops")
+
+
+def test_advance_refuses_when_a_run_check_failed_or_is_missing(con):
+    with pytest.raises(RolloutGateError, match="field_equality failed in run run-1"):
+        advance(con, "dual-write", _evidence(run_ok=False), actor="ops")
+    missing = Evidence("run-2", REQUIRED, (CheckEvidence("count_parity", True),))
+    with pytest.raises(RolloutGateError, match="field_equality was not evaluated"):
+        advance(con, "dual-write", missing, actor="ops")
+    assert get_stage(con) == "legacy-only" and stage_history(con) == []
+
+
+def test_past_verified_needs_passing_consistency_job_checks(con):
+    set_stage(con, "verified", actor="ops")
+    with pytest.raises(RolloutGateError, match="needs consistency-job evaluations"):
+        advance(con, "read-new", _evidence(scheduled_ok=None), actor="ops")
+    with pytest.raises(RolloutGateError, match="latest consistency-job evaluation failed"):
+        advance(con, "read-new", _evidence(scheduled_ok=False), actor="ops")
+    advance(con, "read-new", _evidence(), actor="ops")
+    assert get_stage(con) == "read-new"
+
+
+def test_writes_leave_legacy_only_after_the_soak(con):
+    set_stage(con, "read-new", actor="ops")
+    with pytest.raises(RolloutGateError, match="soak"):
+        advance(con, "write-new", _evidence(at=2e9), actor="ops", soak=3600)
+    later = lambda: 4e9  # noqa: E731
+    advance(con, "write-new", _evidence(at=3e9), actor="ops", soak=3600, clock=later)
+    assert get_stage(con) == "write-new"
+
+
+def test_step_back_is_always_allowed_and_recorded(con):
+    set_stage(con, "write-new", actor="ops")
+    assert step_back(con, "ops", "bad latency") == "read-new"
+    assert stage_history(con)[-1]["reason"] == "bad latency"
+    set_stage(con, "legacy-only", actor="ops")
+    with pytest.raises(RolloutError, match="first stage"):
+        step_back(con, "ops", "x")
+
+
+def test_rollback_reads_only_while_legacy_still_receives_writes(con):
+    assert rollback_reads(con, "sensor", "checks failed") is None
+    set_stage(con, "read-new", actor="ops")
+    assert rollback_reads(con, "sensor", "checks failed") == "verified"
+    set_stage(con, "write-new", actor="ops")
+    with pytest.raises(RolloutError, match="stale"):
+        rollback_reads(con, "sensor", "checks failed")
