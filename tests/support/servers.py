@@ -58,3 +58,132 @@ def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "co
             last_error = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out waiting for {what}: {last_error!r}")
+
+
+# --- a real `dagster dev`, shared by the e2e and browser tests -----------------------------------
+DAGSTER_LOCATION = "kimera_pipelines.definitions"
+_DAGSTER_DEV: dict[str, object] = {}
+
+
+def graphql(port: int, query: str, variables: dict | None = None) -> dict:
+    """POST a GraphQL query to the webserver; errors fail the caller."""
+    import json
+    import urllib.request
+
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        payload = json.loads(resp.read())
+    assert "errors" not in payload, payload
+    return payload["data"]
+
+
+def shared_dagster_dev(request, tmp_path_factory):
+    """(port, db path, log path) of one `dagster dev` for the whole session, started on demand.
+
+    The first caller starts it over a fresh demo database; a session finalizer stops it.
+    """
+    if "port" in _DAGSTER_DEV:
+        return _DAGSTER_DEV["port"], _DAGSTER_DEV["db"], _DAGSTER_DEV["log"]
+    import sys
+    import urllib.request
+
+    from kimera_core.demo import generate_demo_data
+
+    tmp = tmp_path_factory.mktemp("dagster_dev")
+    home = tmp / "dagster_home"
+    home.mkdir()
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    db = tmp / "kimera.duckdb"
+    generate_demo_data(db, geoids=1000, scars=400, seed=11, broken_share=0.02)
+    port = free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "KIMERA_DB": str(db)}
+    log_path = tmp / "dagster_dev.log"
+    log = log_path.open("w")
+    dagster = Path(sys.executable).parent / "dagster"
+    proc = subprocess.Popen(
+        [
+            str(dagster),
+            "dev",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            str(ROOT / "workspace.yaml"),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def stop() -> None:
+        stop_process_group(proc)
+        log.close()
+        _DAGSTER_DEV.clear()
+
+    request.addfinalizer(stop)
+    wait_until(
+        lambda: (
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2).status == 200
+        ),
+        timeout=180,
+        what="dagster webserver",
+    )
+    wait_until(
+        lambda: graphql(
+            port,
+            "{ repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }",
+        )["repositoriesOrError"]["nodes"],
+        timeout=120,
+        what="code location",
+    )
+    _DAGSTER_DEV.update(port=port, db=db, log=log_path)
+    return port, db, log_path
+
+
+def launch_run(port: int, job: str, tags: dict[str, str] | None = None, run_config=None) -> str:
+    """Launch a job through Dagster's GraphQL Python client; returns the run id."""
+    from dagster_graphql import DagsterGraphQLClient
+
+    client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+    return client.submit_job_execution(
+        job,
+        repository_location_name=DAGSTER_LOCATION,
+        repository_name="__repository__",
+        run_config=run_config or {},
+        tags=tags or {},
+    )
+
+
+def wait_for_run(port: int, run_id: str, timeout: float = 240) -> str:
+    """The final status of a run (SUCCESS, FAILURE or CANCELED)."""
+    from dagster_graphql import DagsterGraphQLClient
+
+    client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+
+    def finished():
+        status = client.get_run_status(run_id).value
+        return status if status in ("SUCCESS", "FAILURE", "CANCELED") else None
+
+    return wait_until(finished, timeout=timeout, interval=1, what=f"run {run_id} to finish")
+
+
+def check_executions(port: int, check: str, asset: str = "identities", limit: int = 1) -> list:
+    """The latest executions of an asset check, with their evaluation and metadata."""
+    data = graphql(
+        port,
+        """query($key: AssetKeyInput!, $check: String!, $limit: Int!) {
+             assetCheckExecutions(assetKey: $key, checkName: $check, limit: $limit) {
+               runId status evaluation { success description metadataEntries { label
+                 ... on JsonMetadataEntry { jsonString }
+                 ... on TextMetadataEntry { text } } } } }""",
+        {"key": {"path": [asset]}, "check": check, "limit": limit},
+    )
+    return data["assetCheckExecutions"]
