@@ -248,6 +248,11 @@ from kimera_core.cli_metrics import metrics_group, workload  # noqa: E402
 
 cli.add_command(metrics_group)
 cli.add_command(workload)
+from kimera_core.cli_serve import lattice_workload, search_index, serve  # noqa: E402
+
+cli.add_command(serve)
+cli.add_command(search_index)
+cli.add_command(lattice_workload)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,364 @@
+"""Query functions: identities by id, by entropy range, by text and by relation, paginated.
+
+Reads go to the store the rollout stage names (``kimera_core.rollout``): ``identities``
+from ``read-new`` on, the legacy tables before. Every statement is a named constant with
+bound parameters; nothing of a caller's text becomes SQL.
+
+Pagination is bounded: ``limit`` is at most ``MAX_LIMIT``. Entropy and relation queries page
+by keyset (an opaque ``cursor`` naming the last row seen), so a deep page costs what the
+first does; text search pages by ``offset`` (at most ``MAX_OFFSET``), since BM25 scores are
+recomputed per query anyway.
+
+In the legacy stages entropy is computed from ``meta`` / ``tags`` / ``related_ids`` by the
+same set-based SQL the migration uses (``kimera_core.entropy``): correct but a full scan, so
+entropy queries are fast only once reads come from ``identities`` (its ``entropy_score``).
+An identity whose entropy is unknown (a scar without a weight) is never in an entropy range.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+
+from kimera_core import textsearch
+from kimera_core.entropy import geoid_entropy_sql, identity_entropy, scar_entropy_sql
+from kimera_core.identity import IDENTITY_TYPES, Identity
+from kimera_core.legacy import GEOID_COLUMNS, SCAR_COLUMNS, geoid_from_row, scar_from_row
+from kimera_core.rollout import get_stage, routing
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+MAX_OFFSET = 10_000
+MAX_QUERY_CHARS = 256
+
+
+class QueryError(ValueError):
+    """A query's parameters are out of bounds or malformed (the caller's mistake)."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One identity in a result, with its entropy (bits; None if unknown) and text score."""
+
+    identity: Identity
+    entropy: float | None
+    score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = self.identity.to_document()
+        doc["entropy"] = self.entropy
+        if self.score is not None:
+            doc["score"] = self.score
+        return doc
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page of hits, the store it was read from and the cursor of the next page (or None)."""
+
+    items: list[Hit]
+    source: str
+    next_cursor: str | None = None
+    next_offset: int | None = None
+    paging: str = "cursor"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "items": [h.to_dict() for h in self.items],
+            "count": len(self.items),
+            "source": self.source,
+        }
+        if self.paging == "cursor":
+            out["next_cursor"] = self.next_cursor
+        else:
+            out["next_offset"] = self.next_offset
+        out.update(self.extra)
+        return out
+
+
+def read_source(con: duckdb.DuckDBPyConnection) -> str:
+    """'new' when the live rollout stage reads from identities, else 'legacy'."""
+    return "new" if routing(get_stage(con)).read == "new" else "legacy"
+
+
+# --- cursors ----------------------------------------------------------------------------
+def encode_cursor(values: list[Any]) -> str:
+    text = json.dumps(values, separators=(",", ":"), ensure_ascii=False)
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, shape: tuple[type, ...]) -> list[Any]:
+    """The values of a cursor made by ``encode_cursor``; QueryError if it is not one."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        values = json.loads(raw.decode())
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise QueryError("cursor is not one this API returned") from None
+    if not isinstance(values, list) or len(values) != len(shape):
+        raise QueryError("cursor is not one this API returned")
+    for value, kind in zip(values, shape, strict=True):
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok:
+            raise QueryError("cursor is not one this API returned")
+    return values
+
+
+def _check_limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise QueryError(f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return limit
+
+
+def _check_number(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise QueryError(f"{name} must be a finite number")
+    return float(value)
+
+
+def _check_type(identity_type: str | None) -> str | None:
+    if identity_type is not None and identity_type not in IDENTITY_TYPES:
+        raise QueryError(f"identity_type must be one of {', '.join(IDENTITY_TYPES)}")
+    return identity_type
+
+
+# --- SQL --------------------------------------------------------------------------------
+# The legacy tables as identities with their entropy (the migration's bulk formulas).
+LEGACY_ENTROPY_VIEW = f"""
+WITH e AS (
+    SELECT * FROM ({geoid_entropy_sql("legacy_geoids", "gid")})
+    UNION ALL SELECT * FROM ({scar_entropy_sql("legacy_scars", "id")})
+), u AS (
+    SELECT 'geoid' AS identity_type, gid AS id, raw, echo, lang_axis, tags, weight,
+           NULL::JSON AS related_ids, meta, created_at, updated_at
+    FROM legacy_geoids
+    UNION ALL
+    SELECT 'scar', id, NULL, NULL, NULL, NULL, weight, related_ids, meta, created_at, updated_at
+    FROM legacy_scars
+)
+SELECT u.*, e.entropy FROM u LEFT JOIN e ON e.key = u.id
+"""
+_LEGACY_FIELDS = (
+    "identity_type, id, raw, echo, lang_axis, tags, weight, related_ids, meta, created_at, "
+    "updated_at, entropy"
+)
+
+_ENTROPY_FILTER = """
+    entropy IS NOT NULL
+    AND ($min IS NULL OR entropy >= $min) AND ($max IS NULL OR entropy <= $max)
+    AND ($type IS NULL OR identity_type = $type)
+    AND ($lang IS NULL OR lang_axis = $lang)
+    AND ($tag IS NULL OR list_contains(TRY_CAST(tags AS VARCHAR[]), $tag))
+    AND ($c_entropy IS NULL OR entropy < $c_entropy OR (entropy = $c_entropy AND id > $c_id))
+ORDER BY entropy DESC, id
+LIMIT $limit
+"""
+NEW_ENTROPY_SQL = (
+    "SELECT data, entropy FROM ("
+    "  SELECT id, identity_type, lang_axis, entropy_score AS entropy, data, "
+    "         data->'$.tags' AS tags FROM identities"
+    ") WHERE " + _ENTROPY_FILTER
+)
+LEGACY_ENTROPY_SQL = (
+    f"SELECT {_LEGACY_FIELDS} FROM ({LEGACY_ENTROPY_VIEW}) WHERE " + _ENTROPY_FILTER
+)
+
+NEW_BY_ID_SQL = "SELECT data, entropy_score FROM identities WHERE id = ?"
+LEGACY_GEOID_SQL = f"SELECT {GEOID_COLUMNS} FROM legacy_geoids WHERE gid = ?"
+LEGACY_SCAR_SQL = f"SELECT {SCAR_COLUMNS} FROM legacy_scars WHERE id = ?"
+
+NEW_BY_IDS_SQL = (
+    "SELECT data, entropy_score FROM identities WHERE id IN (SELECT unnest($ids::VARCHAR[]))"
+)
+LEGACY_GEOIDS_BY_IDS_SQL = (
+    f"SELECT {GEOID_COLUMNS} FROM legacy_geoids WHERE gid IN (SELECT unnest($ids::VARCHAR[]))"
+)
+
+# Scars whose related_ids hold the id: a substring test first (cheap) then the exact one.
+NEW_RELATED_SQL = """
+SELECT data, entropy_score FROM identities
+WHERE identity_type = 'scar' AND contains(data::VARCHAR, $id)
+  AND list_contains(TRY_CAST(data->'$.related_ids' AS VARCHAR[]), $id)
+  AND ($after IS NULL OR id > $after)
+ORDER BY id LIMIT $limit
+"""
+LEGACY_RELATED_SQL = f"""
+SELECT {SCAR_COLUMNS} FROM legacy_scars
+WHERE contains(related_ids::VARCHAR, $id)
+  AND list_contains(TRY_CAST(related_ids AS VARCHAR[]), $id)
+  AND ($after IS NULL OR id > $after)
+ORDER BY id LIMIT $limit
+"""
+
+
+def _legacy_identity(row: tuple[Any, ...]) -> Identity:
+    kind, key, raw, echo, lang, tags, weight, related, meta, created, updated = row[:11]
+    if kind == "geoid":
+        return geoid_from_row((key, raw, echo, lang, tags, weight, meta, created, updated))
+    return scar_from_row((key, weight, related, meta, created, updated))
+
+
+def _as_identity(record: Any) -> Identity:
+    return record if isinstance(record, Identity) else record.to_identity()
+
+
+# --- the query functions -----------------------------------------------------------------
+def get_identity(
+    con: duckdb.DuckDBPyConnection, identity_id: str, *, source: str | None = None
+) -> Hit | None:
+    """The identity with this id from the read store, with its entropy; None if absent."""
+    source = source or read_source(con)
+    if source == "new":
+        row = con.execute(NEW_BY_ID_SQL, [identity_id]).fetchone()
+        if row is None:
+            return None
+        return Hit(Identity.from_document(row[0]), row[1])
+    row = con.execute(LEGACY_GEOID_SQL, [identity_id]).fetchone()
+    if row is not None:
+        identity = geoid_from_row(row).to_identity()
+    else:
+        row = con.execute(LEGACY_SCAR_SQL, [identity_id]).fetchone()
+        if row is None:
+            return None
+        identity = scar_from_row(row).to_identity()
+    return Hit(identity, identity_entropy(identity))
+
+
+def find_identities_by_entropy(
+    con: duckdb.DuckDBPyConnection,
+    min_entropy: float | None = None,
+    max_entropy: float | None = None,
+    *,
+    identity_type: str | None = None,
+    lang: str | None = None,
+    tag: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+    cursor: str | None = None,
+    source: str | None = None,
+) -> Page:
+    """Identities with entropy in [min_entropy, max_entropy], highest first (ties by id)."""
+    low = _check_number("min_entropy", min_entropy)
+    high = _check_number("max_entropy", max_entropy)
+    if low is not None and high is not None and low > high:
+        raise QueryError("min_entropy must not exceed max_entropy")
+    limit = _check_limit(limit)
+    c_entropy, c_id = decode_cursor(cursor, (float, str)) if cursor else (None, None)
+    source = source or read_source(con)
+    params = {
+        "min": low,
+        "max": high,
+        "type": _check_type(identity_type),
+        "lang": lang,
+        "tag": tag,
+        "c_entropy": c_entropy,
+        "c_id": c_id,
+        "limit": limit + 1,
+    }
+    if source == "new":
+        rows = con.execute(NEW_ENTROPY_SQL, params).fetchall()
+        hits = [Hit(Identity.from_document(r[0]), r[1]) for r in rows]
+    else:
+        rows = con.execute(LEGACY_ENTROPY_SQL, params).fetchall()
+        hits = [Hit(_as_identity(_legacy_identity(r)), r[11]) for r in rows]
+    next_cursor = None
+    if len(hits) > limit:
+        hits = hits[:limit]
+        last = hits[-1]
+        next_cursor = encode_cursor([last.entropy, last.identity.id])
+    return Page(hits, source, next_cursor)
+
+
+def find_related(
+    con: duckdb.DuckDBPyConnection,
+    identity_id: str,
+    *,
+    limit: int = DEFAULT_LIMIT,
+    cursor: str | None = None,
+    source: str | None = None,
+) -> Page:
+    """The scars whose related_ids hold ``identity_id``, in id order."""
+    limit = _check_limit(limit)
+    (after,) = decode_cursor(cursor, (str,)) if cursor else (None,)
+    source = source or read_source(con)
+    params = {"id": identity_id, "after": after, "limit": limit + 1}
+    if source == "new":
+        rows = con.execute(NEW_RELATED_SQL, params).fetchall()
+        hits = [Hit(Identity.from_document(r[0]), r[1]) for r in rows]
+    else:
+        rows = con.execute(LEGACY_RELATED_SQL, params).fetchall()
+        hits = []
+        for r in rows:
+            identity = scar_from_row(r).to_identity()
+            hits.append(Hit(identity, identity_entropy(identity)))
+    next_cursor = None
+    if len(hits) > limit:
+        hits = hits[:limit]
+        next_cursor = encode_cursor([hits[-1].identity.id])
+    return Page(hits, source, next_cursor)
+
+
+def search_text(
+    con: duckdb.DuckDBPyConnection,
+    text: str,
+    *,
+    lang: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+    offset: int = 0,
+    source: str | None = None,
+) -> Page:
+    """Geoids ranked by BM25 relevance to ``text`` (``kimera_core.textsearch``).
+
+    Raises ``textsearch.TextIndexMissing`` when the index was never built. ``lang``
+    keeps only geoids of that language (applied after ranking, within the page).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise QueryError("q must be a non-empty text")
+    if len(text) > MAX_QUERY_CHARS:
+        raise QueryError(f"q must be at most {MAX_QUERY_CHARS} characters")
+    limit = _check_limit(limit)
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+        raise QueryError(f"offset must be an integer from 0 to {MAX_OFFSET}")
+    source = source or read_source(con)
+    ranked = textsearch.search(con, text, limit=limit + 1, offset=offset)
+    more = len(ranked) > limit
+    ranked = ranked[:limit]
+    found = _identities_by_ids(con, [h.id for h in ranked], source)
+    hits = [
+        Hit(found[h.id][0], found[h.id][1], h.score)
+        for h in ranked
+        if h.id in found and (lang is None or found[h.id][0].lang_axis == lang)
+    ]
+    return Page(
+        hits,
+        source,
+        next_offset=offset + limit if more else None,
+        paging="offset",
+        extra={"terms": textsearch.query_terms(text)},
+    )
+
+
+def _identities_by_ids(
+    con: duckdb.DuckDBPyConnection, ids: list[str], source: str
+) -> dict[str, tuple[Identity, float | None]]:
+    if not ids:
+        return {}
+    out: dict[str, tuple[Identity, float | None]] = {}
+    if source == "new":
+        for data, entropy in con.execute(NEW_BY_IDS_SQL, {"ids": ids}).fetchall():
+            identity = Identity.from_document(data)
+            out[identity.id] = (identity, entropy)
+        return out
+    for row in con.execute(LEGACY_GEOIDS_BY_IDS_SQL, {"ids": ids}).fetchall():
+        identity = geoid_from_row(row).to_identity()
+        out[identity.id] = (identity, identity_entropy(identity))
+    return out

@@ -1,0 +1,106 @@
+"""The HTTP API through a real server: answers, pagination, bounds and JSON errors."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+
+@pytest.fixture(scope="module")
+def client(api_url):
+    with httpx.Client(base_url=api_url, timeout=30) as c:
+        yield c
+
+
+def _json_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["error"] and body["message"]
+    return body
+
+
+def test_healthz_names_the_stage_and_the_index(client):
+    body = client.get("/healthz").json()
+    assert body["status"] == "ok"
+    assert (body["stage"], body["source"]) == ("read-new", "new")
+    assert body["text_index"]["exists"] and not body["text_index"]["stale"]
+
+
+def test_entropy_range_pages_by_cursor(client):
+    first = client.get("/identities", params={"min_entropy": 1, "max_entropy": 2, "limit": 5})
+    assert first.status_code == 200
+    page = first.json()
+    assert page["count"] == 5 and page["source"] == "new"
+    assert all(1 <= item["entropy"] <= 2 for item in page["items"])
+    second = client.get(
+        "/identities",
+        params={"min_entropy": 1, "max_entropy": 2, "limit": 5, "cursor": page["next_cursor"]},
+    ).json()
+    assert not {i["id"] for i in page["items"]} & {i["id"] for i in second["items"]}
+    assert second["items"][0]["entropy"] <= page["items"][-1]["entropy"]
+
+
+def test_identity_by_id_and_its_related_scars(client):
+    scar = client.get("/identities", params={"identity_type": "scar", "limit": 1}).json()["items"][
+        0
+    ]
+    gid = scar["related_ids"][0]
+    got = client.get(f"/identities/{gid}")
+    assert got.status_code == 200 and got.json()["id"] == gid
+    related = client.get(f"/identities/{gid}/related", params={"limit": 100}).json()
+    assert scar["id"] in {s["id"] for s in related["items"]}
+    assert all(gid in s["related_ids"] for s in related["items"])
+
+
+def test_search_ranks_multilingual_text(client):
+    for q, needle in [
+        ("bibliothèque", "bibliothèque"),
+        ("المكتبة", "المكتبة"),
+        ("図書館", "図書館"),
+    ]:
+        body = client.get("/search", params={"q": q, "limit": 3}).json()
+        assert body["items"], q
+        assert needle in body["items"][0]["raw"]
+        assert body["items"][0]["score"] > 0
+
+
+def test_search_without_a_match_is_an_empty_page(client):
+    body = client.get("/search", params={"q": "xylophone"}).json()
+    assert body["items"] == [] and body["next_offset"] is None
+
+
+def test_unknown_ids_are_json_404s(client):
+    _json_error(client.get("/identities/no-such-id"), 404)
+    _json_error(client.get("/identities/no-such-id/related"), 404)
+    _json_error(client.get("/no/such/path"), 404)
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status"),
+    [
+        ("/identities", {"limit": 0}, 422),
+        ("/identities", {"limit": 501}, 422),
+        ("/identities", {"min_entropy": "many"}, 422),
+        ("/identities", {"min_entropy": 3, "max_entropy": 1}, 400),
+        ("/identities", {"identity_type": "echo"}, 422),
+        ("/identities", {"cursor": "garbage"}, 400),
+        ("/search", {}, 422),
+        ("/search", {"q": ""}, 422),
+        ("/search", {"q": "   "}, 400),
+        ("/search", {"q": "x" * 257}, 422),
+        ("/search", {"q": "river", "offset": 10_001}, 422),
+    ],
+)
+def test_bad_parameters_are_json_errors_with_a_message(client, path, params, status):
+    _json_error(client.get(path, params=params), status)
+
+
+def test_metrics_and_openapi_are_served(client):
+    client.get("/identities", params={"limit": 1})
+    text = client.get("/metrics").text
+    assert "kimera_identity_operation_duration_seconds" in text
+    spec = client.get("/openapi.json").json()
+    assert {"/identities/{identity_id}", "/search", "/identities", "/healthz", "/metrics"} <= set(
+        spec["paths"]
+    )

@@ -1,0 +1,158 @@
+"""Query functions against a real DuckDB file: migrated demo data, both read stores."""
+
+from __future__ import annotations
+
+import shutil
+
+import duckdb
+import pytest
+
+from kimera_core import query, textsearch
+from kimera_core.migration import migrate
+from kimera_core.rollout import set_stage
+
+
+@pytest.fixture(scope="module")
+def db(demo_db, tmp_path_factory):
+    """A migrated copy of the session's demo database, reads on identities, text indexed."""
+    path = tmp_path_factory.mktemp("query") / "query.duckdb"
+    shutil.copy(demo_db[0], path)
+    con = duckdb.connect(str(path))
+    migrate(con)
+    set_stage(con, "dual-write", "test", "query tests")
+    textsearch.build_text_index(con, "legacy")
+    con.close()
+    con = duckdb.connect(str(path), read_only=True)
+    yield con
+    con.close()
+
+
+@pytest.mark.parametrize("source", ["new", "legacy"])
+def test_entropy_range_is_inclusive_sorted_and_paged_without_gaps(db, source):
+    whole = query.find_identities_by_entropy(db, 1.0, 2.0, limit=500, source=source)
+    assert whole.items and whole.source == source
+    entropies = [h.entropy for h in whole.items]
+    assert all(1.0 <= e <= 2.0 for e in entropies)
+    keys = [(-h.entropy, h.identity.id) for h in whole.items]
+    assert keys == sorted(keys)
+    paged, cursor = [], None
+    for _ in range(100):
+        page = query.find_identities_by_entropy(
+            db, 1.0, 2.0, limit=37, cursor=cursor, source=source
+        )
+        paged += [h.identity.id for h in page.items]
+        cursor = page.next_cursor
+        if cursor is None or len(paged) >= 500:
+            break
+    assert paged[:500] == [h.identity.id for h in whole.items][: len(paged[:500])]
+    if source == "new":  # legacy may hold one id twice (a scar id colliding with a geoid's)
+        assert len(set(paged)) == len(paged)
+
+
+@pytest.mark.parametrize("source", ["new", "legacy"])
+def test_entropy_filters_by_type_language_and_tag(db, source):
+    page = query.find_identities_by_entropy(
+        db, 0, 100, identity_type="geoid", lang="ar", tag="memory", limit=50, source=source
+    )
+    assert page.items
+    for hit in page.items:
+        assert hit.identity.identity_type == "geoid"
+        assert hit.identity.lang_axis == "ar"
+        assert "memory" in hit.identity.tags
+    scars = query.find_identities_by_entropy(db, identity_type="scar", limit=20, source=source)
+    assert {h.identity.identity_type for h in scars.items} == {"scar"}
+
+
+def test_both_stores_agree_on_an_entropy_page_of_migrated_rows(db):
+    # rows the migration quarantined are in legacy only
+    new = query.find_identities_by_entropy(db, 2.0, 2.2, lang="fr", limit=100, source="new")
+    old = query.find_identities_by_entropy(db, 2.0, 2.2, lang="fr", limit=100, source="legacy")
+    migrated = {r[0] for r in db.execute("SELECT id FROM identities").fetchall()}
+    assert [(h.identity.id, round(h.entropy, 9)) for h in new.items] == [
+        (h.identity.id, round(h.entropy, 9)) for h in old.items if h.identity.id in migrated
+    ]
+
+
+def test_an_empty_range_gives_an_empty_page(db):
+    page = query.find_identities_by_entropy(db, 900.0, 1000.0)
+    assert page.items == [] and page.next_cursor is None
+
+
+@pytest.mark.parametrize("source", ["new", "legacy"])
+def test_get_identity_returns_the_identity_with_its_entropy_or_none(db, source):
+    some = query.find_identities_by_entropy(db, 1.0, 3.0, limit=1, source=source).items[0]
+    hit = query.get_identity(db, some.identity.id, source=source)
+    assert hit.identity.id == some.identity.id
+    assert hit.entropy == pytest.approx(some.entropy)
+    assert query.get_identity(db, "no-such-id", source=source) is None
+
+
+@pytest.mark.parametrize("source", ["new", "legacy"])
+def test_related_returns_every_scar_touching_a_geoid(db, source):
+    gid, expected = db.execute(
+        "SELECT g, list(s.sid ORDER BY s.sid) FROM ("
+        "  SELECT id AS sid, unnest(TRY_CAST(related_ids AS VARCHAR[])) AS g FROM legacy_scars"
+        ") s JOIN identities i ON i.id = s.g GROUP BY g ORDER BY count(*) DESC, g LIMIT 1"
+    ).fetchone()
+    found, cursor = [], None
+    while True:
+        page = query.find_related(db, gid, limit=1, cursor=cursor, source=source)
+        found += [h.identity.id for h in page.items]
+        assert all(gid in h.identity.related_ids for h in page.items)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert found == [s for s in expected if query.get_identity(db, s, source=source)]
+    assert query.find_related(db, "no-such-id", source=source).items == []
+
+
+@pytest.mark.parametrize(
+    ("text", "lang", "needle"),
+    [
+        ("bibliotheque", "fr", "bibliothèque"),
+        ("HIPOTESIS", "es", "hipótesis"),
+        ("المكتبه القديمه", "ar", "المكتبة القديمة"),
+        ("図書館", "ja", "図書館"),
+        ("Größe Welt", "de", "Größe der Welt"),
+    ],
+)
+def test_text_search_is_multilingual(db, text, lang, needle):
+    page = query.search_text(db, text, limit=10, source="new")
+    assert page.items
+    assert all(needle in h.identity.raw for h in page.items[:3])
+    assert page.items[0].identity.lang_axis == lang
+    scores = [h.score for h in page.items]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_text_search_without_a_match_is_empty_and_offsets_page(db):
+    assert query.search_text(db, "xylophone", source="new").items == []
+    first = query.search_text(db, "river", limit=5)
+    second = query.search_text(db, "river", limit=5, offset=5)
+    assert first.next_offset == 5
+    assert not {h.identity.id for h in first.items} & {h.identity.id for h in second.items}
+
+
+def test_reads_follow_the_rollout_stage(db):
+    assert query.read_source(db) == "legacy"  # dual-write reads legacy
+    assert query.find_identities_by_entropy(db, 0, 10, limit=1).source == "legacy"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: query.find_identities_by_entropy(c, 2.0, 1.0),
+        lambda c: query.find_identities_by_entropy(c, limit=0),
+        lambda c: query.find_identities_by_entropy(c, limit=query.MAX_LIMIT + 1),
+        lambda c: query.find_identities_by_entropy(c, float("nan")),
+        lambda c: query.find_identities_by_entropy(c, identity_type="echo"),
+        lambda c: query.find_identities_by_entropy(c, cursor="not-a-cursor"),
+        lambda c: query.find_related(c, "x", cursor=query.encode_cursor([1.0, "x"])),
+        lambda c: query.search_text(c, "x" * (query.MAX_QUERY_CHARS + 1)),
+        lambda c: query.search_text(c, "   "),
+        lambda c: query.search_text(c, "river", offset=query.MAX_OFFSET + 1),
+    ],
+)
+def test_out_of_bounds_parameters_are_refused(db, call):
+    with pytest.raises(query.QueryError):
+        call(db)
