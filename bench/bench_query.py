@@ -1,0 +1,209 @@
+"""Query latency on 1 M identities: through the HTTP API and in-process, p50 / p99.
+
+    python bench/bench_query.py [--geoids 700000 --scars 300000] [--queries 300]
+                                [--only query|semantic] [--semantic-rows 100000]
+
+Builds (once, reused) a demo database of geoids + scars, migrates it, sets the stage to
+read-new (reads from identities) and builds the text index; then runs the same random
+queries (entropy range, text search, by-id lookup) in-process and through a real
+`kimera serve` over HTTP (one keep-alive client, sequential). The semantic part times
+cosine search over N stored embeddings, exact vs the IVF index (kimera_core.semantic).
+Prints JSON; docs/benchmarks.md records a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.servers import free_port, stop_process_group, wait_until  # noqa: E402
+
+from kimera_core import query, textsearch  # noqa: E402
+from kimera_core.demo import generate_demo_data  # noqa: E402
+from kimera_core.migration import migrate  # noqa: E402
+from kimera_core.rollout import set_stage  # noqa: E402
+
+WORDS = [
+    "river",
+    "memory",
+    "morning light",
+    "bibliothèque",
+    "promesse oubliée",
+    "المكتبة",
+    "ضوء الصباح",
+    "biblioteca antigua",
+    "Erinnerung",
+    "図書館",
+    "記憶",
+    "contradiction rule",
+    "the quiet city",
+]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(statistics.median(ms), 2),
+        "p99_ms": round(pct(ms, 0.99), 2),
+        "n": len(ms),
+    }
+
+
+def prepare(path: Path, geoids: int, scars: int) -> dict[str, float]:
+    timings: dict[str, float] = {}
+    if path.exists():
+        return timings
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    generate_demo_data(path, geoids=geoids, scars=scars, seed=11)
+    timings["demo_data_s"] = round(time.perf_counter() - t, 1)
+    with duckdb.connect(str(path)) as con:
+        t = time.perf_counter()
+        migrate(con)
+        timings["migrate_s"] = round(time.perf_counter() - t, 1)
+        set_stage(con, "read-new", "bench", "query benchmark")
+        t = time.perf_counter()
+        textsearch.build_text_index(con, "new")
+        timings["text_index_s"] = round(time.perf_counter() - t, 1)
+        con.execute("CHECKPOINT")
+    return timings
+
+
+def workload(con: duckdb.DuckDBPyConnection, n: int, seed: int) -> list[tuple[str, dict]]:
+    rng = random.Random(seed)
+    ids = [
+        r[0]
+        for r in con.execute(
+            "SELECT id FROM identities USING SAMPLE reservoir(?) REPEATABLE (1)", [n]
+        ).fetchall()
+    ]
+    plan: list[tuple[str, dict]] = []
+    for i in range(n):
+        low = round(rng.uniform(0, 2.5), 3)
+        plan.append(("entropy", {"min_entropy": low, "max_entropy": low + 0.5, "limit": 50}))
+        plan.append(("text", {"q": rng.choice(WORDS), "limit": 20}))
+        plan.append(("by_id", {"id": ids[i % len(ids)]}))
+    return plan
+
+
+def in_process(con: duckdb.DuckDBPyConnection, plan: list[tuple[str, dict]]) -> dict:
+    times: dict[str, list[float]] = {"entropy": [], "text": [], "by_id": []}
+    for kind, p in plan:
+        t = time.perf_counter()
+        if kind == "entropy":
+            query.find_identities_by_entropy(
+                con, p["min_entropy"], p["max_entropy"], limit=p["limit"]
+            )
+        elif kind == "text":
+            query.search_text(con, p["q"], limit=p["limit"])
+        else:
+            query.get_identity(con, p["id"])
+        times[kind].append((time.perf_counter() - t) * 1000)
+    return {k: summary(v) for k, v in times.items()}
+
+
+def over_http(path: Path, plan: list[tuple[str, dict]]) -> dict:
+    port = free_port()
+    kimera = Path(sys.executable).parent / "kimera"
+    proc = subprocess.Popen(
+        [str(kimera), "serve", "--db", str(path), "--port", str(port), "--no-index"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    times: dict[str, list[float]] = {"entropy": [], "text": [], "by_id": []}
+    try:
+        wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, 0.2, "serve")
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for _ in range(20):  # warm up the connection and the caches
+                client.get("/identities", params={"limit": 1})
+            for kind, p in plan:
+                if kind == "by_id":
+                    req = ("/identities/" + p["id"], {})
+                else:
+                    req = ("/identities" if kind == "entropy" else "/search", p)
+                t = time.perf_counter()
+                r = client.get(req[0], params=req[1])
+                times[kind].append((time.perf_counter() - t) * 1000)
+                r.raise_for_status()
+    finally:
+        stop_process_group(proc)
+    return {k: summary(v) for k, v in times.items()}
+
+
+def semantic_bench(rows: int, queries: int) -> dict:
+    from kimera_core import semantic
+
+    con = duckdb.connect()
+    t = time.perf_counter()
+    semantic.load_random_embeddings(con, rows, seed=5)
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    info = semantic.build_ivf_index(con)
+    build_s = time.perf_counter() - t
+    import numpy as np
+
+    rng = np.random.default_rng(9)
+    exact, ivf, recall = [], [], []
+    for _ in range(queries):
+        v = rng.standard_normal(semantic.DIM).astype("float32")
+        t = time.perf_counter()
+        a = semantic.search_vector(con, v, k=10, method="exact")
+        exact.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        b = semantic.search_vector(con, v, k=10, method="ivf")
+        ivf.append((time.perf_counter() - t) * 1000)
+        recall.append(len({h[0] for h in a} & {h[0] for h in b}) / 10)
+    return {
+        "rows": rows,
+        "load_s": round(load_s, 1),
+        "index_build_s": round(build_s, 1),
+        "index": info,
+        "exact": summary(exact),
+        "ivf": summary(ivf),
+        "ivf_recall_at_10": round(statistics.mean(recall), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--db", type=Path, default=ROOT / "var" / "bench" / "query_1m.duckdb")
+    parser.add_argument("--geoids", type=int, default=700_000)
+    parser.add_argument("--scars", type=int, default=300_000)
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--semantic-rows", type=int, default=100_000)
+    parser.add_argument("--only", choices=["query", "semantic"])
+    args = parser.parse_args()
+    out: dict = {"duckdb": duckdb.__version__}
+    if args.only != "semantic":
+        out["prepare"] = prepare(args.db, args.geoids, args.scars)
+        with duckdb.connect(str(args.db), read_only=True) as con:
+            out["identities"] = con.execute("SELECT count(*) FROM identities").fetchone()[0]
+            plan = workload(con, args.queries, seed=3)
+            in_process(con, plan[:60])  # warm-up
+            out["in_process"] = in_process(con, plan)
+        out["http"] = over_http(args.db, plan)
+    if args.only != "query":
+        out["semantic"] = semantic_bench(args.semantic_rows, 100)
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

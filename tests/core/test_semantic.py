@@ -1,0 +1,91 @@
+"""Semantic search: the numpy all-MiniLM-L6-v2 encoder, stored vectors, exact vs IVF search."""
+
+from __future__ import annotations
+
+import os
+
+import duckdb
+import numpy as np
+import pytest
+
+from kimera_core import semantic
+
+
+def _encoder() -> semantic.Encoder:
+    try:
+        return semantic.Encoder()
+    except semantic.SemanticUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI installs the [semantic] extra and the model: {exc}")
+        pytest.skip(f"semantic extra not installed: {exc}")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return _encoder()
+
+
+def test_embeddings_are_unit_vectors_matching_the_published_similarity(encoder):
+    v = encoder.encode(
+        [
+            "A man is eating food.",
+            "A man is eating a piece of bread.",
+            "The girl is carrying a baby.",
+        ]
+    )
+    assert v.shape == (3, semantic.DIM)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    # sentence-transformers' documented similarity for this pair with all-MiniLM-L6-v2
+    assert float(v[0] @ v[1]) == pytest.approx(0.7553, abs=0.01)
+    assert float(v[0] @ v[2]) < 0.1
+
+
+def test_geoids_are_embedded_and_found_by_meaning(encoder):
+    con = duckdb.connect()
+    con.execute(
+        "CREATE TABLE identities (id TEXT PRIMARY KEY, identity_type TEXT, data JSON, "
+        "created_at DOUBLE, updated_at DOUBLE, lang_axis TEXT, entropy_score DOUBLE)"
+    )
+    texts = {
+        "g1": "The old library keeps forgotten books",
+        "g2": "A storm floods the river at night",
+        "g3": "Children play football in the park",
+    }
+    for key, text in texts.items():
+        con.execute(
+            "INSERT INTO identities VALUES (?, 'geoid', json_object('raw', ?), 0, 0, 'en', 0)",
+            [key, text],
+        )
+    assert semantic.embed_geoids(con, encoder) == 3
+    assert semantic.embed_geoids(con, encoder) == 0  # only missing vectors are computed
+    hits = semantic.search_text(con, encoder, "a flood on the water", k=3)
+    assert hits[0][0] == "g2"
+    assert semantic.search_text(con, encoder, "reading in a library", k=1)[0][0] == "g1"
+
+
+def test_ivf_search_finds_what_exact_search_finds():
+    con = duckdb.connect()
+    semantic.load_random_embeddings(con, 3000, seed=1)
+    info = semantic.build_ivf_index(con, lists=16)
+    assert info == {"vectors": 3000, "lists": 16, "iterations": 10}
+    rng = np.random.default_rng(2)
+    recalls = []
+    for _ in range(10):
+        q = rng.standard_normal(semantic.DIM)
+        exact = semantic.search_vector(con, q, k=10, method="exact")
+        assert [s for _, s in exact] == sorted((s for _, s in exact), reverse=True)
+        probed_all = semantic.search_vector(con, q, k=10, method="ivf", nprobe=16)
+        assert [i for i, _ in probed_all] == [i for i, _ in exact]
+        some = semantic.search_vector(con, q, k=10, method="ivf", nprobe=4)
+        recalls.append(len({i for i, _ in some} & {i for i, _ in exact}) / 10)
+    assert np.mean(recalls) > 0.3  # random vectors are the worst case for an IVF index
+
+
+def test_an_empty_store_has_nothing_to_index_and_search_without_index_is_exact():
+    con = duckdb.connect()
+    con.execute(semantic.EMBEDDINGS_DDL)
+    with pytest.raises(ValueError):
+        semantic.build_ivf_index(con)
+    vec = np.eye(semantic.DIM, dtype=np.float32)[:2]
+    semantic.store_embeddings(con, ["a", "b"], vec)
+    assert semantic.search_vector(con, vec[1], k=1) == [("b", pytest.approx(1.0))]
