@@ -24,13 +24,14 @@ DB_OPTION = click.option(
 def _build_index_if_needed(db_path: Path, force: bool) -> dict:
     from kimera_core import query, textsearch
 
+    if not force:  # a read-only look first: other readers may hold the file
+        with connect(db_path, read_only=True) as con:
+            status = textsearch.index_status(con, query.read_source(con))
+        if status.exists and not status.stale:
+            return {"built": False, **status.to_dict()}
     with connect(db_path) as con:
-        source = query.read_source(con)
-        status = textsearch.index_status(con, source)
-        if force or not status.exists or status.stale:
-            status = textsearch.build_text_index(con, source)
-            return {"built": True, **status.to_dict()}
-    return {"built": False, **status.to_dict()}
+        status = textsearch.build_text_index(con, query.read_source(con))
+    return {"built": True, **status.to_dict()}
 
 
 @click.command("search-index")
