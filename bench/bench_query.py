@@ -90,7 +90,7 @@ def workload(con: duckdb.DuckDBPyConnection, n: int, seed: int) -> list[tuple[st
     ids = [
         r[0]
         for r in con.execute(
-            "SELECT id FROM identities USING SAMPLE reservoir(?) REPEATABLE (1)", [n]
+            "SELECT id FROM identities ORDER BY hash(id, 1) LIMIT ?", [n]
         ).fetchall()
     ]
     plan: list[tuple[str, dict]] = []

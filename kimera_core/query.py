@@ -163,10 +163,17 @@ _ENTROPY_FILTER = """
 ORDER BY entropy DESC, id
 LIMIT $limit
 """
-NEW_ENTROPY_SQL = (
-    "SELECT data, entropy FROM ("
-    "  SELECT id, identity_type, lang_axis, entropy_score AS entropy, data, "
-    "         data->'$.tags' AS tags FROM identities"
+# Keys first (entropy_score, id: narrow columns, a top-N), then the documents of that page by
+# key: reading ``data`` for every row in range would cost a JSON column scan.
+NEW_ENTROPY_KEYS_SQL = (
+    "SELECT id, entropy FROM ("
+    "  SELECT id, identity_type, lang_axis, entropy_score AS entropy, NULL AS tags FROM identities"
+    ") WHERE " + _ENTROPY_FILTER
+)
+NEW_ENTROPY_TAG_KEYS_SQL = (
+    "SELECT id, entropy FROM ("
+    "  SELECT id, identity_type, lang_axis, entropy_score AS entropy, data->'$.tags' AS tags "
+    "  FROM identities"
     ") WHERE " + _ENTROPY_FILTER
 )
 LEGACY_ENTROPY_SQL = (
@@ -177,12 +184,10 @@ NEW_BY_ID_SQL = "SELECT data, entropy_score FROM identities WHERE id = ?"
 LEGACY_GEOID_SQL = f"SELECT {GEOID_COLUMNS} FROM legacy_geoids WHERE gid = ?"
 LEGACY_SCAR_SQL = f"SELECT {SCAR_COLUMNS} FROM legacy_scars WHERE id = ?"
 
-NEW_BY_IDS_SQL = (
-    "SELECT data, entropy_score FROM identities WHERE id IN (SELECT unnest($ids::VARCHAR[]))"
-)
-LEGACY_GEOIDS_BY_IDS_SQL = (
-    f"SELECT {GEOID_COLUMNS} FROM legacy_geoids WHERE gid IN (SELECT unnest($ids::VARCHAR[]))"
-)
+# A page's rows by key: an IN list of placeholders (as many as keys, at most MAX_LIMIT + 1)
+# uses the primary-key index; a join with a list parameter scans the JSON column instead.
+NEW_BY_IDS_SQL = "SELECT data, entropy_score FROM identities WHERE id IN ({marks})"
+LEGACY_GEOIDS_BY_IDS_SQL = f"SELECT {GEOID_COLUMNS} FROM legacy_geoids WHERE gid IN ({{marks}})"
 
 # Scars whose related_ids hold the id: a substring test first (cheap) then the exact one.
 NEW_RELATED_SQL = """
@@ -265,8 +270,11 @@ def find_identities_by_entropy(
         "limit": limit + 1,
     }
     if source == "new":
-        rows = con.execute(NEW_ENTROPY_SQL, params).fetchall()
-        hits = [Hit(Identity.from_document(r[0]), r[1]) for r in rows]
+        keys = con.execute(
+            NEW_ENTROPY_TAG_KEYS_SQL if tag is not None else NEW_ENTROPY_KEYS_SQL, params
+        ).fetchall()
+        found = _identities_by_ids(con, [k[0] for k in keys], source)
+        hits = [Hit(found[k][0], e) for k, e in keys if k in found]
     else:
         rows = con.execute(LEGACY_ENTROPY_SQL, params).fetchall()
         hits = [Hit(_as_identity(_legacy_identity(r)), r[11]) for r in rows]
@@ -352,13 +360,15 @@ def _identities_by_ids(
 ) -> dict[str, tuple[Identity, float | None]]:
     if not ids:
         return {}
+    assert len(ids) <= MAX_LIMIT + 1
+    marks = ", ".join("?" * len(ids))
     out: dict[str, tuple[Identity, float | None]] = {}
     if source == "new":
-        for data, entropy in con.execute(NEW_BY_IDS_SQL, {"ids": ids}).fetchall():
+        for data, entropy in con.execute(NEW_BY_IDS_SQL.format(marks=marks), ids).fetchall():
             identity = Identity.from_document(data)
             out[identity.id] = (identity, entropy)
         return out
-    for row in con.execute(LEGACY_GEOIDS_BY_IDS_SQL, {"ids": ids}).fetchall():
+    for row in con.execute(LEGACY_GEOIDS_BY_IDS_SQL.format(marks=marks), ids).fetchall():
         identity = geoid_from_row(row).to_identity()
         out[identity.id] = (identity, identity_entropy(identity))
     return out
