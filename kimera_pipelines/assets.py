@@ -352,7 +352,7 @@ def rollout_stage(
     action = config.action or context.run.tags.get(ACTION_TAG, "advance")
     with database.connect() as con:
         if action == "advance":
-            evidence = rollout_evidence(context.instance, context.run_id)
+            evidence = rollout_evidence(context.instance, context.run.run_id)
             current = rollout.get_stage(con)
             target = config.target or rollout.next_stage(current) or current
             rollout.check_stage(target)
