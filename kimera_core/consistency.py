@@ -28,20 +28,10 @@ from typing import Any
 
 import duckdb
 
+from kimera_core.identity import DOCUMENT_KEYS
 from kimera_core.shadow import DEFAULT_TOLERANCE, Tolerance
 
-FIELDS: tuple[str, ...] = (
-    "identity_type",
-    "raw",
-    "echo",
-    "lang_axis",
-    "tags",
-    "weight",
-    "related_ids",
-    "meta",
-    "created_at",
-    "updated_at",
-)
+FIELDS: tuple[str, ...] = DOCUMENT_KEYS[1:]  # every mapped field but the key
 DEFAULT_SAMPLE = 20
 TOP_SEGMENT_ROWS = 65_536  # rows per segment of the first checksum pass, on average
 LEAF_ROWS = 1024  # a segment this small is compared row by row rather than split again

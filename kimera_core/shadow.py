@@ -21,22 +21,11 @@ from typing import Any, TypeVar
 import duckdb
 
 from kimera_core import metrics
-from kimera_core.identity import Identity
+from kimera_core.identity import DOCUMENT_KEYS, Identity
 
 T = TypeVar("T")
 
-COMPARED_FIELDS: tuple[str, ...] = (
-    "identity_type",
-    "raw",
-    "echo",
-    "lang_axis",
-    "tags",
-    "weight",
-    "related_ids",
-    "meta",
-    "created_at",
-    "updated_at",
-)
+COMPARED_FIELDS: tuple[str, ...] = DOCUMENT_KEYS[1:]  # every field but the key
 JSON_FIELDS = frozenset({"tags", "related_ids", "meta"})
 TIME_FIELDS = frozenset({"created_at", "updated_at"})
 MISSING_IN_NEW = "<missing in new>"

@@ -32,7 +32,7 @@ from kimera_core import metrics
 from kimera_core.db import open_database
 from kimera_core.entropy import geoid_entropy_sql, identity_entropy, scar_entropy_sql
 from kimera_core.errors import KimeraError
-from kimera_core.identity import ConversionError, Identity, epoch_to_iso
+from kimera_core.identity import DOCUMENT_KEYS, ConversionError, Identity, epoch_to_iso
 from kimera_core.legacy import (
     GEOID_COLUMNS,
     SCAR_COLUMNS,
@@ -79,19 +79,7 @@ def _union_entropy(geoid_sql: str, scar_sql: str) -> str:
 
 # --- batch writes: set-based over a registered Arrow table ---------------------------------
 BATCH_VIEW = "kimera_storage_batch"
-BATCH_COLUMNS: tuple[str, ...] = (
-    "id",
-    "identity_type",
-    "raw",
-    "echo",
-    "lang_axis",
-    "tags",
-    "weight",
-    "related_ids",
-    "meta",
-    "created_at",
-    "updated_at",
-)
+BATCH_COLUMNS: tuple[str, ...] = DOCUMENT_KEYS
 
 # epoch seconds -> the P1 ISO text, in SQL for every value whose shortest repr has at most six
 # fraction digits (then microseconds are exact and epoch_to_iso writes exactly these six);
