@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import duckdb
 from rich.console import Console
 from rich.table import Table
 
@@ -273,6 +274,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except KimeraError as exc:
         click.echo(f"kimera: error: {exc}", err=True)
+        sys.exit(1)
+    except duckdb.Error as exc:
+        # an operational failure inside DuckDB (out of memory, disk full, I/O): one line, no
+        # traceback; every write is transactional, so nothing is half-written
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        click.echo(f"kimera: error: DuckDB: {first}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("kimera: interrupted", err=True)

@@ -40,7 +40,7 @@ IDENTITY_COLUMNS = [
 ]
 # Rows of the larger legacy table per partition when --partitions is not given: bounds the
 # memory of one partition's transaction (docs/benchmarks.md has the measured peak).
-ROWS_PER_PARTITION = 250_000
+ROWS_PER_PARTITION = 100_000
 MEMORY_LIMIT_ENV = "KIMERA_MEMORY_LIMIT"
 DEFAULT_MEMORY_LIMIT = "1GB"
 
@@ -671,6 +671,14 @@ def migrate(
             try:
                 counts, _ = _migrate_partition(con, run_id, kind, bucket, buckets, record=True)
                 con.execute("COMMIT")
+            except duckdb.OutOfMemoryException as exc:
+                con.execute("ROLLBACK")
+                raise KimeraError(
+                    f"out of memory in {kind} partition {bucket} of run {run_id} "
+                    f"({str(exc).splitlines()[0]}); the run resumes from this partition: raise "
+                    f"{MEMORY_LIMIT_ENV} (now {os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT)})"
+                    " or roll the run back and start again with more --partitions"
+                ) from None
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
