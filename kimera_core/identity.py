@@ -294,8 +294,3 @@ class Scar:
             created_at=self.created_at,
             updated_at=self.updated_at,
         )
-
-
-def identity_from_legacy(record: Geoid | Scar) -> Identity:
-    """ADR-001 mapping of a legacy record."""
-    return record.to_identity()

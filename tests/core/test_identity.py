@@ -19,7 +19,6 @@ from kimera_core.identity import (
     Scar,
     epoch_to_iso,
     geoid_id,
-    identity_from_legacy,
     iso_to_epoch,
 )
 
@@ -163,7 +162,7 @@ def test_geoid_maps_to_identity_fields_per_adr_001():
         updated_at=2.0,
         scars=["s1"],
     )
-    identity = identity_from_legacy(geoid)
+    identity = geoid.to_identity()
     assert identity == Identity(
         id="g1",
         identity_type="geoid",
@@ -181,7 +180,7 @@ def test_geoid_maps_to_identity_fields_per_adr_001():
 
 def test_scar_maps_to_identity_fields_per_adr_001():
     scar = Scar("scar_1", ["a", "b"], 0.8, {"relationship_type": "contradicts"}, 1.0, 2.0)
-    identity = identity_from_legacy(scar)
+    identity = scar.to_identity()
     assert identity == Identity(
         id="scar_1",
         identity_type="scar",
