@@ -301,8 +301,10 @@ def entropy_distribution_report(database: KimeraDatabase) -> dg.MaterializeResul
         "taken before every rollout advance."
     ),
 )
-def database_backup(database: KimeraDatabase) -> dg.MaterializeResult:
-    target = database.backups_path / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+def database_backup(
+    context: dg.AssetExecutionContext, database: KimeraDatabase
+) -> dg.MaterializeResult:
+    target = database.new_backup_path(context.run.run_id)
     manifest = backup_database(database.path, target)
     return dg.MaterializeResult(
         metadata={

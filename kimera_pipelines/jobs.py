@@ -4,8 +4,6 @@ Every job runs in-process: DuckDB allows one writer process per file, so a run's
 share one process and hold a connection one step at a time.
 """
 
-import time
-
 import dagster as dg
 
 from kimera_core.backup import backup_database
@@ -108,8 +106,8 @@ rollback_reads_job = dg.define_asset_job(
 @dg.op(
     description="Back up the database before the migration is rolled back.", pool="kimera_duckdb"
 )
-def backup_before_rollback(database: KimeraDatabase) -> str:
-    target = database.backups_path / time.strftime("%Y%m%dT%H%M%SZ-pre-rollback", time.gmtime())
+def backup_before_rollback(context: dg.OpExecutionContext, database: KimeraDatabase) -> str:
+    target = database.new_backup_path(context.run.run_id, "-pre-rollback")
     backup_database(database.path, target)
     return str(target)
 

@@ -59,6 +59,15 @@ class KimeraDatabase(dg.ConfigurableResource):
     def backups_path(self) -> Path:
         return Path(self.backups_dir) if self.backups_dir else Path(self.path).parent / "backups"
 
+    def new_backup_path(self, run_id: str, suffix: str = "") -> Path:
+        """A fresh backup folder: UTC time to the second, then the Dagster run id.
+
+        The run id keeps two backups taken in the same second (two runs, or a retry)
+        from colliding; backup_database refuses a folder that is not empty.
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        return self.backups_path / f"{stamp}-{run_id[:8]}{suffix}"
+
 
 def database_from_env() -> KimeraDatabase:
     """The database named by KIMERA_DB (read when a run starts), else var/kimera.duckdb."""

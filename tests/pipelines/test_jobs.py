@@ -149,3 +149,14 @@ def test_migration_rollback_job_refuses_while_reads_come_from_identities(
     assert run_job("rollback_migration_job", instance, database).success
     with connect(db_path, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM kimera_migration_changes").fetchone()[0] == 0
+
+
+def test_two_rollbacks_in_the_same_second_back_up_to_distinct_folders(instance, database, db_path):
+    """Backup folders carry the run id: a second run within the same second must not collide."""
+    assert run_job("migration_job", instance, database, tags=ALL_BUCKETS).success
+    first = run_job("rollback_migration_job", instance, database)
+    second = run_job("rollback_migration_job", instance, database)
+    assert first.success and second.success
+    folders = sorted(p.name for p in (db_path.parent / "backups").iterdir())
+    assert len(folders) == 2
+    assert {first.run_id[:8], second.run_id[:8]} == {f.split("-")[1] for f in folders}
