@@ -579,29 +579,17 @@ def push(
     job: str,
     grouping_key: Mapping[str, str] | None = None,
     *,
+    replace: bool = True,
     gateway: str | None = None,
     timeout: float = 10.0,
 ) -> None:
-    """PUT a group to the Pushgateway (replacing the group); raises OSError on failure."""
-    push_to_gateway(
-        gateway or pushgateway_address(),
-        job=job,
-        registry=registry,
-        grouping_key=dict(grouping_key or {}),
-        timeout=timeout,
-    )
+    """Push a group to the Pushgateway; raises OSError on failure.
 
-
-def pushadd(
-    registry: CollectorRegistry,
-    job: str,
-    grouping_key: Mapping[str, str] | None = None,
-    *,
-    gateway: str | None = None,
-    timeout: float = 10.0,
-) -> None:
-    """POST to a group: replaces only the metrics pushed, keeps the group's others."""
-    pushadd_to_gateway(
+    ``replace=True`` PUTs (the group becomes exactly these metrics); ``replace=False`` POSTs
+    (only the metrics pushed are replaced, the group's others are kept).
+    """
+    send = push_to_gateway if replace else pushadd_to_gateway
+    send(
         gateway or pushgateway_address(),
         job=job,
         registry=registry,

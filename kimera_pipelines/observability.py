@@ -272,12 +272,14 @@ def _push(
 ) -> bool:
     gateway = metrics.pushgateway_address()
     try:
-        if replace:
-            metrics.push(registry, job, grouping_key, gateway=gateway, timeout=PUSH_TIMEOUT_SECONDS)
-        else:
-            metrics.pushadd(
-                registry, job, grouping_key, gateway=gateway, timeout=PUSH_TIMEOUT_SECONDS
-            )
+        metrics.push(
+            registry,
+            job,
+            grouping_key,
+            replace=replace,
+            gateway=gateway,
+            timeout=PUSH_TIMEOUT_SECONDS,
+        )
     except OSError as exc:  # URLError and HTTPError are OSErrors
         _count_failure(instance)
         log.warning(f"push of {job} {dict(grouping_key or {})} to {gateway} failed: {exc}")
