@@ -135,7 +135,7 @@ CREATE OR REPLACE TEMP MACRO kimera_same_doc(a, b, kind) AS (
 # Only this partition's bucket: the scan hashes every id but reads documents for 1/N rows.
 _EXISTING = """(SELECT id AS i_id, identity_type AS i_type, data AS i_data, created_at AS i_created,
           updated_at AS i_updated, lang_axis AS i_lang, entropy_score AS i_entropy
-   FROM identities WHERE hash(id) % $buckets = $bucket)"""
+   FROM identities WHERE hash(id) % $buckets::UBIGINT = $bucket)"""
 
 # Entropy rows are keyed by rowid: an old file without a primary key may repeat a key.
 # The merge rule: no identity -> insert; same document and timestamps -> unchanged (a geoid's
@@ -170,7 +170,7 @@ WITH src AS (
            coalesce(g.updated_at, g.created_at) AS u_at,
            CAST(c_at AS VARCHAR) AS c_s, CAST(u_at AS VARCHAR) AS u_s
     FROM legacy_geoids g
-    WHERE hash(g.gid) % $buckets = $bucket
+    WHERE hash(g.gid) % $buckets::UBIGINT = $bucket
 ), parsed AS (
     SELECT s.*, __META__ AS meta_j, __TAGS__ AS tags_j, i.*
     FROM src s LEFT JOIN """
@@ -188,7 +188,7 @@ WITH src AS (
         list_filter([
             CASE WHEN gid IS NULL OR trim(gid) = '' THEN 'null_or_empty_key' END,
             CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
-            CASE WHEN gid IN (SELECT id FROM legacy_scars WHERE hash(id) % $buckets = $bucket)
+            CASE WHEN gid IN (SELECT id FROM legacy_scars WHERE hash(id) % $buckets::UBIGINT = $bucket)
                  THEN 'key_in_both_tables' END,
             CASE WHEN i_type <> 'geoid' THEN 'identity_type_conflict' END,
             CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
@@ -242,7 +242,7 @@ WITH src AS (
            coalesce(s.updated_at, s.created_at) AS u_at,
            CAST(c_at AS VARCHAR) AS c_s, CAST(u_at AS VARCHAR) AS u_s
     FROM legacy_scars s
-    WHERE hash(s.id) % $buckets = $bucket
+    WHERE hash(s.id) % $buckets::UBIGINT = $bucket
 ), parsed AS (
     SELECT s.*, __META__ AS meta_j, __RELATED__ AS rel_j, i.*, s.id AS key
     FROM src s LEFT JOIN """
@@ -271,7 +271,7 @@ WITH src AS (
         list_filter([
             CASE WHEN p.id IS NULL OR trim(p.id) = '' THEN 'null_or_empty_key' END,
             CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
-            CASE WHEN p.id IN (SELECT gid FROM legacy_geoids WHERE hash(gid) % $buckets = $bucket)
+            CASE WHEN p.id IN (SELECT gid FROM legacy_geoids WHERE hash(gid) % $buckets::UBIGINT = $bucket)
                  THEN 'key_in_both_tables' END,
             CASE WHEN i_type <> 'scar' THEN 'identity_type_conflict' END,
             CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
@@ -740,8 +740,8 @@ def migrate_buckets(
             on_partition(index, len(plan), kind, bucket, counts)
     legacy = int(
         con.execute(
-            "SELECT (SELECT count(*) FROM legacy_geoids WHERE list_contains($b, hash(gid) % $n))"
-            " + (SELECT count(*) FROM legacy_scars WHERE list_contains($b, hash(id) % $n))",
+            "SELECT (SELECT count(*) FROM legacy_geoids WHERE list_contains($b, hash(gid) % $n::UBIGINT))"
+            " + (SELECT count(*) FROM legacy_scars WHERE list_contains($b, hash(id) % $n::UBIGINT))",
             {"b": selected, "n": partitions},
         ).fetchone()[0]
     )
