@@ -20,6 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -102,23 +104,31 @@ def workload(con: duckdb.DuckDBPyConnection, n: int, seed: int) -> list[tuple[st
     return plan
 
 
-def in_process(con: duckdb.DuckDBPyConnection, plan: list[tuple[str, dict]]) -> dict:
-    times: dict[str, list[float]] = {"entropy": [], "text": [], "by_id": []}
-    for kind, p in plan:
-        t = time.perf_counter()
-        if kind == "entropy":
-            query.find_identities_by_entropy(
-                con, p["min_entropy"], p["max_entropy"], limit=p["limit"]
-            )
-        elif kind == "text":
-            query.search_text(con, p["q"], limit=p["limit"])
-        else:
-            query.get_identity(con, p["id"])
-        times[kind].append((time.perf_counter() - t) * 1000)
-    return {k: summary(v) for k, v in times.items()}
+def call(
+    con: duckdb.DuckDBPyConnection, kind: str, p: dict, snapshot: query.ReadSnapshot | None
+) -> None:
+    """One planned query as a function call; with ``snapshot`` as `kimera serve` runs it."""
+    if kind == "entropy":
+        query.find_identities_by_entropy(
+            con, p["min_entropy"], p["max_entropy"], limit=p["limit"], snapshot=snapshot
+        )
+    elif kind == "text":
+        query.search_text(con, p["q"], limit=p["limit"], snapshot=snapshot)
+    else:
+        query.get_identity(con, p["id"], source=None if snapshot is None else snapshot.source)
 
 
-def over_http(path: Path, plan: list[tuple[str, dict]]) -> dict:
+def request(client: httpx.Client, kind: str, p: dict) -> None:
+    if kind == "by_id":
+        r = client.get("/identities/" + p["id"])
+    else:
+        r = client.get("/identities" if kind == "entropy" else "/search", params=p)
+    r.raise_for_status()
+
+
+@contextmanager
+def served(path: Path) -> Iterator[httpx.Client]:
+    """A real `kimera serve` on a free port and a keep-alive client to it."""
     port = free_port()
     kimera = Path(sys.executable).parent / "kimera"
     proc = subprocess.Popen(
@@ -128,24 +138,46 @@ def over_http(path: Path, plan: list[tuple[str, dict]]) -> dict:
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    times: dict[str, list[float]] = {"entropy": [], "text": [], "by_id": []}
     try:
-        wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, 0.2, "serve")
+        wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 180, 0.5, "serve")
         with httpx.Client(base_url=url, timeout=30) as client:
-            for _ in range(20):  # warm up the connection and the caches
-                client.get("/identities", params={"limit": 1})
-            for kind, p in plan:
-                if kind == "by_id":
-                    req = ("/identities/" + p["id"], {})
-                else:
-                    req = ("/identities" if kind == "entropy" else "/search", p)
-                t = time.perf_counter()
-                r = client.get(req[0], params=req[1])
-                times[kind].append((time.perf_counter() - t) * 1000)
-                r.raise_for_status()
+            yield client
     finally:
         stop_process_group(proc)
-    return {k: summary(v) for k, v in times.items()}
+
+
+def side_by_side(
+    con: duckdb.DuckDBPyConnection,
+    snapshot: query.ReadSnapshot,
+    client: httpx.Client,
+    plan: list[tuple[str, dict]],
+) -> dict:
+    """Each query three ways back to back (so load from other processes hits all alike):
+    over HTTP, in-process as the server runs it (snapshot), in-process through SQL only."""
+    ways = {
+        "http": lambda k, p: request(client, k, p),
+        "in_process": lambda k, p: call(con, k, p, snapshot),
+        "in_process_sql": lambda k, p: call(con, k, p, None),
+    }
+    for kind, p in plan[:30]:  # warm-up: connection, DuckDB buffers, code paths
+        for way in ways.values():
+            way(kind, p)
+    times = {w: {"entropy": [], "text": [], "by_id": []} for w in ways}
+    for kind, p in plan:
+        for name, way in ways.items():
+            t = time.perf_counter()
+            way(kind, p)
+            times[name][kind].append((time.perf_counter() - t) * 1000)
+    out: dict = {w: {k: summary(v) for k, v in kinds.items()} for w, kinds in times.items()}
+    out["http_over_in_process_p50"] = {
+        k: round(out["http"][k]["p50_ms"] / out["in_process"][k]["p50_ms"], 2)
+        for k in times["http"]
+    }
+    out["sql_over_snapshot_p50"] = {
+        k: round(out["in_process_sql"][k]["p50_ms"] / out["in_process"][k]["p50_ms"], 2)
+        for k in times["http"]
+    }
+    return out
 
 
 def semantic_bench(rows: int, queries: int) -> dict:
@@ -197,9 +229,12 @@ def main() -> None:
         with duckdb.connect(str(args.db), read_only=True) as con:
             out["identities"] = con.execute("SELECT count(*) FROM identities").fetchone()[0]
             plan = workload(con, args.queries, seed=3)
-            in_process(con, plan[:60])  # warm-up
-            out["in_process"] = in_process(con, plan)
-        out["http"] = over_http(args.db, plan)
+            t = time.perf_counter()
+            snapshot = query.ReadSnapshot(con)
+            snapshot.warm()
+            out["snapshot_load_s"] = round(time.perf_counter() - t, 1)
+            with served(args.db) as client:
+                out.update(side_by_side(con, snapshot, client, plan))
     if args.only != "query":
         out["semantic"] = semantic_bench(args.semantic_rows, 100)
     print(json.dumps(out, indent=2, ensure_ascii=False))

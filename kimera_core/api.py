@@ -73,16 +73,20 @@ def create_app(
     """The API over the DuckDB file at ``db_path`` (read-only) or over an open connection."""
     if (db_path is None) == (con is None):
         raise ValueError("give exactly one of db_path and con")
-    state: dict[str, Any] = {"con": con, "owned": con is None}
+    state: dict[str, Any] = {"con": con, "owned": con is None, "snapshot": None}
     lock = threading.Lock()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
         if state["con"] is None:
             state["con"] = open_database(str(db_path), read_only=True)
+        if query.is_read_only(state["con"]):  # nothing can change it: index it in memory
+            state["snapshot"] = query.ReadSnapshot(state["con"])
+            state["snapshot"].warm()
         try:
             yield
         finally:
+            state["snapshot"] = None
             if state["owned"] and state["con"] is not None:
                 state["con"].close()
                 state["con"] = None
@@ -111,8 +115,16 @@ def create_app(
         finally:
             cur.close()
 
+    def snapshot() -> query.ReadSnapshot | None:
+        return state["snapshot"]
+
+    def source() -> str | None:
+        snap = state["snapshot"]
+        return None if snap is None else snap.source
+
     def timed(operation: str, cur: duckdb.DuckDBPyConnection, call: Callable[[], Any]) -> Any:
-        write_mode = routing(get_stage(cur)).write
+        snap = state["snapshot"]
+        write_mode = routing(snap.stage if snap is not None else get_stage(cur)).write
         t0 = perf_counter()
         try:
             return call()
@@ -168,7 +180,7 @@ def create_app(
     @app.get("/identities/{identity_id}", summary="One identity by id, with its entropy")
     def get_identity(identity_id: IdentityId) -> dict[str, Any]:
         with cursor() as cur:
-            hit = timed("fetch", cur, lambda: query.get_identity(cur, identity_id))
+            hit = timed("fetch", cur, lambda: query.get_identity(cur, identity_id, source=source()))
         if hit is None:
             raise ApiError(404, "not_found", f"no identity with id {identity_id!r}")
         return hit.to_dict()
@@ -205,6 +217,7 @@ def create_app(
                     tag=tag,
                     limit=limit,
                     cursor=cursor_,
+                    snapshot=snapshot(),
                 ),
             )
         return page.to_dict()
@@ -214,12 +227,14 @@ def create_app(
         identity_id: IdentityId, limit: Limit = query.DEFAULT_LIMIT, cursor_: Cursor = None
     ) -> dict[str, Any]:
         with cursor() as cur:
-            if query.get_identity(cur, identity_id) is None:
+            if query.get_identity(cur, identity_id, source=source()) is None:
                 raise ApiError(404, "not_found", f"no identity with id {identity_id!r}")
             page = timed(
                 "list",
                 cur,
-                lambda: query.find_related(cur, identity_id, limit=limit, cursor=cursor_),
+                lambda: query.find_related(
+                    cur, identity_id, limit=limit, cursor=cursor_, source=source()
+                ),
             )
         return page.to_dict()
 
@@ -243,7 +258,9 @@ def create_app(
             page = timed(
                 "search",
                 cur,
-                lambda: query.search_text(cur, q, lang=lang, limit=limit, offset=offset),
+                lambda: query.search_text(
+                    cur, q, lang=lang, limit=limit, offset=offset, snapshot=snapshot()
+                ),
             )
         return page.to_dict()
 
