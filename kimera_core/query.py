@@ -326,6 +326,10 @@ class ReadSnapshot:
     this one) out until it is closed. So what is loaded here cannot go stale; the snapshot
     refuses a writable connection, where the SQL paths answer instead. Built lazily (or by
     ``warm``) once per open database, then shared by every request's cursor.
+
+    The lock is a POSIX record lock, which a process drops when it closes *any* descriptor
+    of the file: so this process must not open the file by other means meanwhile (e.g.
+    ``kimera_core.db.open_database``, whose header check opens and closes it).
     """
 
     def __init__(self, con: duckdb.DuckDBPyConnection) -> None:

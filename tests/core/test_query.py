@@ -156,3 +156,130 @@ def test_reads_follow_the_rollout_stage(db):
 def test_out_of_bounds_parameters_are_refused(db, call):
     with pytest.raises(query.QueryError):
         call(db)
+
+
+# --- the in-memory snapshot of a read-only database (what `kimera serve` answers from) ----
+@pytest.fixture(scope="module")
+def new_db(demo_db, tmp_path_factory):
+    """A migrated copy of the demo database in read-new, text indexed from identities."""
+    path = tmp_path_factory.mktemp("snapshot") / "snapshot.duckdb"
+    shutil.copy(demo_db[0], path)
+    with duckdb.connect(str(path)) as con:
+        migrate(con)
+        set_stage(con, "read-new", "test", "snapshot tests")
+        textsearch.build_text_index(con, "new")
+    return path
+
+
+@pytest.fixture(scope="module")
+def snap(new_db):
+    con = duckdb.connect(str(new_db), read_only=True)
+    snapshot = query.ReadSnapshot(con)
+    snapshot.warm()
+    yield con, snapshot
+    con.close()
+
+
+def _keys(page: query.Page) -> list[tuple[str, float]]:
+    return [(h.identity.id, h.entropy) for h in page.items]
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {},
+        {"min_entropy": 1.0, "max_entropy": 2.0},
+        {"min_entropy": 0.0, "max_entropy": 0.0},  # the many ties at zero, ordered by id
+        {"max_entropy": 1.0, "identity_type": "scar"},
+        {"min_entropy": 0.5, "lang": "ar"},
+        {"min_entropy": 1.0, "max_entropy": 1.5, "identity_type": "geoid", "lang": "ja"},
+        {"lang": "no-such-language"},
+        {"min_entropy": 99.0},
+    ],
+)
+def test_snapshot_entropy_pages_are_the_sql_pages(snap, filters):
+    con, snapshot = snap
+    pages = {}
+    for way in ("sql", "snapshot"):
+        cursor, seen = None, []
+        for _ in range(6):  # walk several pages through the cursors each way issues
+            page = query.find_identities_by_entropy(
+                con,
+                limit=23,
+                cursor=cursor,
+                snapshot=snapshot if way == "snapshot" else None,
+                **filters,
+            )
+            seen.append((_keys(page), page.next_cursor))
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        pages[way] = seen
+    assert pages["snapshot"] == pages["sql"]
+    assert (
+        pages["sql"][0][0] or filters.get("lang") == "no-such-language" or "min_entropy" in filters
+    )
+
+
+def test_snapshot_text_ranking_is_the_sql_ranking(snap):
+    con, snapshot = snap
+    for text in ["river", "the quiet city", "bibliothèque promesse", "المكتبة", "図書館 記憶"]:
+        for offset in (0, 7):
+            sql = query.search_text(con, text, limit=13, offset=offset)
+            mem = query.search_text(con, text, limit=13, offset=offset, snapshot=snapshot)
+            assert [h.identity.id for h in mem.items] == [h.identity.id for h in sql.items]
+            assert [h.score for h in mem.items] == pytest.approx([h.score for h in sql.items])
+            assert mem.next_offset == sql.next_offset
+
+
+def test_a_snapshot_needs_a_read_only_connection(new_db, tmp_path):
+    shutil.copy(new_db, tmp_path / "w.duckdb")
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con, pytest.raises(ValueError, match="only"):
+        query.ReadSnapshot(con)
+
+
+def test_no_writer_can_open_the_file_while_a_snapshot_holds_it(new_db, tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "held.duckdb"
+    shutil.copy(new_db, path)  # before opening: any close of the file drops the lock
+    with duckdb.connect(str(path), read_only=True) as con:
+        query.ReadSnapshot(con)
+        other = subprocess.run(  # another process: DuckDB's file lock
+            [sys.executable, "-c", f"import duckdb; duckdb.connect({str(path)!r})"],
+            capture_output=True,
+            text=True,
+        )
+        assert other.returncode != 0 and "lock" in other.stderr.lower()
+        with pytest.raises(duckdb.ConnectionException, match="different configuration"):
+            duckdb.connect(str(path))  # this process: one configuration per open file
+
+
+def test_a_write_through_storage_is_in_the_next_snapshot_and_at_once_without_one(new_db, tmp_path):
+    from kimera_core.entropy import identity_entropy
+    from kimera_core.identity import Geoid
+    from kimera_core.storage import Storage
+
+    path = tmp_path / "write.duckdb"
+    shutil.copy(new_db, path)
+    tags = [f"tag{i}" for i in range(40)]
+    new = Geoid.new("a zebra crosses the quantum river", "en", tags=tags).to_identity()
+    entropy = identity_entropy(new)
+    with duckdb.connect(str(path), read_only=True) as con:
+        before = query.find_identities_by_entropy(
+            con, entropy, entropy, snapshot=query.ReadSnapshot(con)
+        )
+        assert new.id not in {h.identity.id for h in before.items}
+    with Storage.open(str(path)) as storage:
+        storage.store(new)
+        # a writable connection has no snapshot: the SQL path sees the write at once
+        page = query.find_identities_by_entropy(storage.con, entropy, entropy)
+        assert new.id in {h.identity.id for h in page.items}
+        textsearch.build_text_index(storage.con, "new")
+    with duckdb.connect(str(path), read_only=True) as con:
+        snapshot = query.ReadSnapshot(con)
+        page = query.find_identities_by_entropy(con, entropy, entropy, snapshot=snapshot)
+        assert new.id in {h.identity.id for h in page.items}
+        hits = query.search_text(con, "zebra quantum", limit=3, snapshot=snapshot).items
+        assert hits[0].identity.id == new.id

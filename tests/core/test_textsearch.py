@@ -101,3 +101,27 @@ def test_index_goes_stale_after_a_write_and_is_missing_before_a_build(con):
     assert not textsearch.index_status(fresh, "legacy").exists
     with pytest.raises(textsearch.TextIndexMissing):
         textsearch.search(fresh, "river")
+
+
+def test_the_in_memory_postings_rank_exactly_as_the_sql(con):
+    # many equal scores (repeated texts) so ties, broken by id, decide page boundaries
+    words = ["river", "city", "quiet", "light", "memory", "the"]
+    texts = [
+        " ".join([words[(i * k) % 6] for k in range(1 + i % 4)] + [f"n{i}"]) for i in range(120)
+    ]
+    insert_geoids(con, [Geoid.new(t, "en", created_at=3.0 + i) for i, t in enumerate(texts)])
+    textsearch.build_text_index(con, "legacy")
+    postings = textsearch.Postings(con)
+    for text in ["river", "river city", "the quiet light memory", "city city", "zzz", "図書館"]:
+        for limit, offset in [(1, 0), (5, 0), (7, 3), (50, 10), (500, 0)]:
+            sql = textsearch.search(con, text, limit=limit, offset=offset)
+            mem = textsearch.search(con, text, limit=limit, offset=offset, postings=postings)
+            assert [(h.id, h.matched) for h in mem] == [(h.id, h.matched) for h in sql]
+            assert [h.score for h in mem] == pytest.approx([h.score for h in sql], rel=1e-12)
+
+
+def test_in_memory_postings_need_a_built_index():
+    fresh = duckdb.connect()
+    create_legacy_schema(fresh)
+    with pytest.raises(textsearch.TextIndexMissing):
+        textsearch.Postings(fresh)
