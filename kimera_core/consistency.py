@@ -4,13 +4,23 @@ Both stores are mapped to the ADR-001 fields (id, identity_type, raw, echo, lang
 weight, related_ids, meta, created_at, updated_at) and compared set-based in DuckDB:
 
 1. row counts per store and identity type; duplicate and NULL keys;
-2. a checksum per key segment (the top bits of ``hash(id)``) over normalised fields on
-   each side; segments that agree are done; segments that differ are split further
-   (bisection, as data-diff does) until they are small, and only their rows are compared;
+2. one pass over every row of both stores: each row gets a digest, a 64-bit hash of its
+   normalised mapped fields, kept with ``hash(id)`` in a per-row temp table; the digests are
+   summed per key segment (the top bits of ``hash(id)``); segments that agree are done;
+   segments that differ are split further (bisection, as data-diff does) over that temp
+   table until they are small, and only their rows are compared;
 3. row level: keys on one side only, and rows whose fields differ (NULL-safe, weight and
    timestamps at a stated tolerance, JSON compared as values);
 4. a verdict with reasons, capped samples of offending keys, and a row in
    ``kimera_verifications`` that incremental mode starts from.
+
+Computing a digest means parsing JSON (the P1 document, the legacy JSON columns), which is
+the cost of a verification. The digest cache ``kimera_verify_digests`` keeps, per row of each
+source table, a fingerprint (``hash()`` of the row's stored columns, verbatim, no parsing)
+and the row's digest. Every verification fingerprints every row afresh and reuses a cached
+digest only when the row's fingerprint is the one the digest was computed with, so a row
+changed by any writer since (the legacy application included) is digested again; nothing
+trusts a writer to maintain the cache. docs/consistency.md gives the argument.
 
 Checksums are a fast filter, never the judge: normalised values hash exactly (JSON
 minified, timestamps in microseconds), so equal rows hash equal; a row whose hash differs is
@@ -20,6 +30,7 @@ another order). docs/consistency.md explains each finding and what to do about i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -28,20 +39,33 @@ from typing import Any
 
 import duckdb
 
+from kimera_core.checksum import row_hash_sql
 from kimera_core.identity import DOCUMENT_KEYS
 from kimera_core.shadow import DEFAULT_TOLERANCE, Tolerance
+from kimera_core.sql import vetted_identifier
 
 FIELDS: tuple[str, ...] = DOCUMENT_KEYS[1:]  # every mapped field but the key
 DEFAULT_SAMPLE = 20
 TOP_SEGMENT_ROWS = 65_536  # rows per segment of the first checksum pass, on average
 LEAF_ROWS = 1024  # a segment this small is compared row by row rather than split again
 SPLIT_BITS = 4  # each bisection step splits a differing segment into 16
+# Rewrite a store's cache entries in full (rather than patch them) when more than this share
+# of them is new, changed, stale or rejected.
+CACHE_REWRITE_SHARE = 0.25
 
 VERIFICATIONS_DDL = """CREATE TABLE IF NOT EXISTS kimera_verifications (
     verified_at DOUBLE NOT NULL,
     mode TEXT NOT NULL,
     verdict TEXT NOT NULL,
     findings JSON
+)"""
+DIGESTS_TABLE = "kimera_verify_digests"
+DIGESTS_DDL = """CREATE TABLE IF NOT EXISTS kimera_verify_digests (
+    store TEXT NOT NULL,           -- the source table: legacy_geoids, legacy_scars, identities
+    kh UBIGINT NOT NULL,           -- hash(key)
+    fingerprint UBIGINT NOT NULL,  -- hash of the row's stored columns, verbatim
+    digest UBIGINT NOT NULL,       -- hash of the row's normalised mapped fields
+    seal UBIGINT NOT NULL          -- hash(recipe, store, kh, fingerprint, digest)
 )"""
 
 # Helpers as temp macros (per connection; they work on read-only files too).
@@ -89,50 +113,104 @@ MACROS: tuple[str, ...] = (
            OR abs(a - b) <= tol * CASE WHEN rel THEN greatest(1, abs(a)) ELSE 1 END))""",
 )
 
-# Each side as (id, kh = hash(id), rh = hash of the normalised mapped fields). {where} is a
-# filter on kh (segments) or on id (incremental). A geoid's related_ids: legacy_geoids has
-# no column for it, so an empty list in identities is normalised to NULL like legacy's.
-LEGACY_HASHED = """
-SELECT id, hash(id) AS kh,
-       hash(identity_type, raw, echo, lang_axis, tags, weight, related_ids, meta, created_us,
-            updated_us) AS rh
+
+@dataclass(frozen=True)
+class Source:
+    """One source table: its key, the columns its digest reads, and the digest's SQL."""
+
+    table: str
+    side: str  # 'legacy' or 'new'
+    key: str
+    stored: tuple[str, ...]  # every column the digest reads: the fingerprint covers them
+    digest: str  # the normalised digest over ``stored`` (and ``parsed`` as ``f``)
+    parsed: str | None = None  # a document parsed once per row, only when a digest is computed
+
+
+# A row's digest: hash(identity_type, raw, echo, lang_axis, tags, weight, related_ids, meta,
+# created_us, updated_us), every text as minified JSON text (strings quoted, as to_json quotes
+# the legacy text columns), JSON null as SQL NULL, timestamps in whole microseconds. A geoid's
+# related_ids: legacy_geoids has no column for it, so an empty list in identities is
+# normalised to NULL like legacy's.
+_US = "TRY_CAST(round({c} * 1000000) AS BIGINT)"
+SOURCES: tuple[Source, ...] = (
+    Source(
+        "legacy_geoids",
+        "legacy",
+        "gid",
+        ("gid", "raw", "echo", "lang_axis", "tags", "weight", "meta", "created_at", "updated_at"),
+        "hash('geoid', to_json(raw)::VARCHAR, to_json(echo)::VARCHAR, "
+        "to_json(lang_axis)::VARCHAR, kimera_jnorm(tags), weight, NULL::VARCHAR, "
+        f"kimera_jnorm(meta), {_US.format(c='created_at')}, {_US.format(c='updated_at')})",
+    ),
+    Source(
+        "legacy_scars",
+        "legacy",
+        "id",
+        ("id", "weight", "related_ids", "meta", "created_at", "updated_at"),
+        "hash('scar', NULL::VARCHAR, NULL::VARCHAR, NULL::VARCHAR, NULL::VARCHAR, weight, "
+        "kimera_jnorm(related_ids), kimera_jnorm(meta), "
+        f"{_US.format(c='created_at')}, {_US.format(c='updated_at')})",
+    ),
+    Source(
+        "identities",
+        "new",
+        "id",
+        ("id", "identity_type", "data"),
+        "hash(identity_type, nullif(f[1], 'null'), nullif(f[2], 'null'), nullif(f[3], 'null'), "
+        "nullif(f[4], 'null'), TRY_CAST(f[5] AS DOUBLE), "
+        "CASE WHEN identity_type = 'geoid' AND f[6] IN ('[]', 'null') THEN NULL "
+        "ELSE nullif(f[6], 'null') END, nullif(f[7], 'null'), "
+        "kimera_iso_us(kimera_unquote(f[8])), kimera_iso_us(kimera_unquote(f[9])))",
+        # one parse of each document: every field comes out as minified JSON text
+        "json_extract(data, ['$.raw', '$.echo', '$.lang_axis', '$.tags', '$.weight', "
+        "'$.related_ids', '$.meta', '$.created_at', '$.updated_at'])::VARCHAR[]",
+    ),
+)
+LEGACY_SOURCES = tuple(s for s in SOURCES if s.side == "legacy")
+NEW_SOURCES = tuple(s for s in SOURCES if s.side == "new")
+
+# What a cached digest was computed with: the digest SQL, the macros it calls and the DuckDB
+# version (hash() and json() may change between versions). A cache entry sealed under another
+# recipe is ignored, so changing any of them invalidates the cache as a whole.
+RECIPE = hashlib.sha256(
+    json.dumps(
+        {
+            "duckdb": duckdb.__version__,
+            "macros": MACROS,
+            "sources": [[s.table, s.key, s.stored, s.digest, s.parsed] for s in SOURCES],
+        }
+    ).encode()
+).hexdigest()
+
+# Per row of one source: (id,) kh = hash(key), fp = the fingerprint, rh = the digest (cached or
+# computed; the CASE computes it, and parses the document, only for rows the cache lacks),
+# miss = whether it was computed. {where} filters on the key (segments or incremental).
+ROWS_SQL = """
+SELECT {select_id}kh, fp, CASE WHEN cached IS NULL THEN {digest} ELSE cached END AS rh,
+       cached IS NULL AS miss
 FROM (
-    SELECT gid AS id, 'geoid' AS identity_type, to_json(raw)::VARCHAR AS raw,
-           to_json(echo)::VARCHAR AS echo, to_json(lang_axis)::VARCHAR AS lang_axis,
-           kimera_jnorm(tags) AS tags, weight, NULL::VARCHAR AS related_ids,
-           kimera_jnorm(meta) AS meta,
-           TRY_CAST(round(created_at * 1000000) AS BIGINT) AS created_us,
-           TRY_CAST(round(updated_at * 1000000) AS BIGINT) AS updated_us
-    FROM legacy_geoids WHERE {where_gid}
-    UNION ALL
-    SELECT id, 'scar', NULL, NULL, NULL, NULL, weight, kimera_jnorm(related_ids),
-           kimera_jnorm(meta), TRY_CAST(round(created_at * 1000000) AS BIGINT),
-           TRY_CAST(round(updated_at * 1000000) AS BIGINT)
-    FROM legacy_scars WHERE {where_id}
+    SELECT p.*, c.cached{parsed}
+    FROM (SELECT {key} AS id, hash({key}) AS kh, {fingerprint} AS fp, {columns}
+          FROM {table} WHERE {where}) p
+    {join}
 )
 """
-# One parse of each document: every field comes out as minified JSON text (strings quoted,
-# as to_json quotes the legacy text columns above).
-NEW_HASHED = """
-SELECT id, hash(id) AS kh,
-       hash(identity_type, nullif(f[1], 'null'), nullif(f[2], 'null'), nullif(f[3], 'null'),
-            nullif(f[4], 'null'), TRY_CAST(f[5] AS DOUBLE),
-            CASE WHEN identity_type = 'geoid' AND f[6] IN ('[]', 'null') THEN NULL
-                 ELSE nullif(f[6], 'null') END,
-            nullif(f[7], 'null'), kimera_iso_us(kimera_unquote(f[8])),
-            kimera_iso_us(kimera_unquote(f[9]))) AS rh
-FROM (
-    SELECT id, identity_type,
-           json_extract(data, ['$.raw', '$.echo', '$.lang_axis', '$.tags', '$.weight',
-                               '$.related_ids', '$.meta', '$.created_at',
-                               '$.updated_at'])::VARCHAR[] AS f
-    FROM identities WHERE {where_id}
-)
+# A cache entry counts only if its seal holds: a hand-edited entry (digest or fingerprint
+# changed alone) is not used, and neither is one computed under another recipe.
+CACHE_JOIN = """LEFT JOIN (
+        SELECT kh, fingerprint, digest AS cached FROM kimera_verify_digests
+        WHERE store = $store AND seal = hash($recipe, store, kh, fingerprint, digest)) c
+    ON p.kh = c.kh AND p.fp = c.fingerprint"""
+NO_CACHE_JOIN = "CROSS JOIN (SELECT NULL::UBIGINT AS cached) c"
+CACHE_STATS_SQL = """
+SELECT store, count(*) AS entries,
+       count(*) FILTER (WHERE seal = hash($recipe, store, kh, fingerprint, digest)) AS sealed
+FROM kimera_verify_digests GROUP BY store
 """
 
 SEGMENT_SQL = """
 SELECT kh >> {shift} AS seg, count(*) AS n, sum(rh::HUGEINT) AS s
-FROM ({side}) GROUP BY seg
+FROM ({side}) WHERE {where} GROUP BY seg
 """
 
 # Field by field over the keys in kimera_verify_changed, both sides present.
@@ -254,6 +332,48 @@ def _hex(digest: int) -> str:
     return f"{int(digest) & ((1 << 128) - 1):032x}"
 
 
+def rows_table(source: Source) -> str:
+    """The temp table holding one source's per-row key hashes and digests during a run."""
+    return vetted_identifier(f"kimera_verify_rows_{source.table}")
+
+
+def rows_sql(
+    source: Source,
+    *,
+    where: str = "true",
+    fingerprint: bool = False,
+    cache: bool = False,
+    with_id: bool = False,
+) -> tuple[str, dict[str, str]]:
+    """SQL and parameters for (id,) kh, fp, rh, miss over ``source`` rows matching ``where``.
+
+    ``where`` is SQL built here from vetted identifiers, with ``{key}`` for the key column.
+    ``fingerprint`` computes fp (else NULL); ``cache`` reuses digests from the cache table.
+    """
+    key = vetted_identifier(source.key)
+    sql = ROWS_SQL.format(
+        select_id="id, " if with_id else "",
+        digest=source.digest,
+        parsed=(
+            f", CASE WHEN c.cached IS NULL THEN {source.parsed} END AS f" if source.parsed else ""
+        ),
+        key=key,
+        fingerprint=row_hash_sql(list(source.stored)) if fingerprint or cache else "NULL::UBIGINT",
+        columns=", ".join(vetted_identifier(c) for c in source.stored if c != source.key),
+        table=vetted_identifier(source.table),
+        where=where.format(key=key),
+        join=CACHE_JOIN if cache else NO_CACHE_JOIN,
+    )
+    return sql, ({"store": source.table, "recipe": RECIPE} if cache else {})
+
+
+def _side_sql(side: str) -> str:
+    """Every (kh, rh) of one side's per-row temp tables."""
+    return " UNION ALL ".join(
+        f"SELECT kh, rh FROM {rows_table(s)}" for s in SOURCES if s.side == side
+    )
+
+
 def _counts(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> None:
     counts: dict[str, dict[str, int]] = {"legacy": {}, "new": {}, "difference": {}}
     nulls = {"legacy": 0, "new": 0}
@@ -269,16 +389,30 @@ def _counts(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> None:
 
 
 def _duplicates(
-    con: duckdb.DuckDBPyConnection, report: VerificationReport, sample: int, restricted: bool
+    con: duckdb.DuckDBPyConnection, report: VerificationReport, sample: int, keys: str | None
 ) -> None:
-    if restricted:
-        sql = DUPLICATES_SQL.format(
-            where_gid="WHERE gid IN (SELECT id FROM kimera_verify_keys)",
-            where_id="WHERE id IN (SELECT id FROM kimera_verify_keys)",
-            and_id="AND id IN (SELECT id FROM kimera_verify_keys)",
+    """Duplicate keys among ``keys`` (a temp table of ids), or among candidate key hashes.
+
+    With ``keys`` None, the candidates are the key hashes seen twice in the per-row temp
+    tables (every duplicate key is among them); only their rows are grouped by id.
+    """
+    if keys is None:
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE kimera_verify_dupkh AS "
+            f"SELECT kh FROM ({_side_sql('legacy')}) GROUP BY kh HAVING count(*) > 1 UNION "
+            f"SELECT kh FROM ({_side_sql('new')}) GROUP BY kh HAVING count(*) > 1"
         )
+        if con.execute("SELECT count(*) FROM kimera_verify_dupkh").fetchone()[0] == 0:
+            restrict = "false"
+        else:
+            restrict = "hash({key}) IN (SELECT kh FROM kimera_verify_dupkh)"
     else:
-        sql = DUPLICATES_SQL.format(where_gid="", where_id="", and_id="")
+        restrict = "{key} IN (SELECT id FROM " + vetted_identifier(keys) + ")"
+    sql = DUPLICATES_SQL.format(
+        where_gid="WHERE " + restrict.format(key="gid"),
+        where_id="WHERE " + restrict.format(key="id"),
+        and_id="AND " + restrict.format(key="id"),
+    )
     con.execute(f"CREATE OR REPLACE TEMP TABLE kimera_verify_dups AS {sql}")
     total = con.execute("SELECT count(*) FROM kimera_verify_dups").fetchone()[0]
     rows = con.execute(
@@ -287,25 +421,125 @@ def _duplicates(
     report.duplicate_keys = Finding(total, [{"store": s, "id": i, "rows": n} for s, i, n in rows])
 
 
+def _table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = 'main' AND table_name = ?",
+            [table],
+        ).fetchone()[0]
+    )
+
+
+def _writable(con: duckdb.DuckDBPyConnection) -> bool:
+    row = con.execute(
+        "SELECT readonly FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchone()
+    return row is not None and not row[0]
+
+
+def _digest_rows(
+    con: duckdb.DuckDBPyConnection, report: VerificationReport, use_cache: bool
+) -> None:
+    """Every row of both stores into the per-row temp tables: (kh, fp, rh, miss).
+
+    With the cache, a row's digest is reused when the cache holds a sealed entry for its key
+    hash and current fingerprint, and computed otherwise; on a writable connection the
+    computed digests are written back (see _persist).
+    """
+    t0 = time.perf_counter()
+    cached = use_cache and _table_exists(con, DIGESTS_TABLE)
+    entries: dict[str, tuple[int, int]] = {}
+    if cached:
+        for store, n, sealed in con.execute(CACHE_STATS_SQL, {"recipe": RECIPE}).fetchall():
+            entries[store] = (int(n), int(sealed))
+    expected = {
+        "legacy_geoids": report.counts["legacy"].get("geoid", 0),
+        "legacy_scars": report.counts["legacy"].get("scar", 0),
+        "identities": report.counts["new"]["total"],
+    }
+    stats: dict[str, dict[str, int]] = {}
+    ignored = []
+    for source in SOURCES:
+        use = cached and source.table in entries
+        for attempt in (use, False) if use else (False,):
+            sql, params = rows_sql(source, fingerprint=use_cache, cache=attempt)
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {rows_table(source)} AS {sql}", params)
+            rows, misses = con.execute(
+                f"SELECT count(*), count(*) FILTER (WHERE miss) FROM {rows_table(source)}"
+            ).fetchone()
+            if not attempt or rows == expected[source.table]:
+                break
+            # more rows than the table holds: duplicate cache entries fanned the join out
+            ignored.append(source.table)
+        n, sealed = entries.get(source.table, (0, 0))
+        stats[source.table] = {"rows": rows, "misses": misses, "entries": n, "sealed": sealed}
+    written = _persist(con, stats) if use_cache and _writable(con) else None
+    report.checksums["digest_cache"] = {
+        "enabled": use_cache,
+        "reused": sum(s["rows"] - s["misses"] for s in stats.values()),
+        "recomputed": sum(s["misses"] for s in stats.values()),
+        "rejected": sum(s["entries"] - s["sealed"] for s in stats.values()),
+        "ignored": ignored,
+        "written": written,
+        "seconds": round(time.perf_counter() - t0, 4),
+    }
+
+
+def _persist(con: duckdb.DuckDBPyConnection, stats: dict[str, dict[str, int]]) -> int:
+    """Write the digests computed in this run to the cache; returns the entries written.
+
+    An entry is written only with the fingerprint of the row version its digest was computed
+    from (both come from one statement), so the cache never holds a digest for content it
+    was not computed from. A store whose entries are mostly new, stale or rejected is
+    rewritten; otherwise only its changed keys are replaced.
+    """
+    con.execute(DIGESTS_DDL)
+    written = 0
+    for source in SOURCES:
+        s = stats[source.table]
+        unused = s["entries"] - (s["rows"] - s["misses"])  # stale (deleted keys) or rejected
+        if s["misses"] == 0 and unused <= 0:
+            continue
+        table = rows_table(source)
+        params = {"store": source.table, "recipe": RECIPE}
+        if s["misses"] + max(unused, 0) > CACHE_REWRITE_SHARE * max(s["rows"], 1):
+            con.execute("DELETE FROM kimera_verify_digests WHERE store = ?", [source.table])
+            which = "true"
+        else:
+            con.execute(
+                "DELETE FROM kimera_verify_digests WHERE store = $store AND ("
+                f"kh IN (SELECT kh FROM {table} WHERE miss) "
+                "OR seal IS DISTINCT FROM hash($recipe, store, kh, fingerprint, digest))",
+                params,
+            )
+            which = "miss"
+        written += con.execute(
+            "INSERT INTO kimera_verify_digests SELECT DISTINCT $store, kh, fp, rh, "
+            f"hash($recipe, $store, kh, fp, rh) FROM {table} WHERE {which}",
+            params,
+        ).fetchone()[0]
+    return written
+
+
 def _segments(
     con: duckdb.DuckDBPyConnection, shift: int, parents: list[int] | None, parent_shift: int
 ) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int]]]:
-    """(legacy, new) checksum per segment of ``64 - shift`` key-hash bits, inside ``parents``."""
+    """(legacy, new) checksum per segment of ``64 - shift`` key-hash bits, inside ``parents``.
+
+    Reads the per-row temp tables only: no source row is read again.
+    """
     if parents is None:
-        where_gid = where_id = "true"
+        where = "true"
     else:
         con.execute("CREATE OR REPLACE TEMP TABLE kimera_verify_segs (seg UBIGINT)")
         con.executemany("INSERT INTO kimera_verify_segs VALUES (?)", [[p] for p in parents])
         # parent_shift is an int computed here, never input
-        where_gid = f"hash(gid) >> {int(parent_shift)} IN (SELECT seg FROM kimera_verify_segs)"
-        where_id = f"hash(id) >> {int(parent_shift)} IN (SELECT seg FROM kimera_verify_segs)"
+        where = f"kh >> {int(parent_shift)} IN (SELECT seg FROM kimera_verify_segs)"
     out = []
-    for side in (
-        LEGACY_HASHED.format(where_gid=where_gid, where_id=where_id),
-        NEW_HASHED.format(where_id=where_id),
-    ):
-        rows = con.execute(SEGMENT_SQL.format(shift=int(shift), side=side)).fetchall()
-        out.append({int(seg): (int(n), int(s)) for seg, n, s in rows})
+    for side in ("legacy", "new"):
+        sql = SEGMENT_SQL.format(shift=int(shift), side=_side_sql(side), where=where)
+        out.append({int(seg): (int(n), int(s)) for seg, n, s in con.execute(sql).fetchall()})
     return out[0], out[1]
 
 
@@ -324,6 +558,7 @@ def _bisect(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> tuple
     levels = []
     while True:
         shift = 64 - bits
+        t0 = time.perf_counter()
         legacy, new = _segments(con, shift, parents, parent_shift)
         if parents is None:
             report.checksums["legacy"] = {
@@ -343,6 +578,7 @@ def _bisect(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> tuple
                 "segments_compared": len(keys),
                 "segments_differing": len(differing),
                 "rows_in_differing": diff_rows,
+                "seconds": round(time.perf_counter() - t0, 4),
             }
         )
         report.checksums["levels"] = levels
@@ -357,14 +593,11 @@ def _bisect(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> tuple
         bits += SPLIT_BITS
 
 
-def _materialise_sides(con: duckdb.DuckDBPyConnection, where_gid: str, where_id: str) -> None:
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE kimera_verify_l AS "
-        + LEGACY_HASHED.format(where_gid=where_gid, where_id=where_id)
-    )
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE kimera_verify_n AS " + NEW_HASHED.format(where_id=where_id)
-    )
+def _materialise_sides(con: duckdb.DuckDBPyConnection, where: str) -> None:
+    """(id, kh, rh) of the rows matching ``where`` ({key}: the key column), per side."""
+    for side, table in (("legacy", "kimera_verify_l"), ("new", "kimera_verify_n")):
+        parts = [rows_sql(s, where=where, with_id=True)[0] for s in SOURCES if s.side == side]
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS " + " UNION ALL ".join(parts))
 
 
 def _row_level(
@@ -456,12 +689,15 @@ def verify(
     sample: int = DEFAULT_SAMPLE,
     tolerance: Tolerance = DEFAULT_TOLERANCE,
     record: bool = True,
+    cache: bool = True,
     clock: Any = time.time,
 ) -> VerificationReport:
     """Verify that the legacy tables and identities agree; full, or incremental since the last run.
 
     ``record`` appends the verdict to ``kimera_verifications`` (the base of the next
-    incremental run); pass False on a read-only connection.
+    incremental run); pass False on a read-only connection. ``cache`` reuses the digests of
+    rows unchanged since they were cached (kimera_verify_digests) and, when the connection is
+    writable, caches the digests it computes; False computes every digest and writes nothing.
     """
     if sample < 0:
         raise ValueError("sample must not be negative")
@@ -477,15 +713,19 @@ def verify(
     }
     _counts(con, report)
     if base is None:
-        _duplicates(con, report, sample, restricted=False)
+        _digest_rows(con, report, cache)
+        _duplicates(con, report, sample, keys=None)
         shift, leaves = _bisect(con, report)
+        report.checksums["pass_seconds"] = round(
+            report.checksums["digest_cache"]["seconds"] + report.checksums["levels"][0]["seconds"],
+            4,
+        )
         if leaves:
             con.execute("CREATE OR REPLACE TEMP TABLE kimera_verify_segs (seg UBIGINT)")
             con.executemany("INSERT INTO kimera_verify_segs VALUES (?)", [[s] for s in leaves])
+            # shift is an int computed here, never input
             _materialise_sides(
-                con,
-                f"hash(gid) >> {int(shift)} IN (SELECT seg FROM kimera_verify_segs)",
-                f"hash(id) >> {int(shift)} IN (SELECT seg FROM kimera_verify_segs)",
+                con, f"hash({{key}}) >> {int(shift)} IN (SELECT seg FROM kimera_verify_segs)"
             )
             _row_level(con, report, sample, tolerance)
         report.checksums["rows_compared_row_level"] = (
@@ -498,12 +738,8 @@ def verify(
         report.since = base["verified_at"]
         _changed_keys(con, report.since)
         report.keys_checked = con.execute("SELECT count(*) FROM kimera_verify_keys").fetchone()[0]
-        _duplicates(con, report, sample, restricted=True)
-        _materialise_sides(
-            con,
-            "gid IN (SELECT id FROM kimera_verify_keys)",
-            "id IN (SELECT id FROM kimera_verify_keys)",
-        )
+        _duplicates(con, report, sample, keys="kimera_verify_keys")
+        _materialise_sides(con, "{key} IN (SELECT id FROM kimera_verify_keys)")
         _row_level(con, report, sample, tolerance)
     _verdict(report)
     if base is not None and base["verdict"] != "consistent":
@@ -551,6 +787,9 @@ def _cleanup(con: duckdb.DuckDBPyConnection) -> None:
         "kimera_verify_changed",
         "kimera_verify_diff",
         "kimera_verify_dups",
+        "kimera_verify_dupkh",
         "kimera_verify_keys",
     ):
         con.execute(f"DROP TABLE IF EXISTS {name}")
+    for source in SOURCES:
+        con.execute(f"DROP TABLE IF EXISTS {rows_table(source)}")
