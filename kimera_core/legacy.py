@@ -8,6 +8,7 @@ never alters these tables; its own state lives in separate ``kimera_*`` tables
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,10 +112,16 @@ LEGACY_INDEXES: tuple[tuple[str, str, str, str], ...] = (
 P1_READ_IDENTITY_SQL = "SELECT data FROM identities WHERE id = ?"
 
 
-def create_legacy_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the P1 tables, sequence and indexes that are missing (idempotent, adds nothing else)."""
+def create_legacy_schema(con: duckdb.DuckDBPyConnection, *, indexes: bool = True) -> None:
+    """Create the P1 tables, sequence and indexes that are missing (idempotent, adds nothing else).
+
+    ``indexes=False`` creates the tables only: a migration that dropped the secondary indexes
+    for its load restores them itself at its end (migration.py).
+    """
     for statement in LEGACY_DDL:
         con.execute(statement)
+    if not indexes:
+        return
     indexed = {
         (table, expressions.strip("[]").replace("'", "").replace('"', "").strip().lower())
         for table, expressions in con.execute(
@@ -124,6 +131,39 @@ def create_legacy_schema(con: duckdb.DuckDBPyConnection) -> None:
     for _name, table, column, ddl in LEGACY_INDEXES:
         if (table, column) not in indexed:
             con.execute(ddl)
+
+
+def secondary_indexes(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:
+    """Name -> DDL (as DuckDB's catalog writes it) of a table's indexes that enforce nothing.
+
+    Primary keys and unique indexes are constraints and never listed: dropping one would let
+    duplicates in.
+    """
+    return dict(
+        con.execute(
+            "SELECT index_name, sql FROM duckdb_indexes() WHERE schema_name = 'main' "
+            "AND table_name = ? AND NOT is_unique AND NOT is_primary ORDER BY index_name",
+            [table],
+        ).fetchall()
+    )
+
+
+_INDEX_DDL = re.compile(r'CREATE INDEX "?(\w+)"? ON "?(\w+)"?\s*\([^;]*\);?', re.IGNORECASE)
+
+
+def restore_index(con: duckdb.DuckDBPyConnection, table: str, name: str, ddl: str) -> bool:
+    """Recreate a recorded secondary index of ``table`` unless it exists; True if created.
+
+    ``ddl`` comes from duckdb_indexes() by way of the migration's run record; it is run only
+    if it is a plain CREATE INDEX of that name on that table.
+    """
+    match = _INDEX_DDL.fullmatch(ddl.strip())
+    if match is None or match.group(1) != name or match.group(2) != table:
+        raise ValueError(f"not a CREATE INDEX {name} ON {table} statement: {ddl!r}")
+    if name in secondary_indexes(con, table):
+        return False
+    con.execute(ddl)
+    return True
 
 
 def missing_tables(con: duckdb.DuckDBPyConnection) -> list[str]:

@@ -26,7 +26,13 @@ import duckdb
 from kimera_core.checksum import Checksum, table_checksum
 from kimera_core.entropy import geoid_shannon_sql, scar_entropy_sql
 from kimera_core.errors import KimeraError
-from kimera_core.legacy import create_legacy_schema, missing_tables
+from kimera_core.legacy import (
+    create_legacy_schema,
+    missing_tables,
+    restore_index,
+    secondary_indexes,
+)
+from kimera_core.sql import vetted_identifier
 
 KINDS: tuple[str, ...] = ("geoid", "scar")
 IDENTITY_COLUMNS = [
@@ -56,6 +62,9 @@ SCHEMA_SQL: tuple[str, ...] = (
         identities_rows BIGINT,
         identities_checksum TEXT
     )""",
+    # DDL of the identities indexes the run dropped for its load ({name: sql}); NULL once
+    # they are rebuilt. A run killed in between rebuilds them on resume or rollback.
+    "ALTER TABLE kimera_migration_runs ADD COLUMN IF NOT EXISTS dropped_indexes JSON",
     """CREATE TABLE IF NOT EXISTS kimera_migration_partitions (
         run_id TEXT NOT NULL,
         kind TEXT NOT NULL,            -- geoid | scar
@@ -441,9 +450,55 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     missing = [t for t in missing_tables(con) if t != "dual_write_log"]
     if {"legacy_geoids", "legacy_scars"} & set(missing):
         raise KimeraError(f"not a Kimera legacy database: missing table(s) {', '.join(missing)}")
-    create_legacy_schema(con)  # adds identities / dual_write_log to a file that lacks them
     for statement in SCHEMA_SQL:
         con.execute(statement)
+    # adds identities / dual_write_log to a file that lacks them; not the indexes an
+    # unfinished run dropped (it rebuilds them when it finishes or is rolled back)
+    create_legacy_schema(con, indexes=not _dropped_indexes(con))
+
+
+def _dropped_indexes(con: duckdb.DuckDBPyConnection, run_id: str | None = None) -> dict[str, str]:
+    """{name: DDL} of identities indexes dropped by a run (default: by any run)."""
+    found: dict[str, str] = {}
+    for (recorded,) in con.execute(
+        "SELECT dropped_indexes FROM kimera_migration_runs WHERE dropped_indexes IS NOT NULL "
+        "AND (run_id = $run_id OR $run_id IS NULL) ORDER BY started_at",
+        {"run_id": run_id},
+    ).fetchall():
+        found.update(json.loads(recorded))
+    return found
+
+
+def _drop_indexes_for_load(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
+    """Drop identities' secondary indexes, their DDL recorded in the run in the same transaction.
+
+    Maintaining P1's three secondary indexes row by row costs more than building them once
+    at the end, and their memory grows with the table (docs/benchmarks.md).
+    """
+    live = secondary_indexes(con, "identities")
+    if not live:
+        return
+    con.execute("BEGIN")
+    try:
+        con.execute(
+            "UPDATE kimera_migration_runs SET dropped_indexes = ? WHERE run_id = ?",
+            [json.dumps({**_dropped_indexes(con, run_id), **live}), run_id],
+        )
+        for name in live:
+            con.execute(f"DROP INDEX {vetted_identifier(name)}")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def _restore_indexes(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
+    """Rebuild the indexes a run dropped and clear its record (caller owns the transaction)."""
+    for name, ddl in _dropped_indexes(con, run_id).items():
+        restore_index(con, "identities", name, ddl)
+    con.execute(
+        "UPDATE kimera_migration_runs SET dropped_indexes = NULL WHERE run_id = ?", [run_id]
+    )
 
 
 def _run_params(sql: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -658,6 +713,7 @@ def migrate(
             [run_id, time.time(), buckets, duckdb.__version__],
         )
 
+    _drop_indexes_for_load(con, run_id)
     done = _done_partitions(con, run_id)
     total = MigrationCounts()
     plan = [(kind, b) for kind in KINDS for b in range(buckets)]
@@ -775,18 +831,25 @@ def _finish(
         identities_checksum=checksum.to_dict(),
     )
     report.status = "completed" if report.balanced else "unbalanced"
-    con.execute(
-        "UPDATE kimera_migration_runs SET finished_at = ?, status = ?, counts = ?, "
-        "identities_rows = ?, identities_checksum = ? WHERE run_id = ?",
-        [
-            time.time(),
-            report.status,
-            json.dumps(report.to_dict()["counts"]),
-            checksum.rows,
-            checksum.hex,
-            run_id,
-        ],
-    )
+    con.execute("BEGIN")
+    try:
+        _restore_indexes(con, run_id)
+        con.execute(
+            "UPDATE kimera_migration_runs SET finished_at = ?, status = ?, counts = ?, "
+            "identities_rows = ?, identities_checksum = ? WHERE run_id = ?",
+            [
+                time.time(),
+                report.status,
+                json.dumps(report.to_dict()["counts"]),
+                checksum.rows,
+                checksum.hex,
+                run_id,
+            ],
+        )
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
     con.execute("CHECKPOINT")
     return report
 
@@ -922,6 +985,7 @@ def _rollback_run(
            FROM rb_changes c
            WHERE identities.id = c.id AND c.action = 'update' AND c.untouched"""
     ).fetchone()[0]
+    _restore_indexes(con, run_id)
     for table in (
         "kimera_migration_changes",
         "kimera_quarantine",

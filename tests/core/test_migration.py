@@ -25,6 +25,7 @@ from kimera_core.legacy import (
     geoid_from_row,
     insert_geoids,
     read_identity_p1,
+    secondary_indexes,
     store_identity_p1,
 )
 from kimera_core.migration import IDENTITY_COLUMNS, migrate, quarantine_summary, rollback
@@ -429,6 +430,15 @@ def test_kill_9_at_random_points_converges_to_the_uninterrupted_state(tmp_path):
     assert kills >= 1, "no kill landed mid-run; the test did not test anything"
     with connect(victim, read_only=True) as con:
         assert identities_checksum(con) == expected
+        # the secondary indexes dropped for the load are back, whatever run a kill interrupted
+        assert set(secondary_indexes(con, "identities")) == {
+            "idx_identities_entropy",
+            "idx_identities_type",
+            "idx_identities_updated_at",
+        }
+        assert con.execute(
+            "SELECT count(*) FROM kimera_migration_runs WHERE dropped_indexes IS NOT NULL"
+        ).fetchone() == (0,)
         assert (
             con.execute("SELECT count(*) - count(DISTINCT id) FROM identities").fetchone()[0] == 0
         )
