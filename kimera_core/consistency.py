@@ -49,9 +49,7 @@ DEFAULT_SAMPLE = 20
 TOP_SEGMENT_ROWS = 65_536  # rows per segment of the first checksum pass, on average
 LEAF_ROWS = 1024  # a segment this small is compared row by row rather than split again
 SPLIT_BITS = 4  # each bisection step splits a differing segment into 16
-# Rewrite a store's cache entries in full (rather than patch them) when more than this share
-# of them is new, changed, stale or rejected.
-CACHE_REWRITE_SHARE = 0.25
+FINE_BITS = 16  # the digest cache keeps one entry per 2**16th of the key-hash space per table
 
 VERIFICATIONS_DDL = """CREATE TABLE IF NOT EXISTS kimera_verifications (
     verified_at DOUBLE NOT NULL,
@@ -59,13 +57,13 @@ VERIFICATIONS_DDL = """CREATE TABLE IF NOT EXISTS kimera_verifications (
     verdict TEXT NOT NULL,
     findings JSON
 )"""
-DIGESTS_TABLE = "kimera_verify_digests"
 DIGESTS_DDL = """CREATE TABLE IF NOT EXISTS kimera_verify_digests (
-    store TEXT NOT NULL,           -- the source table: legacy_geoids, legacy_scars, identities
-    kh UBIGINT NOT NULL,           -- hash(key)
-    fingerprint UBIGINT NOT NULL,  -- hash of the row's stored columns, verbatim
-    digest UBIGINT NOT NULL,       -- hash of the row's normalised mapped fields
-    seal UBIGINT NOT NULL          -- hash(recipe, store, kh, fingerprint, digest)
+    store TEXT NOT NULL,            -- the source table: legacy_geoids, legacy_scars, identities
+    segment UBIGINT NOT NULL,       -- hash(key) >> (64 - FINE_BITS)
+    rows BIGINT NOT NULL,           -- rows in the segment
+    fingerprint_sum HUGEINT NOT NULL,  -- sum of the rows' fingerprints (stored columns, verbatim)
+    digest_sum HUGEINT NOT NULL,    -- sum of the rows' digests (normalised mapped fields)
+    seal UBIGINT NOT NULL           -- hash(recipe, store, segment, rows, fingerprint_sum, digest_sum)
 )"""
 
 # Helpers as temp macros (per connection; they work on read-only files too).
@@ -126,11 +124,14 @@ class Source:
     parsed: str | None = None  # a document parsed once per row, only when a digest is computed
 
 
-# A row's digest: hash(identity_type, raw, echo, lang_axis, tags, weight, related_ids, meta,
-# created_us, updated_us), every text as minified JSON text (strings quoted, as to_json quotes
-# the legacy text columns), JSON null as SQL NULL, timestamps in whole microseconds. A geoid's
-# related_ids: legacy_geoids has no column for it, so an empty list in identities is
-# normalised to NULL like legacy's.
+# A row's digest: the mixed hash of (key, identity_type, raw, echo, lang_axis, tags, weight,
+# related_ids, meta, created_us, updated_us), every text as minified JSON text (strings
+# quoted, as to_json quotes the legacy text columns), JSON null as SQL NULL, timestamps in
+# whole microseconds. A geoid's related_ids: legacy_geoids has no column for it, so an empty
+# list in identities is normalised to NULL like legacy's. The key is in the digest so that
+# two rows trading contents change their segment's sum; the outer hash() mixes the row hash
+# (DuckDB combines column hashes with XOR, so a plain sum could cancel out a swap of one
+# column's values between two rows).
 _US = "TRY_CAST(round({c} * 1000000) AS BIGINT)"
 SOURCES: tuple[Source, ...] = (
     Source(
@@ -138,80 +139,88 @@ SOURCES: tuple[Source, ...] = (
         "legacy",
         "gid",
         ("gid", "raw", "echo", "lang_axis", "tags", "weight", "meta", "created_at", "updated_at"),
-        "hash('geoid', to_json(raw)::VARCHAR, to_json(echo)::VARCHAR, "
+        "hash(hash(gid, 'geoid', to_json(raw)::VARCHAR, to_json(echo)::VARCHAR, "
         "to_json(lang_axis)::VARCHAR, kimera_jnorm(tags), weight, NULL::VARCHAR, "
-        f"kimera_jnorm(meta), {_US.format(c='created_at')}, {_US.format(c='updated_at')})",
+        f"kimera_jnorm(meta), {_US.format(c='created_at')}, {_US.format(c='updated_at')}))",
     ),
     Source(
         "legacy_scars",
         "legacy",
         "id",
         ("id", "weight", "related_ids", "meta", "created_at", "updated_at"),
-        "hash('scar', NULL::VARCHAR, NULL::VARCHAR, NULL::VARCHAR, NULL::VARCHAR, weight, "
-        "kimera_jnorm(related_ids), kimera_jnorm(meta), "
-        f"{_US.format(c='created_at')}, {_US.format(c='updated_at')})",
+        "hash(hash(id, 'scar', NULL::VARCHAR, NULL::VARCHAR, NULL::VARCHAR, NULL::VARCHAR, "
+        "weight, kimera_jnorm(related_ids), kimera_jnorm(meta), "
+        f"{_US.format(c='created_at')}, {_US.format(c='updated_at')}))",
     ),
     Source(
         "identities",
         "new",
         "id",
         ("id", "identity_type", "data"),
-        "hash(identity_type, nullif(f[1], 'null'), nullif(f[2], 'null'), nullif(f[3], 'null'), "
-        "nullif(f[4], 'null'), TRY_CAST(f[5] AS DOUBLE), "
+        "hash(hash(id, identity_type, nullif(f[1], 'null'), nullif(f[2], 'null'), "
+        "nullif(f[3], 'null'), nullif(f[4], 'null'), TRY_CAST(f[5] AS DOUBLE), "
         "CASE WHEN identity_type = 'geoid' AND f[6] IN ('[]', 'null') THEN NULL "
         "ELSE nullif(f[6], 'null') END, nullif(f[7], 'null'), "
-        "kimera_iso_us(kimera_unquote(f[8])), kimera_iso_us(kimera_unquote(f[9])))",
+        "kimera_iso_us(kimera_unquote(f[8])), kimera_iso_us(kimera_unquote(f[9]))))",
         # one parse of each document: every field comes out as minified JSON text
         "json_extract(data, ['$.raw', '$.echo', '$.lang_axis', '$.tags', '$.weight', "
         "'$.related_ids', '$.meta', '$.created_at', '$.updated_at'])::VARCHAR[]",
     ),
 )
-LEGACY_SOURCES = tuple(s for s in SOURCES if s.side == "legacy")
-NEW_SOURCES = tuple(s for s in SOURCES if s.side == "new")
 
-# What a cached digest was computed with: the digest SQL, the macros it calls and the DuckDB
-# version (hash() and json() may change between versions). A cache entry sealed under another
-# recipe is ignored, so changing any of them invalidates the cache as a whole.
+# What a cached digest sum was computed with: the digest SQL, the macros it calls, the segment
+# width and the DuckDB version (hash() and json() may change between versions). An entry
+# sealed under another recipe is ignored, so changing any of them invalidates the cache.
 RECIPE = hashlib.sha256(
     json.dumps(
         {
             "duckdb": duckdb.__version__,
+            "fine_bits": FINE_BITS,
             "macros": MACROS,
             "sources": [[s.table, s.key, s.stored, s.digest, s.parsed] for s in SOURCES],
         }
     ).encode()
 ).hexdigest()
 
-# Per row of one source: (id,) kh = hash(key), fp = the fingerprint, rh = the digest (cached or
-# computed; the CASE computes it, and parses the document, only for rows the cache lacks),
-# miss = whether it was computed. {where} filters on the key (segments or incremental).
+# Per row of one source: id, kh = hash(key), rh = the digest. {where} filters on the key.
 ROWS_SQL = """
-SELECT {select_id}kh, fp, CASE WHEN cached IS NULL THEN {digest} ELSE cached END AS rh,
-       cached IS NULL AS miss
-FROM (
-    SELECT p.*, c.cached{parsed}
-    FROM (SELECT {key} AS id, hash({key}) AS kh, {fingerprint} AS fp, {columns}
-          FROM {table} WHERE {where}) p
-    {join}
-)
+SELECT {key} AS id, hash({key}) AS kh, {digest} AS rh
+FROM (SELECT {stored}{parsed} FROM {table} WHERE {where})
 """
-# A cache entry counts only if its seal holds: a hand-edited entry (digest or fingerprint
-# changed alone) is not used, and neither is one computed under another recipe.
-CACHE_JOIN = """LEFT JOIN (
-        SELECT kh, fingerprint, digest AS cached FROM kimera_verify_digests
-        WHERE store = $store AND seal = hash($recipe, store, kh, fingerprint, digest)) c
-    ON p.kh = c.kh AND p.fp = c.fingerprint"""
-NO_CACHE_JOIN = "CROSS JOIN (SELECT NULL::UBIGINT AS cached) c"
+# Per fine segment of one source: rows, the sum of the rows' fingerprints (a mixed hash of the
+# key and every stored column the digest reads, as stored: no parsing) and, in the second
+# form, the sum of their digests.
+FINGERPRINTS_SQL = """
+SELECT hash({key}) >> {shift} AS seg, count(*) AS n, sum(hash({fingerprint})::HUGEINT) AS fsum
+FROM {table} GROUP BY seg
+"""
+SEGMENT_DIGESTS_SQL = """
+SELECT kh >> {shift} AS seg, count(*) AS n, sum(fp::HUGEINT) AS fsum, sum(rh::HUGEINT) AS dsum
+FROM (SELECT hash({key}) AS kh, {fp} AS fp, {digest} AS rh
+      FROM (SELECT {stored}{parsed} FROM {table} WHERE {where}))
+GROUP BY seg
+"""
+# The cached digest sum of each segment whose rows and fingerprint sum are unchanged. An entry
+# counts only if its seal holds: a hand-edited entry is not used, nor one from another recipe.
+CACHE_LOOKUP_SQL = """
+SELECT f.seg, f.n, f.fsum, c.digest_sum AS dsum
+FROM kimera_verify_fp f LEFT JOIN (
+    SELECT segment, rows, fingerprint_sum, digest_sum FROM kimera_verify_digests
+    WHERE store = $store
+      AND seal = hash($recipe, store, segment, rows, fingerprint_sum, digest_sum)) c
+ON f.seg = c.segment AND f.n = c.rows AND f.fsum = c.fingerprint_sum
+"""
 CACHE_STATS_SQL = """
 SELECT store, count(*) AS entries,
-       count(*) FILTER (WHERE seal = hash($recipe, store, kh, fingerprint, digest)) AS sealed
+       count(*) FILTER (WHERE seal = hash($recipe, store, segment, rows, fingerprint_sum,
+                                          digest_sum)) AS sealed
 FROM kimera_verify_digests GROUP BY store
 """
-
 SEGMENT_SQL = """
-SELECT kh >> {shift} AS seg, count(*) AS n, sum(rh::HUGEINT) AS s
-FROM ({side}) WHERE {where} GROUP BY seg
+SELECT seg >> {shift} AS part, sum(n) AS n, sum(dsum) AS s
+FROM ({side}) WHERE {where} GROUP BY part
 """
+
 
 # Field by field over the keys in kimera_verify_changed, both sides present.
 FIELD_DIFF_SQL = """
@@ -332,45 +341,46 @@ def _hex(digest: int) -> str:
     return f"{int(digest) & ((1 << 128) - 1):032x}"
 
 
-def rows_table(source: Source) -> str:
-    """The temp table holding one source's per-row key hashes and digests during a run."""
-    return vetted_identifier(f"kimera_verify_rows_{source.table}")
+def fine_table(source: Source) -> str:
+    """The temp table of one source's fine segments (seg, n, fsum, dsum) during a run."""
+    return vetted_identifier(f"kimera_verify_fine_{source.table}")
 
 
-def rows_sql(
-    source: Source,
-    *,
-    where: str = "true",
-    fingerprint: bool = False,
-    cache: bool = False,
-    with_id: bool = False,
-) -> tuple[str, dict[str, str]]:
-    """SQL and parameters for (id,) kh, fp, rh, miss over ``source`` rows matching ``where``.
+def _parts(source: Source) -> dict[str, str]:
+    """The pieces of SQL a template needs for ``source`` (vetted identifiers, our own SQL)."""
+    return {
+        "key": vetted_identifier(source.key),
+        "table": vetted_identifier(source.table),
+        "digest": source.digest,
+        "stored": ", ".join(vetted_identifier(c) for c in source.stored),
+        "parsed": f", {source.parsed} AS f" if source.parsed else "",
+        "fingerprint": row_hash_sql(list(source.stored)),
+    }
 
-    ``where`` is SQL built here from vetted identifiers, with ``{key}`` for the key column.
-    ``fingerprint`` computes fp (else NULL); ``cache`` reuses digests from the cache table.
-    """
-    key = vetted_identifier(source.key)
-    sql = ROWS_SQL.format(
-        select_id="id, " if with_id else "",
-        digest=source.digest,
-        parsed=(
-            f", CASE WHEN c.cached IS NULL THEN {source.parsed} END AS f" if source.parsed else ""
-        ),
-        key=key,
-        fingerprint=row_hash_sql(list(source.stored)) if fingerprint or cache else "NULL::UBIGINT",
-        columns=", ".join(vetted_identifier(c) for c in source.stored if c != source.key),
-        table=vetted_identifier(source.table),
-        where=where.format(key=key),
-        join=CACHE_JOIN if cache else NO_CACHE_JOIN,
+
+def rows_sql(source: Source, where: str) -> str:
+    """SQL for (id, kh, rh) of the ``source`` rows matching ``where`` ({key}: the key)."""
+    parts = _parts(source)
+    return ROWS_SQL.format(**{**parts, "where": where.format(key=parts["key"])})
+
+
+def segment_digests_sql(source: Source, where: str = "true", fingerprint: bool = True) -> str:
+    """SQL for (seg, n, fsum, dsum) per fine segment of the ``source`` rows matching ``where``."""
+    parts = _parts(source)
+    return SEGMENT_DIGESTS_SQL.format(
+        **{
+            **parts,
+            "shift": 64 - FINE_BITS,
+            "fp": f"hash({parts['fingerprint']})" if fingerprint else "NULL::UBIGINT",
+            "where": where.format(key=parts["key"]),
+        }
     )
-    return sql, ({"store": source.table, "recipe": RECIPE} if cache else {})
 
 
 def _side_sql(side: str) -> str:
-    """Every (kh, rh) of one side's per-row temp tables."""
+    """Every fine segment (seg, n, dsum) of one side, one row per source table."""
     return " UNION ALL ".join(
-        f"SELECT kh, rh FROM {rows_table(s)}" for s in SOURCES if s.side == side
+        f"SELECT seg, n, dsum FROM {fine_table(s)}" for s in SOURCES if s.side == side
     )
 
 
@@ -388,30 +398,37 @@ def _counts(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> None:
     report.counts, report.null_keys = counts, nulls
 
 
+def _unique_key(con: duckdb.DuckDBPyConnection, source: Source) -> bool:
+    """Whether DuckDB enforces the source's key as unique and not NULL (a primary key)."""
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM duckdb_constraints() WHERE database_name = current_database() "
+            "AND schema_name = 'main' AND table_name = ? AND constraint_type = 'PRIMARY KEY' "
+            "AND constraint_column_names = [?]",
+            [source.table, source.key],
+        ).fetchone()[0]
+    )
+
+
 def _duplicates(
     con: duckdb.DuckDBPyConnection, report: VerificationReport, sample: int, keys: str | None
 ) -> None:
-    """Duplicate keys among ``keys`` (a temp table of ids), or among candidate key hashes.
+    """Duplicate keys among ``keys`` (a temp table of ids), or among every key.
 
-    With ``keys`` None, the candidates are the key hashes seen twice in the per-row temp
-    tables (every duplicate key is among them); only their rows are grouped by id.
+    Over every key, a table whose key is its primary key cannot repeat it, so only the keys
+    it shares with the other legacy table are grouped (the scan of all keys is skipped).
     """
-    if keys is None:
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE kimera_verify_dupkh AS "
-            f"SELECT kh FROM ({_side_sql('legacy')}) GROUP BY kh HAVING count(*) > 1 UNION "
-            f"SELECT kh FROM ({_side_sql('new')}) GROUP BY kh HAVING count(*) > 1"
-        )
-        if con.execute("SELECT count(*) FROM kimera_verify_dupkh").fetchone()[0] == 0:
-            restrict = "false"
-        else:
-            restrict = "hash({key}) IN (SELECT kh FROM kimera_verify_dupkh)"
-    else:
+    if keys is not None:
         restrict = "{key} IN (SELECT id FROM " + vetted_identifier(keys) + ")"
+        where_gid, where_id, and_id = (restrict.format(key=k) for k in ("gid", "id", "id"))
+    else:
+        geoids, scars, identities = (_unique_key(con, s) for s in SOURCES)
+        both = geoids and scars
+        where_gid = "gid IN (SELECT id FROM legacy_scars)" if both else "true"
+        where_id = "id IN (SELECT gid FROM legacy_geoids)" if both else "true"
+        and_id = "false" if identities else "true"
     sql = DUPLICATES_SQL.format(
-        where_gid="WHERE " + restrict.format(key="gid"),
-        where_id="WHERE " + restrict.format(key="id"),
-        and_id="AND " + restrict.format(key="id"),
+        where_gid=f"WHERE {where_gid}", where_id=f"WHERE {where_id}", and_id=f"AND {and_id}"
     )
     con.execute(f"CREATE OR REPLACE TEMP TABLE kimera_verify_dups AS {sql}")
     total = con.execute("SELECT count(*) FROM kimera_verify_dups").fetchone()[0]
@@ -421,16 +438,6 @@ def _duplicates(
     report.duplicate_keys = Finding(total, [{"store": s, "id": i, "rows": n} for s, i, n in rows])
 
 
-def _table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    return bool(
-        con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-            "AND schema_name = 'main' AND table_name = ?",
-            [table],
-        ).fetchone()[0]
-    )
-
-
 def _writable(con: duckdb.DuckDBPyConnection) -> bool:
     row = con.execute(
         "SELECT readonly FROM duckdb_databases() WHERE database_name = current_database()"
@@ -438,107 +445,124 @@ def _writable(con: duckdb.DuckDBPyConnection) -> bool:
     return row is not None and not row[0]
 
 
-def _digest_rows(
+def _digest_segments(
     con: duckdb.DuckDBPyConnection, report: VerificationReport, use_cache: bool
 ) -> None:
-    """Every row of both stores into the per-row temp tables: (kh, fp, rh, miss).
+    """Every row of both stores summed into fine segments: (seg, n, fsum, dsum) per source.
 
-    With the cache, a row's digest is reused when the cache holds a sealed entry for its key
-    hash and current fingerprint, and computed otherwise; on a writable connection the
-    computed digests are written back (see _persist).
+    With the cache, every row is fingerprinted (its stored columns hashed, nothing parsed)
+    and a segment whose row count and fingerprint sum equal a sealed cache entry's takes the
+    entry's digest sum; only the other segments' rows are digested. On a writable connection
+    the digest sums computed are written back.
     """
     t0 = time.perf_counter()
-    cached = use_cache and _table_exists(con, DIGESTS_TABLE)
     entries: dict[str, tuple[int, int]] = {}
-    if cached:
-        for store, n, sealed in con.execute(CACHE_STATS_SQL, {"recipe": RECIPE}).fetchall():
-            entries[store] = (int(n), int(sealed))
-    expected = {
-        "legacy_geoids": report.counts["legacy"].get("geoid", 0),
-        "legacy_scars": report.counts["legacy"].get("scar", 0),
-        "identities": report.counts["new"]["total"],
-    }
-    stats: dict[str, dict[str, int]] = {}
+    cached = use_cache
+    if use_cache:
+        try:
+            rows = con.execute(CACHE_STATS_SQL, {"recipe": RECIPE}).fetchall()
+        except duckdb.CatalogException:  # no cache yet
+            rows, cached = [], False
+        entries = {store: (int(n), int(sealed)) for store, n, sealed in rows}
+    writable = use_cache and _writable(con)
+    stats = {"segments": 0, "reused": 0, "recomputed": 0, "rows_digested": 0, "written": 0}
     ignored = []
     for source in SOURCES:
-        use = cached and source.table in entries
-        for attempt in (use, False) if use else (False,):
-            sql, params = rows_sql(source, fingerprint=use_cache, cache=attempt)
-            con.execute(f"CREATE OR REPLACE TEMP TABLE {rows_table(source)} AS {sql}", params)
-            rows, misses = con.execute(
-                f"SELECT count(*), count(*) FILTER (WHERE miss) FROM {rows_table(source)}"
+        table = fine_table(source)
+        redo = "true"
+        if cached and entries.get(source.table, (0, 0))[1]:
+            parts = _parts(source)
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE kimera_verify_fp AS "
+                + FINGERPRINTS_SQL.format(**parts, shift=64 - FINE_BITS)
+            )
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE {table} AS {CACHE_LOOKUP_SQL}",
+                {"store": source.table, "recipe": RECIPE},
+            )
+            segments, hits = con.execute(f"SELECT count(*), count(dsum) FROM {table}").fetchone()
+            if segments != con.execute("SELECT count(*) FROM kimera_verify_fp").fetchone()[0]:
+                # duplicate cache entries fanned the lookup out: ignore them all
+                ignored.append(source.table)
+            elif hits == segments:
+                redo = None
+            elif hits:
+                redo = (
+                    f"hash({{key}}) >> {64 - FINE_BITS} "
+                    f"IN (SELECT seg FROM {table} WHERE dsum IS NULL)"
+                )
+        if redo is not None:
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE kimera_verify_redo AS "
+                + segment_digests_sql(source, redo, fingerprint=use_cache)
+            )
+            if redo == "true":
+                con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS FROM kimera_verify_redo")
+            else:
+                con.execute(f"DELETE FROM {table} WHERE dsum IS NULL")
+                con.execute(f"INSERT INTO {table} FROM kimera_verify_redo")
+            redone, digested = con.execute(
+                "SELECT count(*), coalesce(sum(n), 0) FROM kimera_verify_redo"
             ).fetchone()
-            if not attempt or rows == expected[source.table]:
-                break
-            # more rows than the table holds: duplicate cache entries fanned the join out
-            ignored.append(source.table)
-        n, sealed = entries.get(source.table, (0, 0))
-        stats[source.table] = {"rows": rows, "misses": misses, "entries": n, "sealed": sealed}
-    written = _persist(con, stats) if use_cache and _writable(con) else None
+            stats["recomputed"] += redone
+            stats["rows_digested"] += int(digested)
+            if writable:
+                stats["written"] += _persist(con, source, everything=redo == "true")
+        total = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        stats["segments"] += total
+    stats["reused"] = stats["segments"] - stats["recomputed"]
     report.checksums["digest_cache"] = {
         "enabled": use_cache,
-        "reused": sum(s["rows"] - s["misses"] for s in stats.values()),
-        "recomputed": sum(s["misses"] for s in stats.values()),
-        "rejected": sum(s["entries"] - s["sealed"] for s in stats.values()),
+        "persisted": writable,
+        **stats,
+        "rejected": sum(n - sealed for n, sealed in entries.values()),
         "ignored": ignored,
-        "written": written,
         "seconds": round(time.perf_counter() - t0, 4),
     }
 
 
-def _persist(con: duckdb.DuckDBPyConnection, stats: dict[str, dict[str, int]]) -> int:
-    """Write the digests computed in this run to the cache; returns the entries written.
+def _persist(con: duckdb.DuckDBPyConnection, source: Source, everything: bool) -> int:
+    """Write the digest sums computed now (kimera_verify_redo) to the cache; returns entries.
 
-    An entry is written only with the fingerprint of the row version its digest was computed
-    from (both come from one statement), so the cache never holds a digest for content it
-    was not computed from. A store whose entries are mostly new, stale or rejected is
-    rewritten; otherwise only its changed keys are replaced.
+    Each entry's fingerprint sum and digest sum come from one statement over the same rows, so
+    the cache never pairs a digest sum with rows it was not computed from.
     """
     con.execute(DIGESTS_DDL)
-    written = 0
-    for source in SOURCES:
-        s = stats[source.table]
-        unused = s["entries"] - (s["rows"] - s["misses"])  # stale (deleted keys) or rejected
-        if s["misses"] == 0 and unused <= 0:
-            continue
-        table = rows_table(source)
-        params = {"store": source.table, "recipe": RECIPE}
-        if s["misses"] + max(unused, 0) > CACHE_REWRITE_SHARE * max(s["rows"], 1):
-            con.execute("DELETE FROM kimera_verify_digests WHERE store = ?", [source.table])
-            which = "true"
-        else:
-            con.execute(
-                "DELETE FROM kimera_verify_digests WHERE store = $store AND ("
-                f"kh IN (SELECT kh FROM {table} WHERE miss) "
-                "OR seal IS DISTINCT FROM hash($recipe, store, kh, fingerprint, digest))",
-                params,
-            )
-            which = "miss"
-        written += con.execute(
-            "INSERT INTO kimera_verify_digests SELECT DISTINCT $store, kh, fp, rh, "
-            f"hash($recipe, $store, kh, fp, rh) FROM {table} WHERE {which}",
+    params = {"store": source.table, "recipe": RECIPE}
+    if everything:
+        con.execute("DELETE FROM kimera_verify_digests WHERE store = ?", [source.table])
+    else:
+        con.execute(
+            "DELETE FROM kimera_verify_digests WHERE store = $store AND ("
+            "segment IN (SELECT seg FROM kimera_verify_redo) "
+            "OR seal IS DISTINCT FROM "
+            "hash($recipe, store, segment, rows, fingerprint_sum, digest_sum))",
             params,
-        ).fetchone()[0]
-    return written
+        )
+    return con.execute(
+        "INSERT INTO kimera_verify_digests SELECT $store, seg, n, fsum, dsum, "
+        "hash($recipe, $store, seg, n, fsum, dsum) FROM kimera_verify_redo",
+        params,
+    ).fetchone()[0]
 
 
 def _segments(
-    con: duckdb.DuckDBPyConnection, shift: int, parents: list[int] | None, parent_shift: int
+    con: duckdb.DuckDBPyConnection, bits: int, parents: list[int] | None, parent_bits: int
 ) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int]]]:
-    """(legacy, new) checksum per segment of ``64 - shift`` key-hash bits, inside ``parents``.
+    """(legacy, new) checksum per segment of ``bits`` key-hash bits, inside ``parents``.
 
-    Reads the per-row temp tables only: no source row is read again.
+    Rolls the fine segments up: no source row is read again.
     """
     if parents is None:
         where = "true"
     else:
         con.execute("CREATE OR REPLACE TEMP TABLE kimera_verify_segs (seg UBIGINT)")
         con.executemany("INSERT INTO kimera_verify_segs VALUES (?)", [[p] for p in parents])
-        # parent_shift is an int computed here, never input
-        where = f"kh >> {int(parent_shift)} IN (SELECT seg FROM kimera_verify_segs)"
+        # parent_bits is an int computed here, never input
+        where = f"seg >> {FINE_BITS - int(parent_bits)} IN (SELECT seg FROM kimera_verify_segs)"
     out = []
     for side in ("legacy", "new"):
-        sql = SEGMENT_SQL.format(shift=int(shift), side=_side_sql(side), where=where)
+        sql = SEGMENT_SQL.format(shift=FINE_BITS - int(bits), side=_side_sql(side), where=where)
         out.append({int(seg): (int(n), int(s)) for seg, n, s in con.execute(sql).fetchall()})
     return out[0], out[1]
 
@@ -546,20 +570,19 @@ def _segments(
 def _initial_bits(rows: int) -> int:
     if rows <= TOP_SEGMENT_ROWS:
         return 0
-    return min(16, math.ceil(math.log2(rows / TOP_SEGMENT_ROWS)))
+    return min(FINE_BITS, math.ceil(math.log2(rows / TOP_SEGMENT_ROWS)))
 
 
 def _bisect(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> tuple[int, list[int]]:
-    """Descend into differing segments; returns (shift, leaf segments to compare row by row)."""
+    """Descend into differing segments; returns (bits, leaf segments to compare row by row)."""
     total = max(report.counts["legacy"]["total"], report.counts["new"]["total"])
     bits = _initial_bits(total)
     parents: list[int] | None = None
-    parent_shift = 64
+    parent_bits = 0
     levels = []
     while True:
-        shift = 64 - bits
         t0 = time.perf_counter()
-        legacy, new = _segments(con, shift, parents, parent_shift)
+        legacy, new = _segments(con, bits, parents, parent_bits)
         if parents is None:
             report.checksums["legacy"] = {
                 "rows": sum(n for n, _ in legacy.values()),
@@ -584,19 +607,19 @@ def _bisect(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> tuple
         report.checksums["levels"] = levels
         if (
             not differing
-            or bits + SPLIT_BITS > 64
+            or bits >= FINE_BITS
             or diff_rows <= LEAF_ROWS * len(differing)
             or diff_rows > total // 2
         ):
-            return shift, differing
-        parents, parent_shift = differing, shift
-        bits += SPLIT_BITS
+            return bits, differing
+        parents, parent_bits = differing, bits
+        bits = min(FINE_BITS, bits + SPLIT_BITS)
 
 
 def _materialise_sides(con: duckdb.DuckDBPyConnection, where: str) -> None:
     """(id, kh, rh) of the rows matching ``where`` ({key}: the key column), per side."""
     for side, table in (("legacy", "kimera_verify_l"), ("new", "kimera_verify_n")):
-        parts = [rows_sql(s, where=where, with_id=True)[0] for s in SOURCES if s.side == side]
+        parts = [rows_sql(s, where) for s in SOURCES if s.side == side]
         con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS " + " UNION ALL ".join(parts))
 
 
@@ -713,9 +736,9 @@ def verify(
     }
     _counts(con, report)
     if base is None:
-        _digest_rows(con, report, cache)
+        _digest_segments(con, report, cache)
         _duplicates(con, report, sample, keys=None)
-        shift, leaves = _bisect(con, report)
+        bits, leaves = _bisect(con, report)
         report.checksums["pass_seconds"] = round(
             report.checksums["digest_cache"]["seconds"] + report.checksums["levels"][0]["seconds"],
             4,
@@ -723,9 +746,9 @@ def verify(
         if leaves:
             con.execute("CREATE OR REPLACE TEMP TABLE kimera_verify_segs (seg UBIGINT)")
             con.executemany("INSERT INTO kimera_verify_segs VALUES (?)", [[s] for s in leaves])
-            # shift is an int computed here, never input
+            # bits is an int computed here, never input
             _materialise_sides(
-                con, f"hash({{key}}) >> {int(shift)} IN (SELECT seg FROM kimera_verify_segs)"
+                con, f"hash({{key}}) >> {64 - int(bits)} IN (SELECT seg FROM kimera_verify_segs)"
             )
             _row_level(con, report, sample, tolerance)
         report.checksums["rows_compared_row_level"] = (
@@ -787,9 +810,10 @@ def _cleanup(con: duckdb.DuckDBPyConnection) -> None:
         "kimera_verify_changed",
         "kimera_verify_diff",
         "kimera_verify_dups",
-        "kimera_verify_dupkh",
+        "kimera_verify_fp",
+        "kimera_verify_redo",
         "kimera_verify_keys",
     ):
         con.execute(f"DROP TABLE IF EXISTS {name}")
     for source in SOURCES:
-        con.execute(f"DROP TABLE IF EXISTS {rows_table(source)}")
+        con.execute(f"DROP TABLE IF EXISTS {fine_table(source)}")
