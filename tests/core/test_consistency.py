@@ -142,6 +142,20 @@ def test_changed_scar_related_ids_and_type(con):
     assert "identity_type" in found[other]
 
 
+def test_two_rows_trading_documents_are_found(con):
+    """Row digests include the key: a swap of contents leaves every segment sum as it was
+    unless the key is hashed with the fields."""
+    a, b = some_geoid(con, 17), some_geoid(con, 18)
+    con.execute(
+        "UPDATE identities SET data = CASE id WHEN $a THEN d.b ELSE d.a END "
+        "FROM (SELECT max(data) FILTER (WHERE id = $a) AS a, max(data) FILTER (WHERE id = $b) "
+        "AS b FROM identities) d WHERE id IN ($a, $b)",
+        {"a": a, "b": b},
+    )
+    report = verify(con)
+    assert sorted(s["id"] for s in report.field_mismatches.sample) == sorted([a, b])
+
+
 def test_change_on_the_legacy_side_is_found(con):
     key = some_geoid(con, 9)
     con.execute("UPDATE legacy_geoids SET raw = raw || '!' WHERE gid = ?", [key])
