@@ -40,15 +40,20 @@ FROM legacy_scars
 """
 
 
-@pytest.fixture
-def con(demo_db, tmp_path):
+def migrated_copy(demo_path, tmp_path):
     """A copy of the demo database after a clean migration (colliding scar ids removed)."""
     path = tmp_path / "v.duckdb"
-    shutil.copy(demo_db[0], path)
-    c = open_database(path)
-    c.execute("DELETE FROM identities")
-    c.execute("DELETE FROM legacy_scars WHERE id IN (SELECT gid FROM legacy_geoids)")
-    c.execute(MIGRATE_SQL)
+    shutil.copy(demo_path, path)
+    with open_database(path) as c:
+        c.execute("DELETE FROM identities")
+        c.execute("DELETE FROM legacy_scars WHERE id IN (SELECT gid FROM legacy_geoids)")
+        c.execute(MIGRATE_SQL)
+    return path
+
+
+@pytest.fixture
+def con(demo_db, tmp_path):
+    c = open_database(migrated_copy(demo_db[0], tmp_path))
     yield c
     c.close()
 

@@ -4,10 +4,8 @@ entries are not used; a warm verification reports exactly what a cold one does."
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-from test_consistency import MIGRATE_SQL
+from test_consistency import migrated_copy
 
 from kimera_core import consistency
 from kimera_core.consistency import FINE_BITS, SOURCES, verify
@@ -18,15 +16,7 @@ SHIFT = 64 - FINE_BITS
 
 @pytest.fixture
 def path(demo_db, tmp_path):
-    """A copy of the demo database after a clean migration (colliding scar ids removed)."""
-    p = tmp_path / "c.duckdb"
-    shutil.copy(demo_db[0], p)
-    c = open_database(p)
-    c.execute("DELETE FROM identities")
-    c.execute("DELETE FROM legacy_scars WHERE id IN (SELECT gid FROM legacy_geoids)")
-    c.execute(MIGRATE_SQL)
-    c.close()
-    return p
+    return migrated_copy(demo_db[0], tmp_path)
 
 
 @pytest.fixture
