@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from kimera_core import __version__, metrics, query, textsearch
+from kimera_core import __version__, metrics, query, semantic, textsearch
 from kimera_core.db import open_database
 from kimera_core.rollout import get_stage, routing
 
@@ -42,7 +42,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "A parameter is out of range or malformed (JSON error)."},
     404: {"description": "No identity with this id (JSON error)."},
     422: {"description": "A parameter failed validation (JSON error with details)."},
-    503: {"description": "The text index has not been built (JSON error)."},
+    503: {
+        "description": "The text index, the embeddings or the [semantic] extra are missing "
+        "(JSON error)."
+    },
 }
 
 Limit = Annotated[int, Query(ge=1, le=query.MAX_LIMIT, description="Page size (1 to 500).")]
@@ -73,8 +76,9 @@ def create_app(
     """The API over the DuckDB file at ``db_path`` (read-only) or over an open connection."""
     if (db_path is None) == (con is None):
         raise ValueError("give exactly one of db_path and con")
-    state: dict[str, Any] = {"con": con, "owned": con is None, "snapshot": None}
+    state: dict[str, Any] = {"con": con, "owned": con is None, "snapshot": None, "encoder": None}
     lock = threading.Lock()
+    encoder_lock = threading.Lock()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
@@ -148,6 +152,14 @@ def create_app(
     @app.exception_handler(textsearch.TextIndexMissing)
     async def no_index(request: Request, exc: textsearch.TextIndexMissing) -> JSONResponse:
         return _error(503, "text_index_missing", str(exc))
+
+    @app.exception_handler(semantic.SemanticUnavailable)
+    async def no_model(request: Request, exc: semantic.SemanticUnavailable) -> JSONResponse:
+        return _error(503, "semantic_unavailable", str(exc))
+
+    @app.exception_handler(semantic.EmbeddingsMissing)
+    async def no_vectors(request: Request, exc: semantic.EmbeddingsMissing) -> JSONResponse:
+        return _error(503, "embeddings_missing", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -260,6 +272,42 @@ def create_app(
                 cur,
                 lambda: query.search_text(
                     cur, q, lang=lang, limit=limit, offset=offset, snapshot=snapshot()
+                ),
+            )
+        return page.to_dict()
+
+    class LockedEncoder:
+        """The model, loaded on first use, one text at a time (it is CPU-bound anyway)."""
+
+        def encode(self, texts: list[str]) -> Any:
+            with encoder_lock:
+                if state["encoder"] is None:
+                    state["encoder"] = semantic.Encoder()  # SemanticUnavailable: a 503
+                return state["encoder"].encode(texts)
+
+    @app.get("/search/semantic", summary="Geoids nearest in meaning to a text (all-MiniLM-L6-v2)")
+    def search_semantic(
+        q: Annotated[
+            str,
+            Query(
+                min_length=1,
+                max_length=query.MAX_QUERY_CHARS,
+                description="A text whose meaning to look for (English works best).",
+            ),
+        ],
+        limit: Annotated[
+            int,
+            Query(ge=1, le=query.MAX_SEMANTIC_LIMIT, description="How many (1 to 50)."),
+        ] = 10,
+    ) -> dict[str, Any]:
+        if not q.strip():
+            raise ApiError(400, "bad_request", "q must contain a word")
+        with cursor() as cur:
+            page = timed(
+                "search",
+                cur,
+                lambda: query.search_semantic(
+                    cur, LockedEncoder(), q, limit=limit, source=source()
                 ),
             )
         return page.to_dict()

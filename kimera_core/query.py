@@ -82,7 +82,7 @@ class Page:
         }
         if self.paging == "cursor":
             out["next_cursor"] = self.next_cursor
-        else:
+        elif self.paging == "offset":
             out["next_offset"] = self.next_offset
         out.update(self.extra)
         return out
@@ -526,6 +526,41 @@ def search_text(
         paging="offset",
         extra={"terms": textsearch.query_terms(text)},
     )
+
+
+MAX_SEMANTIC_LIMIT = 50
+
+
+def search_semantic(
+    con: duckdb.DuckDBPyConnection,
+    encoder: Any,
+    text: str,
+    *,
+    limit: int = 10,
+    source: str | None = None,
+) -> Page:
+    """Geoids nearest in meaning to ``text`` (``kimera_core.semantic``), most similar first.
+
+    ``encoder``: a ``semantic.Encoder``. Searches through the IVF index when one is built,
+    exactly otherwise; raises ``semantic.EmbeddingsMissing`` when nothing was embedded.
+    """
+    from kimera_core import semantic
+
+    if not isinstance(text, str) or not text.strip():
+        raise QueryError("q must be a non-empty text")
+    if len(text) > MAX_QUERY_CHARS:
+        raise QueryError(f"q must be at most {MAX_QUERY_CHARS} characters")
+    if (
+        isinstance(limit, bool)
+        or not isinstance(limit, int)
+        or not 1 <= limit <= MAX_SEMANTIC_LIMIT
+    ):
+        raise QueryError(f"limit must be an integer from 1 to {MAX_SEMANTIC_LIMIT}")
+    source = source or read_source(con)
+    nearest = semantic.search_text(con, encoder, text, k=limit)
+    found = _identities_by_ids(con, [key for key, _ in nearest], source)
+    hits = [Hit(found[k][0], found[k][1], s) for k, s in nearest if k in found]
+    return Page(hits, source, paging="none")
 
 
 def _identities_by_ids(

@@ -14,13 +14,14 @@ similarity, exact (a scan) or through an IVF index (``build_ivf_index``: k-means
 in ``kimera_embedding_centroids``, each vector assigned to its nearest list; a query scans
 the ``nprobe`` nearest lists). DuckDB's ``vss`` extension (HNSW) is what the roadmap named,
 but the PyPI packages that carry it are built for DuckDB 1.5.5 and refuse to load in 1.5.6,
-and nothing may be downloaded at run time; ``search_vector`` uses it if it loads.
+and nothing may be downloaded at run time: so the index is this IVF.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -48,13 +49,19 @@ WITH lists AS (
     ORDER BY array_cosine_similarity(centroid, $q::FLOAT[{DIM}]) DESC LIMIT $nprobe
 )
 SELECT id, array_cosine_similarity(vec, $q::FLOAT[{DIM}]) AS similarity
-FROM kimera_embeddings WHERE list_id IN (SELECT list_id FROM lists)
+FROM kimera_embeddings WHERE list_id IN (SELECT list_id FROM lists) OR list_id IS NULL
 ORDER BY similarity DESC, id LIMIT $k
 """
+# Vectors stored after the last build have no list yet (list_id NULL): scanned every time,
+# so a new vector is found at once, by the index as by the exact search.
 
 
 class SemanticUnavailable(RuntimeError):
     """The model files or the tokenizer are not installed (the ``[semantic]`` extra)."""
+
+
+class EmbeddingsMissing(RuntimeError):
+    """No geoid of this database has been embedded yet."""
 
 
 def model_dir() -> Path:
@@ -113,11 +120,14 @@ class Encoder:
 
     def __init__(self, directory: Path | None = None) -> None:
         try:
+            from threadpoolctl import ThreadpoolController
             from tokenizers import Tokenizer
         except ImportError as exc:
             raise SemanticUnavailable(
-                "the tokenizers package is missing: pip install 'kimera-migration[semantic]'"
+                f"{exc.name} is missing: pip install 'kimera-migration[semantic]'"
             ) from exc
+        blas = ThreadpoolController()  # finds the loaded BLAS libraries once
+        self._one_blas_thread = lambda: blas.limit(limits=1, user_api="blas")
         directory = directory or model_dir()
         if not (directory / "model.safetensors").exists():
             raise SemanticUnavailable(f"{directory}: no model.safetensors")
@@ -138,7 +148,12 @@ class Encoder:
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Unit vectors, one row per text."""
-        out = [self._encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        # BLAS on one thread: these matrices are small, and on shared cores OpenBLAS's
+        # spinning threads made an encoding up to ten times slower (docs/benchmarks.md).
+        with self._one_blas_thread():
+            out = [
+                self._encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)
+            ]
         return np.vstack(out) if out else np.zeros((0, DIM), np.float32)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
@@ -166,7 +181,9 @@ class Encoder:
             q = split(self._linear(x, f"{p}.attention.self.query"))
             k = split(self._linear(x, f"{p}.attention.self.key"))
             v = split(self._linear(x, f"{p}.attention.self.value"))
-            scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head) + bias
+            # math.sqrt: a Python float keeps float32 (a numpy float64 scalar would promote
+            # every later product to float64, with a cast of each weight matrix)
+            scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(head) + bias
             scores = np.exp(scores - scores.max(-1, keepdims=True))
             scores /= scores.sum(-1, keepdims=True)
             ctx = (scores @ v).transpose(0, 2, 1, 3).reshape(n, length, DIM)
@@ -177,7 +194,7 @@ class Encoder:
                 self.eps,
             )
             h = self._linear(x, f"{p}.intermediate.dense")
-            h = 0.5 * h * (1.0 + _erf(h / np.sqrt(2.0)))
+            h = 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))
             x = _layer_norm(
                 x + self._linear(h, f"{p}.output.dense"),
                 w[f"{p}.output.LayerNorm.weight"],
@@ -271,15 +288,26 @@ def build_ivf_index(
     )
     con.register("kimera_ivf_centroids", _vectors_table([str(i) for i in range(lists)], centroids))
     try:
+        # Rewritten in list order (a query reads a few contiguous runs), keeping the key:
+        # CREATE TABLE AS would drop it, and store_embeddings' INSERT OR REPLACE needs it.
+        con.execute("BEGIN TRANSACTION")  # the vectors are never half rewritten
         con.execute(
-            "CREATE OR REPLACE TABLE kimera_embeddings AS "
+            "CREATE OR REPLACE TEMP TABLE kimera_ivf_sorted AS "
             f"SELECT e.id, e.vec::FLOAT[{DIM}] AS vec, a.list_id FROM kimera_embeddings e "
             "JOIN kimera_ivf_assign a USING (id) ORDER BY a.list_id, e.id"
         )
+        con.execute("DROP TABLE kimera_embeddings")
+        con.execute(EMBEDDINGS_DDL)
+        con.execute("INSERT INTO kimera_embeddings SELECT * FROM kimera_ivf_sorted")
+        con.execute("DROP TABLE kimera_ivf_sorted")
         con.execute(
             "CREATE OR REPLACE TABLE kimera_embedding_centroids AS "
             f"SELECT id::INTEGER AS list_id, vec::FLOAT[{DIM}] AS centroid FROM kimera_ivf_centroids"
         )
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
     finally:
         con.unregister("kimera_ivf_assign")
         con.unregister("kimera_ivf_centroids")
@@ -305,12 +333,17 @@ def search_vector(
         ).fetchone()[0]
         method = "ivf" if built else "exact"
     q = [float(x) for x in np.asarray(vector, np.float32).reshape(DIM)]
-    if method == "exact":
-        rows = con.execute(EXACT_SQL, {"q": q, "k": k}).fetchall()
-    elif method == "ivf":
-        rows = con.execute(IVF_SQL, {"q": q, "k": k, "nprobe": nprobe}).fetchall()
-    else:
+    if method not in ("exact", "ivf"):
         raise ValueError(f"method must be auto, exact or ivf, got {method!r}")
+    try:
+        if method == "exact":
+            rows = con.execute(EXACT_SQL, {"q": q, "k": k}).fetchall()
+        else:
+            rows = con.execute(IVF_SQL, {"q": q, "k": k, "nprobe": nprobe}).fetchall()
+    except duckdb.CatalogException as exc:
+        raise EmbeddingsMissing(
+            "no embeddings in this database: run `kimera search-index --db PATH --embed N`"
+        ) from exc
     return [(r[0], float(r[1])) for r in rows]
 
 

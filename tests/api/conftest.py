@@ -12,17 +12,32 @@ import httpx
 import pytest
 from support.servers import free_port, stop_process_group, wait_until
 
+from kimera_core import semantic
 from kimera_core.migration import migrate
 from kimera_core.rollout import set_stage
+
+EMBEDDED_GEOIDS = 40
 
 
 @pytest.fixture(scope="session")
 def api_db(demo_db, tmp_path_factory) -> Path:
+    """A migrated copy of the demo database in read-new; with the [semantic] extra, the
+    first EMBEDDED_GEOIDS English geoids embedded (and a semantic-less copy otherwise)."""
     path = tmp_path_factory.mktemp("api") / "api.duckdb"
     shutil.copy(demo_db[0], path)
     with duckdb.connect(str(path)) as con:
         migrate(con)
         set_stage(con, "read-new", "test", "API tests read identities")
+        try:
+            encoder = semantic.Encoder()
+        except semantic.SemanticUnavailable:
+            return path  # /search/semantic answers 503 semantic_unavailable
+        rows = con.execute(
+            "SELECT id, data->>'$.raw' FROM identities WHERE identity_type = 'geoid' "
+            "AND lang_axis = 'en' AND (data->>'$.raw') <> '' ORDER BY id LIMIT ?",
+            [EMBEDDED_GEOIDS],
+        ).fetchall()
+        semantic.store_embeddings(con, [r[0] for r in rows], encoder.encode([r[1] for r in rows]))
     return path
 
 

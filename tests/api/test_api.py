@@ -5,6 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from kimera_core import semantic
+
 
 @pytest.fixture(scope="module")
 def client(api_url):
@@ -104,3 +106,89 @@ def test_metrics_and_openapi_are_served(client):
     assert {"/identities/{identity_id}", "/search", "/identities", "/healthz", "/metrics"} <= set(
         spec["paths"]
     )
+
+
+def _semantic_ready() -> bool:
+    try:
+        semantic.model_dir()
+        import tokenizers  # noqa: F401
+    except (semantic.SemanticUnavailable, ImportError):
+        return False
+    return True
+
+
+def test_semantic_search_finds_an_embedded_geoid_by_its_own_text(client, api_db):
+    if not _semantic_ready():
+        body = _json_error(client.get("/search/semantic", params={"q": "river"}), 503)
+        assert body["error"] == "semantic_unavailable"
+        return
+    import duckdb
+
+    with duckdb.connect(str(api_db), read_only=True) as con:
+        gid, raw = con.execute(
+            "SELECT e.id, i.data->>'$.raw' FROM kimera_embeddings e JOIN identities i "
+            "USING (id) ORDER BY e.id LIMIT 1"
+        ).fetchone()
+    body = client.get("/search/semantic", params={"q": raw, "limit": 5}).json()
+    assert body["items"][0]["id"] == gid
+    assert body["items"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+    scores = [item["score"] for item in body["items"]]
+    assert scores == sorted(scores, reverse=True) and body["count"] == 5
+    assert body["source"] == "new"
+
+
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [
+        ({}, 422),
+        ({"q": ""}, 422),
+        ({"q": "  "}, 400),
+        ({"q": "x" * 257}, 422),
+        ({"q": "river", "limit": 0}, 422),
+        ({"q": "river", "limit": 51}, 422),
+    ],
+)
+def test_semantic_search_parameters_are_bounded(client, params, status):
+    _json_error(client.get("/search/semantic", params=params), status)
+
+
+def test_semantic_search_without_embeddings_is_a_503(tmp_path, api_db):
+    import shutil
+
+    import duckdb
+    from fastapi.testclient import TestClient
+
+    from kimera_core.api import create_app
+
+    path = tmp_path / "bare.duckdb"
+    shutil.copy(api_db, path)
+    with duckdb.connect(str(path)) as con:
+        con.execute("DROP TABLE IF EXISTS kimera_embeddings")
+    with TestClient(create_app(path)) as local:
+        body = _json_error(local.get("/search/semantic", params={"q": "river"}), 503)
+    expected = "embeddings_missing" if _semantic_ready() else "semantic_unavailable"
+    assert body["error"] == expected
+
+
+def test_an_api_on_a_writing_connection_serves_a_write_at_once(tmp_path, api_db):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from kimera_core.api import create_app
+    from kimera_core.entropy import identity_entropy
+    from kimera_core.identity import Geoid
+    from kimera_core.storage import Storage
+
+    path = tmp_path / "writer.duckdb"
+    shutil.copy(api_db, path)
+    new = Geoid.new("a heron over the salt marsh", "en", tags=["a", "b", "c"]).to_identity()
+    entropy = identity_entropy(new)
+    with Storage.open(str(path)) as storage, TestClient(create_app(con=storage.con)) as local:
+        params = {"min_entropy": entropy, "max_entropy": entropy, "limit": 500}
+        before = local.get("/identities", params=params).json()
+        assert new.id not in {i["id"] for i in before["items"]}
+        storage.store(new)
+        after = local.get("/identities", params=params).json()
+        assert new.id in {i["id"] for i in after["items"]}
+        assert local.get(f"/identities/{new.id}").json()["raw"] == new.raw

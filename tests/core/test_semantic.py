@@ -89,3 +89,55 @@ def test_an_empty_store_has_nothing_to_index_and_search_without_index_is_exact()
     vec = np.eye(semantic.DIM, dtype=np.float32)[:2]
     semantic.store_embeddings(con, ["a", "b"], vec)
     assert semantic.search_vector(con, vec[1], k=1) == [("b", pytest.approx(1.0))]
+
+
+def test_a_vector_stored_after_the_index_build_is_found_through_the_index():
+    con = duckdb.connect()
+    semantic.load_random_embeddings(con, 2000, seed=3)
+    semantic.build_ivf_index(con, lists=32)
+    late = np.random.default_rng(4).standard_normal(semantic.DIM).astype(np.float32)
+    semantic.store_embeddings(con, ["late"], (late / np.linalg.norm(late))[None])
+    assert semantic.search_vector(con, late, k=1, method="ivf", nprobe=1)[0][0] == "late"
+
+
+def test_searching_a_database_without_embeddings_says_so():
+    con = duckdb.connect()
+    with pytest.raises(semantic.EmbeddingsMissing, match="no embeddings"):
+        semantic.search_vector(con, np.ones(semantic.DIM), k=3)
+
+
+class _FixedEncoder:
+    """Encodes every text as one fixed unit vector (the query path, not the model)."""
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return np.tile(np.eye(semantic.DIM, dtype=np.float32)[0], (len(texts), 1))
+
+
+def test_semantic_query_validates_and_returns_documents_best_first():
+    from kimera_core import query
+
+    con = duckdb.connect()
+    con.execute(
+        "CREATE TABLE identities (id TEXT PRIMARY KEY, identity_type TEXT, data JSON, "
+        "created_at DOUBLE, updated_at DOUBLE, lang_axis TEXT, entropy_score DOUBLE)"
+    )
+    for key in ("g1", "g2"):
+        con.execute(
+            "INSERT INTO identities VALUES (?, 'geoid', json_object('id', ?, "
+            "'identity_type', 'geoid', 'raw', ?), 0, 0, 'en', 0.5)",
+            [key, key, f"text {key}"],
+        )
+    near, far = np.eye(semantic.DIM, dtype=np.float32)[[0, 1]]
+    semantic.store_embeddings(con, ["g1", "g2"], np.vstack([0.6 * near + 0.8 * far, near]))
+    page = query.search_semantic(con, _FixedEncoder(), "anything", limit=2, source="new")
+    assert [h.identity.id for h in page.items] == ["g2", "g1"]
+    assert [h.score for h in page.items] == pytest.approx([1.0, 0.6])
+    assert "next_offset" not in page.to_dict() and "next_cursor" not in page.to_dict()
+    for bad in (
+        {"text": "  "},
+        {"text": "x" * 257},
+        {"text": "a", "limit": 0},
+        {"text": "a", "limit": 51},
+    ):
+        with pytest.raises(query.QueryError):
+            query.search_semantic(con, _FixedEncoder(), source="new", **bad)
