@@ -53,6 +53,14 @@ Cursor = Annotated[
     str | None,
     Query(max_length=512, description="The next_cursor of the previous page."),
 ]
+TextQuery = Annotated[
+    str,
+    Query(
+        min_length=1,
+        max_length=query.MAX_QUERY_CHARS,
+        description="A text (any language; accents and case are folded for /search).",
+    ),
+]
 IdentityId = Annotated[
     str, PathParam(min_length=1, max_length=MAX_ID_CHARS, description="Identity id.")
 ]
@@ -252,29 +260,23 @@ def create_app(
 
     @app.get("/search", summary="Geoids ranked by BM25 relevance to a text")
     def search(
-        q: Annotated[
-            str,
-            Query(
-                min_length=1,
-                max_length=query.MAX_QUERY_CHARS,
-                description="Words to look for (any language; accents and case are folded).",
-            ),
-        ],
+        q: TextQuery,
         lang: Annotated[str | None, Query(max_length=MAX_FILTER_CHARS)] = None,
         limit: Annotated[int, Query(ge=1, le=100, description="Page size (1 to 100).")] = 20,
         offset: Annotated[int, Query(ge=0, le=query.MAX_OFFSET)] = 0,
     ) -> dict[str, Any]:
+        return searched(
+            q,
+            lambda cur: query.search_text(
+                cur, q, lang=lang, limit=limit, offset=offset, snapshot=snapshot()
+            ),
+        )
+
+    def searched(q: str, call: Callable[[duckdb.DuckDBPyConnection], query.Page]) -> dict:
         if not q.strip():
             raise ApiError(400, "bad_request", "q must contain a word")
         with cursor() as cur:
-            page = timed(
-                "search",
-                cur,
-                lambda: query.search_text(
-                    cur, q, lang=lang, limit=limit, offset=offset, snapshot=snapshot()
-                ),
-            )
-        return page.to_dict()
+            return timed("search", cur, lambda: call(cur)).to_dict()
 
     class LockedEncoder:
         """The model, loaded on first use, one text at a time (it is CPU-bound anyway)."""
@@ -287,30 +289,18 @@ def create_app(
 
     @app.get("/search/semantic", summary="Geoids nearest in meaning to a text (all-MiniLM-L6-v2)")
     def search_semantic(
-        q: Annotated[
-            str,
-            Query(
-                min_length=1,
-                max_length=query.MAX_QUERY_CHARS,
-                description="A text whose meaning to look for (English works best).",
-            ),
-        ],
+        q: TextQuery,
         limit: Annotated[
             int,
             Query(ge=1, le=query.MAX_SEMANTIC_LIMIT, description="How many (1 to 50)."),
         ] = 10,
     ) -> dict[str, Any]:
-        if not q.strip():
-            raise ApiError(400, "bad_request", "q must contain a word")
-        with cursor() as cur:
-            page = timed(
-                "search",
-                cur,
-                lambda: query.search_semantic(
-                    cur, LockedEncoder(), q, limit=limit, source=source()
-                ),
-            )
-        return page.to_dict()
+        return searched(
+            q,
+            lambda cur: query.search_semantic(
+                cur, LockedEncoder(), q, limit=limit, source=source()
+            ),
+        )
 
     @app.get("/metrics", summary="Prometheus metrics of this process", response_class=Response)
     def prometheus_metrics() -> Response:
