@@ -32,12 +32,24 @@ from kimera_core.db import connect
     show_default=True,
     help="Append the verdict to kimera_verifications (--no-record opens the file read-only).",
 )
-def verify(db_path: Path, as_json: bool, sample: int, incremental: bool, record: bool) -> None:
+@click.option(
+    "--cache/--no-cache",
+    default=True,
+    show_default=True,
+    help=(
+        "Reuse cached digests of key segments whose rows are unchanged (every row is still "
+        "read and fingerprinted) and, unless read-only, cache the new ones; --no-cache "
+        "digests every row and writes no cache."
+    ),
+)
+def verify(
+    db_path: Path, as_json: bool, sample: int, incremental: bool, record: bool, cache: bool
+) -> None:
     """Compare legacy_geoids/legacy_scars with identities; exit 1 when they disagree."""
     from kimera_core.consistency import verify as run_verify
 
     with connect(db_path, read_only=not record) as con:
-        report = run_verify(con, incremental=incremental, sample=sample, record=record)
+        report = run_verify(con, incremental=incremental, sample=sample, record=record, cache=cache)
     payload = report.to_dict()
     if as_json:
         _emit_json(payload)
@@ -66,6 +78,16 @@ def _print(d: dict) -> None:
         console.print(
             f"  checksum legacy {checksums['legacy']['checksum']}  "
             f"identities {checksums['new']['checksum']}"
+        )
+    cache = checksums.get("digest_cache")
+    if cache:
+        console.print(
+            f"  digest cache: {cache['reused']:,} of {cache['segments']:,} segments reused, "
+            f"{cache['rows_digested']:,} rows digested"
+            + (f", {cache['rejected']:,} entries rejected" if cache["rejected"] else "")
+            + (f", {cache['written']:,} written" if cache["written"] else "")
+            if cache["enabled"]
+            else f"  digest cache off: {cache['rows_digested']:,} rows digested"
         )
     for reason in d["reasons"]:
         console.print(f"  - {reason}", markup=False)

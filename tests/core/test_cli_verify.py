@@ -85,3 +85,27 @@ def test_missing_file_is_one_line_error(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("kimera: error:") and "no such file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_second_run_reuses_the_digest_cache(consistent_db):
+    first = json.loads(kimera("verify", "--db", consistent_db, "--json").stdout)
+    assert first["checksums"]["digest_cache"]["rows_digested"] == 200
+    result = kimera("verify", "--db", consistent_db)
+    assert result.returncode == 0
+    assert "rows digested" in result.stdout
+    second = json.loads(kimera("verify", "--db", consistent_db, "--json").stdout)
+    cache = second["checksums"]["digest_cache"]
+    assert cache["rows_digested"] == 0 and cache["reused"] == cache["segments"] > 0
+
+
+def test_no_cache_digests_everything_and_writes_no_cache(consistent_db):
+    import duckdb
+
+    result = kimera("verify", "--db", consistent_db, "--no-cache", "--json")
+    assert result.returncode == 0, result.stderr
+    cache = json.loads(result.stdout)["checksums"]["digest_cache"]
+    assert cache["enabled"] is False and cache["rows_digested"] == 200
+    con = duckdb.connect(str(consistent_db), read_only=True)
+    tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    con.close()
+    assert "kimera_verify_digests" not in tables
