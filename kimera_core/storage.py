@@ -44,6 +44,7 @@ from kimera_core.legacy import (
 )
 from kimera_core.rollout import Routing, get_stage, routing
 from kimera_core.shadow import ShadowReads
+from kimera_core.sql import EPOCH_ISO_MACROS
 
 # The fault-injection points of a write, in the order a write passes them.
 WRITE_STEPS: tuple[str, ...] = (
@@ -77,78 +78,112 @@ def _union_entropy(geoid_sql: str, scar_sql: str) -> str:
     return f"SELECT * FROM ({geoid_sql}) UNION ALL SELECT * FROM ({scar_sql})"
 
 
-# --- batch writes: set-based over a registered Arrow table ---------------------------------
+# --- batch writes: set-based, straight from a registered Arrow table ------------------------
+# Every statement reads the registered batch through the same typed projection (a CTE; the
+# Arrow scan is zero-copy), so nothing is materialised per batch: no temp tables, no views.
 BATCH_VIEW = "kimera_storage_batch"
 BATCH_COLUMNS: tuple[str, ...] = DOCUMENT_KEYS
+# registered only when some timestamps need Python's epoch_to_iso (see kimera_core.sql)
+BATCH_ISO_VIEW = "kimera_storage_batch_iso"
 
-# epoch seconds -> the P1 ISO text, in SQL for every value whose shortest repr has at most six
-# fraction digits (then microseconds are exact and epoch_to_iso writes exactly these six);
-# below 2**32 s one double per microsecond makes the test exact. Others are left NULL and
-# formatted by identity.epoch_to_iso in Python (rare: app timestamps are microseconds).
-_ISO_SQL = (
-    "CASE WHEN abs({c}) < 4294967296 AND round({c} * 1000000) / 1000000 = {c} "
-    "THEN strftime(make_timestamp(round({c} * 1000000)::BIGINT), '%Y-%m-%dT%H:%M:%S.%f') "
-    "|| '+00:00' END"
-)
-BATCH_PREP_SQL = f"""
-CREATE OR REPLACE TEMP TABLE kimera_batch_prep AS
-WITH b AS (
+_BATCH_SRC = f"""kimera_src AS (
     SELECT id::VARCHAR AS id, identity_type::VARCHAR AS identity_type, raw::VARCHAR AS raw,
            echo::VARCHAR AS echo, lang_axis::VARCHAR AS lang_axis, tags::VARCHAR AS tags,
            weight::DOUBLE AS weight, related_ids::VARCHAR AS related_ids, meta::VARCHAR AS meta,
-           coalesce(updated_at::DOUBLE, ?) AS updated_at,
-           coalesce(created_at::DOUBLE, updated_at::DOUBLE, ?) AS created_at
+           coalesce(updated_at::DOUBLE, $now) AS updated_at,
+           coalesce(created_at::DOUBLE, updated_at::DOUBLE, $now) AS created_at
     FROM {BATCH_VIEW}
+)"""
+_NEEDS_PYTHON_ISO = (
+    "(NOT kimera_epoch_iso_exact(created_at) OR NOT kimera_epoch_iso_exact(updated_at))"
 )
-SELECT *, {_ISO_SQL.format(c="created_at")} AS created_iso,
-       {_ISO_SQL.format(c="updated_at")} AS updated_iso
-FROM b
-"""
-BATCH_CHECK_SQL = """
+BATCH_CHECK_SQL = f"""
+WITH {_BATCH_SRC}
 SELECT count(*) - count(DISTINCT id),
        count(*) FILTER (WHERE id IS NULL),
        count(*) FILTER (WHERE identity_type IS NULL OR identity_type NOT IN ('geoid', 'scar')),
        count(*) FILTER (WHERE identity_type = 'geoid' AND raw IS NULL),
        count(*) FILTER (WHERE identity_type = 'scar' AND (raw IS NOT NULL OR echo IS NOT NULL
                         OR lang_axis IS NOT NULL OR (tags IS NOT NULL AND tags <> '[]'))),
-       min(id) FILTER (WHERE identity_type = 'geoid' AND raw IS NULL)
-FROM kimera_batch_prep
+       count(*) FILTER (WHERE NOT (isfinite(created_at) AND isfinite(updated_at))),
+       min(id) FILTER (WHERE identity_type = 'geoid' AND raw IS NULL),
+       count(*) FILTER (WHERE {_NEEDS_PYTHON_ISO})
+FROM kimera_src
 """
-BATCH_ENTROPY_SQL = "CREATE OR REPLACE TEMP TABLE kimera_batch_entropy AS " + _union_entropy(
-    geoid_entropy_sql("kimera_batch_geoids", "id", "meta", "tags"),
-    scar_entropy_sql("kimera_batch_scars", "id", "related_ids", "weight"),
-)
-BATCH_IDENTITY_INSERT = """
+BATCH_PYTHON_ISO_SQL = f"""
+WITH {_BATCH_SRC}
+SELECT id, created_at, updated_at FROM kimera_src WHERE {_NEEDS_PYTHON_ISO}
+"""
+
+
+def _batch_identity_insert(python_iso: bool) -> str:
+    entropy = _union_entropy(
+        geoid_entropy_sql("kimera_batch_geoids", "id", "meta", "tags"),
+        scar_entropy_sql("kimera_batch_scars", "id", "related_ids", "weight"),
+    )
+    if python_iso:
+        created = "coalesce(kimera_epoch_iso(p.created_at), f.created_iso)"
+        updated = "coalesce(kimera_epoch_iso(p.updated_at), f.updated_iso)"
+        join = f"LEFT JOIN {BATCH_ISO_VIEW} f ON f.id = p.id"
+    else:
+        created, updated, join = (
+            "kimera_epoch_iso(p.created_at)",
+            "kimera_epoch_iso(p.updated_at)",
+            "",
+        )
+    return f"""
 INSERT INTO identities (id, identity_type, data, created_at, updated_at, lang_axis, entropy_score)
+WITH {_BATCH_SRC},
+kimera_batch_geoids AS (SELECT id, meta, tags FROM kimera_src WHERE identity_type = 'geoid'),
+kimera_batch_scars AS (
+    SELECT id, related_ids, weight FROM kimera_src WHERE identity_type = 'scar'
+),
+kimera_batch_entropy AS ({entropy})
 SELECT p.id, p.identity_type,
        json_object('id', p.id, 'identity_type', p.identity_type, 'raw', p.raw, 'echo', p.echo,
                    'lang_axis', p.lang_axis, 'tags', p.tags::JSON, 'weight', p.weight,
                    'related_ids', p.related_ids::JSON, 'meta', p.meta::JSON,
-                   'created_at', p.created_iso, 'updated_at', p.updated_iso),
+                   'created_at', {created}, 'updated_at', {updated}),
        p.created_at, p.updated_at, p.lang_axis, e.entropy
-FROM kimera_batch_prep p LEFT JOIN kimera_batch_entropy e ON e.key = p.id
+FROM kimera_src p LEFT JOIN kimera_batch_entropy e ON e.key = p.id {join}
 """
+
+
+BATCH_IDENTITY_INSERT = _batch_identity_insert(python_iso=False)
+BATCH_IDENTITY_INSERT_PYTHON_ISO = _batch_identity_insert(python_iso=True)
 BATCH_GEOID_INSERT = f"""
 INSERT INTO legacy_geoids ({GEOID_COLUMNS})
+WITH {_BATCH_SRC}
 SELECT id, raw, echo, lang_axis, tags, weight, meta, created_at, updated_at
-FROM kimera_batch_prep WHERE identity_type = 'geoid'
+FROM kimera_src WHERE identity_type = 'geoid'
 """
 BATCH_SCAR_INSERT = f"""
 INSERT INTO legacy_scars ({SCAR_COLUMNS})
+WITH {_BATCH_SRC}
 SELECT id, weight, related_ids, meta, created_at, updated_at
-FROM kimera_batch_prep WHERE identity_type = 'scar'
+FROM kimera_src WHERE identity_type = 'scar'
 """
-BATCH_LOG_INSERT = """
+# log_id comes from dual_write_log_seq per row, as P1 writes it: measured against one range
+# of ids reserved up front, nextval costs nothing measurable in bulk, and stays correct
+# beside other writers of the same sequence.
+BATCH_LOG_INSERT = f"""
 INSERT INTO dual_write_log (timestamp, identity_id, operation, status, details)
-SELECT ?, id, 'store', ?, CASE identity_type WHEN 'scar' THEN ? ELSE ? END
-FROM kimera_batch_prep
+SELECT $now, id::VARCHAR, 'store', 'success',
+       CASE identity_type::VARCHAR WHEN 'scar' THEN $scar ELSE $geoid END
+FROM {BATCH_VIEW}
+"""
+BATCH_FAILURE_LOG_INSERT = f"""
+INSERT INTO dual_write_log (timestamp, identity_id, operation, status, details)
+SELECT $now, id::VARCHAR, 'store', 'failed',
+       json_merge_patch($details, json_object('identity_type', identity_type::VARCHAR))
+FROM {BATCH_VIEW} WHERE id IS NOT NULL
 """
 BATCH_DELETES = {
-    "identities": "DELETE FROM identities WHERE id IN (SELECT id FROM kimera_batch_prep)",
-    "legacy_geoids": "DELETE FROM legacy_geoids WHERE gid IN "
-    "(SELECT id FROM kimera_batch_prep WHERE identity_type = 'geoid')",
-    "legacy_scars": "DELETE FROM legacy_scars WHERE id IN "
-    "(SELECT id FROM kimera_batch_prep WHERE identity_type = 'scar')",
+    "identities": f"DELETE FROM identities WHERE id IN (SELECT id::VARCHAR FROM {BATCH_VIEW})",
+    "legacy_geoids": f"DELETE FROM legacy_geoids WHERE gid IN "
+    f"(SELECT id::VARCHAR FROM {BATCH_VIEW} WHERE identity_type::VARCHAR = 'geoid')",
+    "legacy_scars": f"DELETE FROM legacy_scars WHERE id IN "
+    f"(SELECT id::VARCHAR FROM {BATCH_VIEW} WHERE identity_type::VARCHAR = 'scar')",
 }
 
 STATS_TOTALS_SQL = """
@@ -240,6 +275,8 @@ class Storage:
     ) -> None:
         self.con = con
         create_legacy_schema(con)
+        for macro in EPOCH_ISO_MACROS:
+            con.execute(macro)
         self._clock = clock
         self._fault = fault or _no_fault
         self.stage = stage or get_stage(con)
@@ -519,44 +556,28 @@ class Storage:
         con, route, now = self.con, self.routing, self._clock()
         con.register(BATCH_VIEW, batch)
         try:
-            con.execute(BATCH_PREP_SQL, [now, now])
-            self._check_batch()
-            self._fix_iso_text()
-            con.execute(
-                "CREATE OR REPLACE TEMP VIEW kimera_batch_geoids AS "
-                "SELECT * FROM kimera_batch_prep WHERE identity_type = 'geoid'"
-            )
-            con.execute(
-                "CREATE OR REPLACE TEMP VIEW kimera_batch_scars AS "
-                "SELECT * FROM kimera_batch_prep WHERE identity_type = 'scar'"
-            )
-            fast: list[tuple[str, list[tuple[str, Sequence[Any]]]]] = []
-            slow: list[tuple[str, list[tuple[str, Sequence[Any]]]]] = []
+            python_iso = self._check_batch(now)
+            if python_iso:
+                self._register_python_iso(now)
+            fast: list[tuple[str, list[tuple[str, Any]]]] = []
+            slow: list[tuple[str, list[tuple[str, Any]]]] = []
+            at = {"now": now}
             if route.writes_new:
-                con.execute(BATCH_ENTROPY_SQL)
-                fast.append(("after_new_store", [(BATCH_IDENTITY_INSERT, [])]))
+                insert = BATCH_IDENTITY_INSERT_PYTHON_ISO if python_iso else BATCH_IDENTITY_INSERT
+                fast.append(("after_new_store", [(insert, at)]))
                 slow.append(
-                    (
-                        "after_new_store",
-                        [(BATCH_DELETES["identities"], []), (BATCH_IDENTITY_INSERT, [])],
-                    )
+                    ("after_new_store", [(BATCH_DELETES["identities"], None), (insert, at)])
                 )
             if route.writes_legacy:
-                fast.append(
-                    ("after_legacy_store", [(BATCH_GEOID_INSERT, []), (BATCH_SCAR_INSERT, [])])
-                )
-                slow.append(
-                    (
-                        "after_legacy_store",
-                        [
-                            (BATCH_DELETES["legacy_geoids"], []),
-                            (BATCH_DELETES["legacy_scars"], []),
-                            (BATCH_GEOID_INSERT, []),
-                            (BATCH_SCAR_INSERT, []),
-                        ],
-                    )
-                )
-            log = [now, "success", self._details("scar"), self._details("geoid")]
+                inserts = [(BATCH_GEOID_INSERT, at), (BATCH_SCAR_INSERT, at)]
+                fast.append(("after_legacy_store", inserts))
+                deletes = [(BATCH_DELETES[t], None) for t in ("legacy_geoids", "legacy_scars")]
+                slow.append(("after_legacy_store", deletes + inserts))
+            log = {
+                "now": now,
+                "scar": self._details("scar"),
+                "geoid": self._details("geoid"),
+            }
             try:
                 try:
                     self._attempt_batch(fast, log)
@@ -574,15 +595,14 @@ class Storage:
             return batch.num_rows
         finally:
             con.unregister(BATCH_VIEW)
-            for name in ("kimera_batch_geoids", "kimera_batch_scars"):
-                con.execute(f"DROP VIEW IF EXISTS {name}")
-            for name in ("kimera_batch_entropy", "kimera_batch_prep"):
-                con.execute(f"DROP TABLE IF EXISTS {name}")
+            with contextlib.suppress(duckdb.Error):
+                con.unregister(BATCH_ISO_VIEW)
 
-    def _check_batch(self) -> None:
-        dup, null_ids, bad_type, no_raw, scar_fields, example = self.con.execute(
-            BATCH_CHECK_SQL
-        ).fetchone()
+    def _check_batch(self, now: float) -> bool:
+        """Refuse a bad batch before touching either store; True if some timestamps need Python."""
+        (dup, null_ids, bad_type, no_raw, scar_fields, bad_time, example, python_iso) = (
+            self.con.execute(BATCH_CHECK_SQL, {"now": now}).fetchone()
+        )
         problems = [
             f"{n} {what}"
             for n, what in (
@@ -594,39 +614,30 @@ class Storage:
                     scar_fields,
                     "scars carrying raw/echo/lang_axis/tags, which legacy_scars cannot hold",
                 ),
+                (bad_time, "rows whose created_at or updated_at is not a finite number"),
             )
             if n
         ]
         if problems:
             error = StorageError(f"batch refused: {'; '.join(problems)}")
-            self._record_batch_failure(self._clock(), "validate", error)
+            self._record_batch_failure(now, "validate", error)
             raise error
+        return python_iso > 0
 
-    def _fix_iso_text(self) -> None:
-        rows = self.con.execute(
-            "SELECT id, created_at, updated_at FROM kimera_batch_prep "
-            "WHERE created_iso IS NULL OR updated_iso IS NULL"
-        ).fetchall()
-        if not rows:
-            return
+    def _register_python_iso(self, now: float) -> None:
+        # the few timestamps kimera_epoch_iso cannot write exactly (see kimera_core.sql)
+        rows = self.con.execute(BATCH_PYTHON_ISO_SQL, {"now": now}).fetchall()
         fixes = pa.table(
             {
-                "id": [r[0] for r in rows],
-                "created_iso": [epoch_to_iso(r[1]) for r in rows],
-                "updated_iso": [epoch_to_iso(r[2]) for r in rows],
+                "id": pa.array([r[0] for r in rows], pa.string()),
+                "created_iso": pa.array([epoch_to_iso(r[1]) for r in rows], pa.string()),
+                "updated_iso": pa.array([epoch_to_iso(r[2]) for r in rows], pa.string()),
             }
         )
-        self.con.register("kimera_batch_iso", fixes)
-        try:
-            self.con.execute(
-                "UPDATE kimera_batch_prep p SET created_iso = f.created_iso, "
-                "updated_iso = f.updated_iso FROM kimera_batch_iso f WHERE p.id = f.id"
-            )
-        finally:
-            self.con.unregister("kimera_batch_iso")
+        self.con.register(BATCH_ISO_VIEW, fixes)
 
     def _attempt_batch(
-        self, steps: list[tuple[str, list[tuple[str, Sequence[Any]]]]], log: list[Any]
+        self, steps: list[tuple[str, list[tuple[str, Any]]]], log: dict[str, Any]
     ) -> None:
         con, fault = self.con, self._fault
         self._step = ""
@@ -655,13 +666,7 @@ class Storage:
             {"stores": self._stores(), "step": step, "error": f"{type(exc).__name__}: {exc}"}
         )
         try:
-            self.con.execute(
-                "INSERT INTO dual_write_log (timestamp, identity_id, operation, status, details) "
-                "SELECT ?, id, 'store', 'failed', "
-                "json_merge_patch(?, json_object('identity_type', identity_type)) "
-                "FROM kimera_batch_prep WHERE id IS NOT NULL",
-                [now, details],
-            )
+            self.con.execute(BATCH_FAILURE_LOG_INSERT, {"now": now, "details": details})
         except duckdb.Error as log_exc:
             exc.add_note(f"recording the failure in dual_write_log failed too: {log_exc}")
 
