@@ -144,8 +144,9 @@ def test_injected_failure_leaves_both_stores_exactly_as_before(tmp_path, step, e
         s.close()
 
 
+@pytest.mark.parametrize("created", [1_790_000_000.5, 1e-7], ids=["sql-iso", "python-iso"])
 @pytest.mark.parametrize("step", WRITE_STEPS)
-def test_injected_failure_in_a_batch_leaves_stores_as_before(tmp_path, step):
+def test_injected_failure_in_a_batch_leaves_stores_as_before(tmp_path, step, created):
     armed = {"on": False}
 
     def fault(name):
@@ -158,12 +159,16 @@ def test_injected_failure_in_a_batch_leaves_stores_as_before(tmp_path, step):
         before = checksums(s.con)
         armed["on"] = True
         with pytest.raises(DualWriteError):
-            s.store_batch([geoid(i, raw="x") for i in range(3, 9)] + [scar(1)])
+            s.store_batch([geoid(i, raw="x", created_at=created) for i in range(3, 9)] + [scar(1)])
         assert checksums(s.con) == before
         failed = s.con.execute(
             "SELECT count(*) FROM dual_write_log WHERE status = 'failed'"
         ).fetchone()[0]
         assert failed == 7
+        # the connection is usable and not left inside a transaction
+        armed["on"] = False
+        assert s.store_batch([geoid(20, created_at=created)]) == 1
+        assert read_identity_p1(s.con, "g0020").created_at == created
     finally:
         s.close()
 
@@ -204,6 +209,16 @@ def test_batch_timestamps_round_trip_exactly(storage):
     storage.store_batch([geoid(i, created_at=t, updated_at=t) for i, t in enumerate(odd)])
     for i, t in enumerate(odd):
         assert read_identity_p1(storage.con, f"g{i:04d}").created_at == t
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_batch_with_a_non_finite_timestamp_is_refused(storage, bad):
+    storage.store_batch([geoid(1)])
+    before = checksums(storage.con)
+    with pytest.raises(StorageError, match="1 rows whose created_at or updated_at is not a finite"):
+        storage.store_batch([geoid(2), geoid(3, updated_at=bad)])
+    assert checksums(storage.con) == before
+    assert [r[2] for r in log_rows(storage.con)] == ["success", "failed", "failed"]
 
 
 def test_batch_replaces_existing_rows(storage):
