@@ -453,7 +453,7 @@ def _digest_segments(
     With the cache, every row is fingerprinted (its stored columns hashed, nothing parsed)
     and a segment whose row count and fingerprint sum equal a sealed cache entry's takes the
     entry's digest sum; only the other segments' rows are digested. On a writable connection
-    the digest sums computed are written back.
+    the cache is then made to hold exactly the entries used and the sums computed.
     """
     t0 = time.perf_counter()
     entries: dict[str, tuple[int, int]] = {}
@@ -469,12 +469,12 @@ def _digest_segments(
     ignored = []
     for source in SOURCES:
         table = fine_table(source)
-        redo = "true"
-        if cached and entries.get(source.table, (0, 0))[1]:
-            parts = _parts(source)
+        redo, hits = "true", 0
+        stored, sealed = entries.get(source.table, (0, 0))
+        if cached and sealed:
             con.execute(
                 "CREATE OR REPLACE TEMP TABLE kimera_verify_fp AS "
-                + FINGERPRINTS_SQL.format(**parts, shift=64 - FINE_BITS)
+                + FINGERPRINTS_SQL.format(**_parts(source), shift=64 - FINE_BITS)
             )
             con.execute(
                 f"CREATE OR REPLACE TEMP TABLE {table} AS {CACHE_LOOKUP_SQL}",
@@ -484,6 +484,7 @@ def _digest_segments(
             if segments != con.execute("SELECT count(*) FROM kimera_verify_fp").fetchone()[0]:
                 # duplicate cache entries fanned the lookup out: ignore them all
                 ignored.append(source.table)
+                hits = 0
             elif hits == segments:
                 redo = None
             elif hits:
@@ -491,25 +492,26 @@ def _digest_segments(
                     f"hash({{key}}) >> {64 - FINE_BITS} "
                     f"IN (SELECT seg FROM {table} WHERE dsum IS NULL)"
                 )
-        if redo is not None:
+        if redo is None:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE kimera_verify_redo AS FROM {table} LIMIT 0")
+        else:
             con.execute(
                 "CREATE OR REPLACE TEMP TABLE kimera_verify_redo AS "
                 + segment_digests_sql(source, redo, fingerprint=use_cache)
             )
-            if redo == "true":
-                con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS FROM kimera_verify_redo")
-            else:
-                con.execute(f"DELETE FROM {table} WHERE dsum IS NULL")
-                con.execute(f"INSERT INTO {table} FROM kimera_verify_redo")
-            redone, digested = con.execute(
-                "SELECT count(*), coalesce(sum(n), 0) FROM kimera_verify_redo"
-            ).fetchone()
-            stats["recomputed"] += redone
-            stats["rows_digested"] += int(digested)
-            if writable:
-                stats["written"] += _persist(con, source, everything=redo == "true")
-        total = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-        stats["segments"] += total
+        if writable and (redo is not None or stored != hits):
+            stats["written"] += _persist(con, source, keep=table if hits else None)
+        if redo == "true":
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS FROM kimera_verify_redo")
+        elif redo is not None:
+            con.execute(f"DELETE FROM {table} WHERE dsum IS NULL")
+            con.execute(f"INSERT INTO {table} FROM kimera_verify_redo")
+        redone, digested = con.execute(
+            "SELECT count(*), coalesce(sum(n), 0) FROM kimera_verify_redo"
+        ).fetchone()
+        stats["recomputed"] += redone
+        stats["rows_digested"] += int(digested)
+        stats["segments"] += con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
     stats["reused"] = stats["segments"] - stats["recomputed"]
     report.checksums["digest_cache"] = {
         "enabled": use_cache,
@@ -521,24 +523,26 @@ def _digest_segments(
     }
 
 
-def _persist(con: duckdb.DuckDBPyConnection, source: Source, everything: bool) -> int:
-    """Write the digest sums computed now (kimera_verify_redo) to the cache; returns entries.
+def _persist(con: duckdb.DuckDBPyConnection, source: Source, keep: str | None) -> int:
+    """Make the cache hold the entries reused (the segments with a digest sum in the fine
+    table ``keep``; none if None) and the sums computed now; returns the entries written.
 
     Each entry's fingerprint sum and digest sum come from one statement over the same rows, so
-    the cache never pairs a digest sum with rows it was not computed from.
+    the cache never pairs a digest sum with rows it was not computed from. Changed, emptied,
+    rejected and duplicated entries are dropped.
     """
     con.execute(DIGESTS_DDL)
     params = {"store": source.table, "recipe": RECIPE}
-    if everything:
-        con.execute("DELETE FROM kimera_verify_digests WHERE store = ?", [source.table])
-    else:
+    if keep is not None:
         con.execute(
             "DELETE FROM kimera_verify_digests WHERE store = $store AND ("
-            "segment IN (SELECT seg FROM kimera_verify_redo) "
+            f"segment NOT IN (SELECT seg FROM {keep} WHERE dsum IS NOT NULL) "
             "OR seal IS DISTINCT FROM "
             "hash($recipe, store, segment, rows, fingerprint_sum, digest_sum))",
             params,
         )
+    else:
+        con.execute("DELETE FROM kimera_verify_digests WHERE store = ?", [source.table])
     return con.execute(
         "INSERT INTO kimera_verify_digests SELECT $store, seg, n, fsum, dsum, "
         "hash($recipe, $store, seg, n, fsum, dsum) FROM kimera_verify_redo",

@@ -146,6 +146,20 @@ def test_a_stale_digest_with_a_forged_fingerprint_does_not_hide_a_change(con):
     assert report.field_mismatches.sample == [{"id": key, "fields": ["weight"]}]
 
 
+def test_the_cache_keeps_exactly_the_live_segments(con):
+    verify(con, record=False)
+    con.execute(
+        "INSERT INTO kimera_verify_digests VALUES ('identities', 99999999, 1, 1, 1, 1), "
+        "('legacy_geoids', 99999999, 1, 1, 1, 1)"
+    )
+    con.execute("DELETE FROM legacy_geoids WHERE gid = ?", [some_geoid(con, 2)])
+    report = verify(con, record=False)
+    assert cache_stats(report)["rejected"] == 2
+    entries = con.execute("SELECT count(*) FROM kimera_verify_digests").fetchone()[0]
+    assert entries == cache_stats(report)["segments"]
+    assert cache_stats(verify(con, record=False))["rejected"] == 0
+
+
 def test_duplicated_cache_entries_are_ignored(con):
     cold = verify(con, record=False)
     con.execute(
