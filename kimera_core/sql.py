@@ -35,8 +35,10 @@ EPOCH_ISO_MACROS: tuple[str, ...] = (
     """CREATE OR REPLACE TEMP MACRO kimera_iso_digits_exact(t) AS (
         t >= 0 AND t < 1e11 AND NOT contains(CAST(t AS VARCHAR), 'e')
     )""",
+    # CASE, not OR: only rows the cheap test rejects are cast to text
     """CREATE OR REPLACE TEMP MACRO kimera_epoch_iso_exact(t) AS (
-        coalesce(kimera_iso_micro_exact(t) OR kimera_iso_digits_exact(t), false)
+        CASE WHEN kimera_iso_micro_exact(t) THEN true
+             ELSE coalesce(kimera_iso_digits_exact(t), false) END
     )""",
     """CREATE OR REPLACE TEMP MACRO kimera_epoch_iso(t) AS (
         CASE WHEN kimera_iso_micro_exact(t) THEN

@@ -131,6 +131,8 @@ def _batch_identity_insert(python_iso: bool) -> str:
             "kimera_epoch_iso(p.updated_at)",
             "",
         )
+    # a new identity's two timestamps are equal: the text is formatted once (the optimizer
+    # computes the repeated expression once)
     return f"""
 INSERT INTO identities (id, identity_type, data, created_at, updated_at, lang_axis, entropy_score)
 WITH {_BATCH_SRC},
@@ -143,7 +145,9 @@ SELECT p.id, p.identity_type,
        json_object('id', p.id, 'identity_type', p.identity_type, 'raw', p.raw, 'echo', p.echo,
                    'lang_axis', p.lang_axis, 'tags', p.tags::JSON, 'weight', p.weight,
                    'related_ids', p.related_ids::JSON, 'meta', p.meta::JSON,
-                   'created_at', {created}, 'updated_at', {updated}),
+                   'created_at', {created},
+                   'updated_at', CASE WHEN p.updated_at = p.created_at THEN {created}
+                                      ELSE {updated} END),
        p.created_at, p.updated_at, p.lang_axis, e.entropy
 FROM kimera_src p LEFT JOIN kimera_batch_entropy e ON e.key = p.id {join}
 """
