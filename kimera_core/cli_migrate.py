@@ -101,7 +101,7 @@ def _print_report(report: MigrationReport) -> None:
     "--partitions",
     type=click.IntRange(1, 4096),
     default=None,
-    help="Hash buckets per table (default: one per 100,000 rows; a resumed run keeps its own).",
+    help="Hash buckets per table (default: one per 250,000 rows; a resumed run keeps its own).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context

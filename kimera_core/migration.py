@@ -45,8 +45,10 @@ IDENTITY_COLUMNS = [
     "entropy_score",
 ]
 # Rows of the larger legacy table per partition when --partitions is not given: bounds the
-# memory of one partition's transaction (docs/benchmarks.md has the measured peak).
-ROWS_PER_PARTITION = 100_000
+# memory of one partition's transaction (docs/benchmarks.md has the measured peak). At least
+# two DuckDB row groups (122,880 rows), so that most of a partition is written to the file
+# at its commit instead of through the WAL and again by the checkpoint.
+ROWS_PER_PARTITION = 250_000
 MEMORY_LIMIT_ENV = "KIMERA_MEMORY_LIMIT"
 DEFAULT_MEMORY_LIMIT = "1GB"
 
@@ -144,7 +146,7 @@ CREATE OR REPLACE TEMP MACRO kimera_same_doc(a, b, kind) AS (
 # Only this partition's bucket: the scan hashes every id but reads documents for 1/N rows.
 _EXISTING = """(SELECT id AS i_id, identity_type AS i_type, data AS i_data, created_at AS i_created,
           updated_at AS i_updated, lang_axis AS i_lang, entropy_score AS i_entropy
-   FROM identities WHERE hash(id) % $buckets::UBIGINT = $bucket)"""
+   FROM identities WHERE hash(id) % $buckets::UBIGINT = $bucket::UBIGINT)"""
 
 # Entropy rows are keyed by rowid: an old file without a primary key may repeat a key.
 # The merge rule: no identity -> insert; same document and timestamps -> unchanged (a geoid's
@@ -178,8 +180,7 @@ WITH src AS (
            coalesce(g.created_at, g.updated_at) AS c_at,
            coalesce(g.updated_at, g.created_at) AS u_at,
            CAST(c_at AS VARCHAR) AS c_s, CAST(u_at AS VARCHAR) AS u_s
-    FROM legacy_geoids g
-    WHERE hash(g.gid) % $buckets::UBIGINT = $bucket
+    FROM mig_part g
 ), parsed AS (
     SELECT s.*, __META__ AS meta_j, __TAGS__ AS tags_j, i.*
     FROM src s LEFT JOIN """
@@ -197,7 +198,7 @@ WITH src AS (
         list_filter([
             CASE WHEN gid IS NULL OR trim(gid) = '' THEN 'null_or_empty_key' END,
             CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
-            CASE WHEN gid IN (SELECT id FROM legacy_scars WHERE hash(id) % $buckets::UBIGINT = $bucket)
+            CASE WHEN gid IN (SELECT id FROM legacy_scars WHERE hash(id) % $buckets::UBIGINT = $bucket::UBIGINT)
                  THEN 'key_in_both_tables' END,
             CASE WHEN i_type <> 'geoid' THEN 'identity_type_conflict' END,
             CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
@@ -250,8 +251,7 @@ WITH src AS (
            coalesce(s.created_at, s.updated_at) AS c_at,
            coalesce(s.updated_at, s.created_at) AS u_at,
            CAST(c_at AS VARCHAR) AS c_s, CAST(u_at AS VARCHAR) AS u_s
-    FROM legacy_scars s
-    WHERE hash(s.id) % $buckets::UBIGINT = $bucket
+    FROM mig_part s
 ), parsed AS (
     SELECT s.*, __META__ AS meta_j, __RELATED__ AS rel_j, i.*, s.id AS key
     FROM src s LEFT JOIN """
@@ -280,7 +280,7 @@ WITH src AS (
         list_filter([
             CASE WHEN p.id IS NULL OR trim(p.id) = '' THEN 'null_or_empty_key' END,
             CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
-            CASE WHEN p.id IN (SELECT gid FROM legacy_geoids WHERE hash(gid) % $buckets::UBIGINT = $bucket)
+            CASE WHEN p.id IN (SELECT gid FROM legacy_geoids WHERE hash(gid) % $buckets::UBIGINT = $bucket::UBIGINT)
                  THEN 'key_in_both_tables' END,
             CASE WHEN i_type <> 'scar' THEN 'identity_type_conflict' END,
             CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
@@ -320,12 +320,21 @@ WITH src AS (
     + _PLAN
 )
 
+# The partition's legacy rows, copied once: a plain filtered scan is pushed into the table
+# scan, inside the prepare statement it is not (the whole table would be read per partition).
+# src_rowid is this copy's rowid. {table} and {key} are fixed names (legacy_geoids/gid,
+# legacy_scars/id).
+PARTITION_ROWS_SQL = """
+CREATE OR REPLACE TEMP TABLE mig_part AS
+SELECT * FROM {table} WHERE hash({key}) % $buckets::UBIGINT = $bucket::UBIGINT
+"""
+
 # The original row is serialised only for the rows quarantined (found again by rowid).
 QUARANTINE_SQL = """
 INSERT INTO kimera_quarantine
 SELECT $run_id, m.source_table, m.key, m.reasons[1], to_json(m.reasons), to_json(t),
        hash(to_json(t)), $now
-FROM mig_src m JOIN {table} t ON t.rowid = m.src_rowid
+FROM mig_src m JOIN mig_part t ON t.rowid = m.src_rowid
 WHERE len(m.reasons) > 0
 ON CONFLICT DO NOTHING
 """
@@ -572,16 +581,24 @@ def _migrate_partition(
             "__SCAR_ENTROPY__", scar_entropy_sql("parsed", "src_rowid", "rel_j", "weight")
         )
         sql = sql.replace("__META__", parsed("meta")).replace("__RELATED__", parsed("related_ids"))
+    _exec(con, PARTITION_ROWS_SQL.format(table=table, key=key), params)
     _exec(con, sql.replace("__DUP_COUNT__", dup), params)
     counts = MigrationCounts(*map(int, con.execute(PARTITION_COUNTS_SQL).fetchone()))
     rows, digest = con.execute(PARTITION_CHECKSUM_SQL).fetchone()
     checksum = Checksum(int(rows), int(digest))
-    if record:
-        _exec(con, QUARANTINE_SQL.format(table=table), params)
-        _exec(con, WARNINGS_SQL, params)
-        _exec(con, JOURNAL_SQL, params)
-    con.execute(APPLY_INSERT_SQL)
-    con.execute(APPLY_UPDATE_SQL)
+    # One thread appends whole row groups, which DuckDB writes to the file at commit
+    # ("optimistic writes"); parallel appends leave partial row groups that go through the
+    # WAL and are written a second time by the checkpoint.
+    con.execute("SET threads = 1")
+    try:
+        if record:
+            _exec(con, QUARANTINE_SQL, params)
+            _exec(con, WARNINGS_SQL, params)
+            _exec(con, JOURNAL_SQL, params)
+        con.execute(APPLY_INSERT_SQL)
+        con.execute(APPLY_UPDATE_SQL)
+    finally:
+        con.execute("RESET threads")
     if record:
         con.execute(
             "INSERT INTO kimera_migration_partitions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -729,12 +746,7 @@ def migrate(
                 con.execute("COMMIT")
             except duckdb.OutOfMemoryException as exc:
                 con.execute("ROLLBACK")
-                raise KimeraError(
-                    f"out of memory in {kind} partition {bucket} of run {run_id} "
-                    f"({str(exc).splitlines()[0]}); the run resumes from this partition: raise "
-                    f"{MEMORY_LIMIT_ENV} (now {os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT)})"
-                    " or roll the run back and start again with more --partitions"
-                ) from None
+                raise _out_of_memory(f"{kind} partition {bucket}", run_id, exc) from None
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
@@ -742,7 +754,19 @@ def migrate(
         if on_partition:
             on_partition(index, len(plan), kind, bucket, counts)
 
-    return _finish(con, run_id, buckets, total, resumed, skipped, started)
+    try:
+        return _finish(con, run_id, buckets, total, resumed, skipped, started)
+    except duckdb.OutOfMemoryException as exc:
+        raise _out_of_memory("rebuilding the identities indexes", run_id, exc) from None
+
+
+def _out_of_memory(where: str, run_id: str, exc: duckdb.Error) -> KimeraError:
+    return KimeraError(
+        f"out of memory in {where} of run {run_id} ({str(exc).splitlines()[0]}); the run "
+        f"resumes from there: raise {MEMORY_LIMIT_ENV} "
+        f"(now {os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT)})"
+        " or roll the run back and start again with more --partitions"
+    )
 
 
 def migrate_buckets(
