@@ -10,9 +10,10 @@ tokenizer is HuggingFace ``tokenizers`` (the ``[semantic]`` extra). Set
 ``KIMERA_EMBEDDING_MODEL`` to a directory holding the same files to use another copy.
 
 Vectors live in ``kimera_embeddings(id, vec FLOAT[384], list_id)``. Search is cosine
-similarity, exact (a scan) or through an IVF index (``build_ivf_index``: k-means centroids
-in ``kimera_embedding_centroids``, each vector assigned to its nearest list; a query scans
-the ``nprobe`` nearest lists). DuckDB's ``vss`` extension (HNSW) is what the roadmap named,
+similarity, exact (a scan in SQL) or through an IVF index (``build_ivf_index``: k-means
+centroids in ``kimera_embedding_centroids``, each vector assigned to its nearest list, the
+lists stored one row each in ``kimera_embedding_lists``; a query reads the ``nprobe``
+nearest lists by key, plus any vector stored since the build, and ranks them in numpy). DuckDB's ``vss`` extension (HNSW) is what the roadmap named,
 but the PyPI packages that carry it are built for DuckDB 1.5.5 and refuse to load in 1.5.6,
 and nothing may be downloaded at run time: so the index is this IVF.
 """
@@ -29,6 +30,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 DIM = 384
 MODEL_ENV = "KIMERA_EMBEDDING_MODEL"
@@ -43,17 +45,22 @@ EXACT_SQL = f"""
 SELECT id, array_cosine_similarity(vec, $q::FLOAT[{DIM}]) AS similarity
 FROM kimera_embeddings ORDER BY similarity DESC, id LIMIT $k
 """
-IVF_SQL = f"""
-WITH lists AS (
-    SELECT list_id FROM kimera_embedding_centroids
-    ORDER BY array_cosine_similarity(centroid, $q::FLOAT[{DIM}]) DESC LIMIT $nprobe
-)
-SELECT id, array_cosine_similarity(vec, $q::FLOAT[{DIM}]) AS similarity
-FROM kimera_embeddings WHERE list_id IN (SELECT list_id FROM lists) OR list_id IS NULL
-ORDER BY similarity DESC, id LIMIT $k
+# The IVF index: k-means centroids, and each list's ids and vectors in one row (an inverted
+# list), so a query reads the nprobe lists it needs by key instead of scanning every vector.
+# The vectors are one BLOB of little-endian float32 (a FLOAT[] list of ~100k values was
+# ten times slower for DuckDB to fetch by key).
+PROBE_SQL = f"""
+SELECT list_id FROM kimera_embedding_centroids
+ORDER BY array_cosine_similarity(centroid, $q::FLOAT[{DIM}]) DESC LIMIT $nprobe
 """
-# Vectors stored after the last build have no list yet (list_id NULL): scanned every time,
-# so a new vector is found at once, by the index as by the exact search.
+LISTS_DDL = (
+    "CREATE OR REPLACE TABLE kimera_embedding_lists ("
+    "list_id INTEGER PRIMARY KEY, ids VARCHAR[] NOT NULL, vecs BLOB NOT NULL)"
+)
+LISTS_SQL = "SELECT ids, vecs FROM kimera_embedding_lists WHERE list_id IN ({marks})"
+# Vectors stored (or replaced) after the last build have no list yet (list_id NULL): every
+# query scans them too, and ignores any older copy of theirs in the lists.
+UNASSIGNED_SQL = "SELECT id, vec FROM kimera_embeddings WHERE list_id IS NULL"
 
 
 class SemanticUnavailable(RuntimeError):
@@ -254,6 +261,63 @@ def load_random_embeddings(con: duckdb.DuckDBPyConnection, rows: int, *, seed: i
         store_embeddings(con, [f"v{start + i:08d}" for i in range(n)], v)
 
 
+def _inverted_lists(
+    ids: pa.ChunkedArray, vectors: np.ndarray, assign: np.ndarray, lists: int
+) -> pa.Table:
+    """One row per list: its ids and their vectors (as float32 bytes), in id order."""
+    order = np.argsort(assign, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=lists))])
+    flat_ids = ids.combine_chunks().take(pa.array(order))
+    ordered = np.ascontiguousarray(vectors[order], dtype="<f4")
+    blobs = [ordered[offsets[c] : offsets[c + 1]].tobytes() for c in range(lists)]
+    return pa.table(
+        {
+            "list_id": pa.array(np.arange(lists, dtype=np.int32)),
+            "ids": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), flat_ids),
+            "vecs": pa.array(blobs, pa.binary()),
+        }
+    )
+
+
+def _arrow(result: Any) -> pa.Table:
+    return result.read_all() if isinstance(result, pa.RecordBatchReader) else result
+
+
+def _ivf_search(
+    con: duckdb.DuckDBPyConnection, q: list[float], k: int, nprobe: int
+) -> list[tuple[str, float]]:
+    probed = [r[0] for r in con.execute(PROBE_SQL, {"q": q, "nprobe": nprobe}).fetchall()]
+    late = _arrow(con.execute(UNASSIGNED_SQL).arrow())
+    late_ids = late.column("id").combine_chunks()
+    late_vecs = late.column("vec").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    ids, vecs = [late_ids], [np.asarray(late_vecs, np.float32).reshape(-1, DIM)]
+    if probed:
+        marks = ", ".join("?" * len(probed))
+        for listed_ids, blob in con.execute(LISTS_SQL.format(marks=marks), probed).fetchall():
+            listed = pa.array(listed_ids, pa.string())
+            matrix = np.frombuffer(blob, "<f4").reshape(-1, DIM)
+            if len(late_ids):  # a replaced vector's old copy stays in its list until a rebuild
+                keep = pc.invert(pc.is_in(listed, value_set=late_ids))
+                listed = listed.filter(keep)
+                matrix = matrix[keep.to_numpy(zero_copy_only=False)]
+            ids.append(listed)
+            vecs.append(matrix)
+    all_ids = pa.concat_arrays(ids).to_pylist()
+    if not all_ids:
+        return []
+    matrix = np.concatenate(vecs)
+    query = np.asarray(q, np.float32)
+    norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(query)
+    sims = (matrix @ query) / np.maximum(norms, 1e-30)
+    if k < len(sims):
+        floor = np.partition(sims, len(sims) - k)[len(sims) - k]
+        chosen = np.flatnonzero(sims >= floor)
+    else:
+        chosen = np.arange(len(sims))
+    ranked = sorted((-float(sims[i]), all_ids[i]) for i in chosen)[:k]
+    return [(key, -neg) for neg, key in ranked]
+
+
 def build_ivf_index(
     con: duckdb.DuckDBPyConnection, *, lists: int | None = None, iterations: int = 10, seed: int = 0
 ) -> dict[str, Any]:
@@ -287,8 +351,9 @@ def build_ivf_index(
         pa.table({"id": table.column("id"), "list_id": pa.array(assign.astype(np.int32))}),
     )
     con.register("kimera_ivf_centroids", _vectors_table([str(i) for i in range(lists)], centroids))
+    con.register("kimera_ivf_lists", _inverted_lists(table.column("id"), vectors, assign, lists))
     try:
-        # Rewritten in list order (a query reads a few contiguous runs), keeping the key:
+        # Rewritten with each vector's list (NULL marks one stored since), keeping the key:
         # CREATE TABLE AS would drop it, and store_embeddings' INSERT OR REPLACE needs it.
         con.execute("BEGIN TRANSACTION")  # the vectors are never half rewritten
         con.execute(
@@ -304,13 +369,15 @@ def build_ivf_index(
             "CREATE OR REPLACE TABLE kimera_embedding_centroids AS "
             f"SELECT id::INTEGER AS list_id, vec::FLOAT[{DIM}] AS centroid FROM kimera_ivf_centroids"
         )
+        con.execute(LISTS_DDL)
+        con.execute("INSERT INTO kimera_embedding_lists SELECT * FROM kimera_ivf_lists")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
     finally:
-        con.unregister("kimera_ivf_assign")
-        con.unregister("kimera_ivf_centroids")
+        for name in ("kimera_ivf_assign", "kimera_ivf_centroids", "kimera_ivf_lists"):
+            con.unregister(name)
     return {"vectors": n, "lists": lists, "iterations": iterations}
 
 
@@ -329,7 +396,7 @@ def search_vector(
     if method == "auto":
         built = con.execute(
             "SELECT count(*) FROM information_schema.tables "
-            "WHERE table_name = 'kimera_embedding_centroids'"
+            "WHERE table_name = 'kimera_embedding_lists'"
         ).fetchone()[0]
         method = "ivf" if built else "exact"
     q = [float(x) for x in np.asarray(vector, np.float32).reshape(DIM)]
@@ -339,7 +406,7 @@ def search_vector(
         if method == "exact":
             rows = con.execute(EXACT_SQL, {"q": q, "k": k}).fetchall()
         else:
-            rows = con.execute(IVF_SQL, {"q": q, "k": k, "nprobe": nprobe}).fetchall()
+            rows = _ivf_search(con, q, k, nprobe)
     except duckdb.CatalogException as exc:
         raise EmbeddingsMissing(
             "no embeddings in this database: run `kimera search-index --db PATH --embed N`"

@@ -98,6 +98,15 @@ def test_a_vector_stored_after_the_index_build_is_found_through_the_index():
     late = np.random.default_rng(4).standard_normal(semantic.DIM).astype(np.float32)
     semantic.store_embeddings(con, ["late"], (late / np.linalg.norm(late))[None])
     assert semantic.search_vector(con, late, k=1, method="ivf", nprobe=1)[0][0] == "late"
+    # a replaced vector is found where it is now, never where its old copy was listed
+    (old_vec,) = con.execute("SELECT vec FROM kimera_embeddings WHERE id = 'v00000000'").fetchone()
+    semantic.store_embeddings(con, ["v00000000"], -np.asarray(old_vec, np.float32)[None])
+    by_old = semantic.search_vector(con, np.asarray(old_vec), k=3, method="ivf", nprobe=32)
+    assert "v00000000" not in {i for i, _ in by_old}
+    by_new = semantic.search_vector(con, -np.asarray(old_vec), k=1, method="ivf", nprobe=1)
+    assert by_new == [("v00000000", pytest.approx(1.0))]
+    exact = semantic.search_vector(con, np.asarray(old_vec), k=3, method="exact")
+    assert [i for i, _ in by_old] == [i for i, _ in exact]
 
 
 def test_searching_a_database_without_embeddings_says_so():
