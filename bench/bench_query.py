@@ -1,14 +1,14 @@
 """Query latency on 1 M identities: through the HTTP API and in-process, p50 / p99.
 
     python bench/bench_query.py [--geoids 700000 --scars 300000] [--queries 300]
-                                [--only query|semantic] [--semantic-rows 100000]
 
 Builds (once, reused) a demo database of geoids + scars, migrates it, sets the stage to
 read-new (reads from identities) and builds the text index; then runs the same random
-queries (entropy range, text search, by-id lookup) in-process and through a real
-`kimera serve` over HTTP (one keep-alive client, sequential). The semantic part times
-cosine search over N stored embeddings, exact vs the IVF index (kimera_core.semantic).
-Prints JSON; docs/benchmarks.md records a run.
+queries (entropy range, text search, by-id lookup) three ways, back to back per query:
+through a real `kimera serve` over HTTP (one keep-alive client, sequential), in-process as
+the server runs them (with the ReadSnapshot of the read-only file), and in-process through
+SQL only. Semantic search: bench/bench_semantic.py. Prints JSON; docs/benchmarks.md
+records a run.
 """
 
 from __future__ import annotations
@@ -180,63 +180,24 @@ def side_by_side(
     return out
 
 
-def semantic_bench(rows: int, queries: int) -> dict:
-    from kimera_core import semantic
-
-    con = duckdb.connect()
-    t = time.perf_counter()
-    semantic.load_random_embeddings(con, rows, seed=5)
-    load_s = time.perf_counter() - t
-    t = time.perf_counter()
-    info = semantic.build_ivf_index(con)
-    build_s = time.perf_counter() - t
-    import numpy as np
-
-    rng = np.random.default_rng(9)
-    exact, ivf, recall = [], [], []
-    for _ in range(queries):
-        v = rng.standard_normal(semantic.DIM).astype("float32")
-        t = time.perf_counter()
-        a = semantic.search_vector(con, v, k=10, method="exact")
-        exact.append((time.perf_counter() - t) * 1000)
-        t = time.perf_counter()
-        b = semantic.search_vector(con, v, k=10, method="ivf")
-        ivf.append((time.perf_counter() - t) * 1000)
-        recall.append(len({h[0] for h in a} & {h[0] for h in b}) / 10)
-    return {
-        "rows": rows,
-        "load_s": round(load_s, 1),
-        "index_build_s": round(build_s, 1),
-        "index": info,
-        "exact": summary(exact),
-        "ivf": summary(ivf),
-        "ivf_recall_at_10": round(statistics.mean(recall), 3),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--db", type=Path, default=ROOT / "var" / "bench" / "query_1m.duckdb")
     parser.add_argument("--geoids", type=int, default=700_000)
     parser.add_argument("--scars", type=int, default=300_000)
     parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--semantic-rows", type=int, default=100_000)
-    parser.add_argument("--only", choices=["query", "semantic"])
     args = parser.parse_args()
     out: dict = {"duckdb": duckdb.__version__}
-    if args.only != "semantic":
-        out["prepare"] = prepare(args.db, args.geoids, args.scars)
-        with duckdb.connect(str(args.db), read_only=True) as con:
-            out["identities"] = con.execute("SELECT count(*) FROM identities").fetchone()[0]
-            plan = workload(con, args.queries, seed=3)
-            t = time.perf_counter()
-            snapshot = query.ReadSnapshot(con)
-            snapshot.warm()
-            out["snapshot_load_s"] = round(time.perf_counter() - t, 1)
-            with served(args.db) as client:
-                out.update(side_by_side(con, snapshot, client, plan))
-    if args.only != "query":
-        out["semantic"] = semantic_bench(args.semantic_rows, 100)
+    out["prepare"] = prepare(args.db, args.geoids, args.scars)
+    with duckdb.connect(str(args.db), read_only=True) as con:
+        out["identities"] = con.execute("SELECT count(*) FROM identities").fetchone()[0]
+        plan = workload(con, args.queries, seed=3)
+        t = time.perf_counter()
+        snapshot = query.ReadSnapshot(con)
+        snapshot.warm()
+        out["snapshot_load_s"] = round(time.perf_counter() - t, 1)
+        with served(args.db) as client:
+            out.update(side_by_side(con, snapshot, client, plan))
     print(json.dumps(out, indent=2, ensure_ascii=False))
 
 
