@@ -34,13 +34,43 @@ def _build_index_if_needed(db_path: Path, force: bool) -> dict:
     return {"built": True, **status.to_dict()}
 
 
+def _embed(db_path: Path, most: int) -> dict:
+    """Embed up to ``most`` geoids without a vector, then rebuild the IVF index over all."""
+    from kimera_core import query, semantic
+
+    try:
+        encoder = semantic.Encoder()
+    except semantic.SemanticUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    with connect(db_path) as con:
+        source = query.read_source(con)
+        done = 0
+        while done < most:
+            n = semantic.embed_geoids(con, encoder, source=source, limit=min(512, most - done))
+            if n == 0:
+                break
+            done += n
+        vectors = con.execute("SELECT count(*) FROM kimera_embeddings").fetchone()[0]
+        index = semantic.build_ivf_index(con) if vectors else None
+    return {"embedded": done, "vectors": vectors, "ivf_index": index}
+
+
 @click.command("search-index")
 @DB_OPTION
 @click.option("--if-stale", is_flag=True, help="Rebuild only when missing or stale.")
-def search_index(db_path: Path, if_stale: bool) -> None:
+@click.option(
+    "--embed",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Also embed up to N geoids that have no vector yet (all-MiniLM-L6-v2, the "
+    "[semantic] extra; ~20 texts a second per core) and rebuild the semantic IVF index.",
+)
+def search_index(db_path: Path, if_stale: bool, embed: int) -> None:
     """(Re)build the BM25 text index from the store the rollout stage reads."""
     try:
         result = _build_index_if_needed(db_path, force=not if_stale)
+        if embed:
+            result["semantic"] = _embed(db_path, embed)
     except KimeraError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(result))
@@ -57,11 +87,12 @@ def search_index(db_path: Path, if_stale: bool) -> None:
 )
 @click.option("--log-level", default="warning", show_default=True)
 def serve(db_path: Path, host: str, port: int, no_index: bool, log_level: str) -> None:
-    """Serve the query API (/identities, /search, /healthz, /metrics; docs at /docs).
+    """Serve the query API (/identities, /search, /search/semantic, /healthz, /metrics).
 
     The file is opened read-only: stop writers (migrations, workloads) first. Before that,
     the text index is rebuilt if it is missing or stale (which needs a moment of write
-    access), unless --no-index.
+    access), unless --no-index. At start the entropy order and the text index are loaded
+    into memory (seconds at a million rows; the file cannot change while it is open).
     """
     import uvicorn
 

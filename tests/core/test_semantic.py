@@ -150,3 +150,26 @@ def test_semantic_query_validates_and_returns_documents_best_first():
     ):
         with pytest.raises(query.QueryError):
             query.search_semantic(con, _FixedEncoder(), source="new", **bad)
+
+
+def test_search_index_embeds_geoids_and_builds_the_index(encoder, demo_db, tmp_path):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from kimera_core.cli import cli
+
+    path = tmp_path / "embed.duckdb"
+    shutil.copy(demo_db[0], path)
+    result = CliRunner().invoke(cli, ["search-index", "--db", str(path), "--embed", "6"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])["semantic"]
+    assert report["embedded"] == 6 and report["vectors"] == 6
+    assert report["ivf_index"]["vectors"] == 6
+    with duckdb.connect(str(path), read_only=True) as con:
+        gid, raw = con.execute(
+            "SELECT e.id, g.raw FROM kimera_embeddings e JOIN legacy_geoids g ON g.gid = e.id "
+            "ORDER BY e.id LIMIT 1"
+        ).fetchone()
+        assert semantic.search_text(con, encoder, raw, k=1)[0][0] == gid  # through the index
