@@ -49,6 +49,7 @@ DEFAULT_SAMPLE = 20
 TOP_SEGMENT_ROWS = 65_536  # rows per segment of the first checksum pass, on average
 LEAF_ROWS = 1024  # a segment this small is compared row by row rather than split again
 SPLIT_BITS = 4  # each bisection step splits a differing segment into 16
+KEY_LIST_MAX = 4096  # rows compared row by row are fetched by a list of keys up to this many
 FINE_BITS = 16  # the digest cache keeps one entry per 2**16th of the key-hash space per table
 
 VERIFICATIONS_DDL = """CREATE TABLE IF NOT EXISTS kimera_verifications (
@@ -620,11 +621,29 @@ def _bisect(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> tuple
         bits = min(FINE_BITS, bits + SPLIT_BITS)
 
 
-def _materialise_sides(con: duckdb.DuckDBPyConnection, where: str) -> None:
-    """(id, kh, rh) of the rows matching ``where`` ({key}: the key column), per side."""
+def _materialise_sides(con: duckdb.DuckDBPyConnection, keys: str) -> None:
+    """(id, kh, rh) per side of the rows whose key is in the temp table ``keys`` (column id).
+
+    Up to KEY_LIST_MAX keys are bound as a list of constants, which DuckDB checks in the scan
+    of the key column before it reads the other columns; a semi-join would decompress every
+    stored document to find a few hundred rows.
+    """
+    keys = vetted_identifier(keys)
+    n = con.execute(f"SELECT count(*) FROM {keys}").fetchone()[0]
+    params: list[Any] = []
+    if n == 0:
+        where = "false"
+    elif n <= KEY_LIST_MAX:
+        params = [r[0] for r in con.execute(f"SELECT id FROM {keys}").fetchall()]
+        where = "{key} IN (" + ", ".join("?" * len(params)) + ")"
+    else:
+        where = "{key} IN (SELECT id FROM " + keys + ")"
     for side, table in (("legacy", "kimera_verify_l"), ("new", "kimera_verify_n")):
         parts = [rows_sql(s, where) for s in SOURCES if s.side == side]
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS " + " UNION ALL ".join(parts))
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE {table} AS " + " UNION ALL ".join(parts),
+            params * len(parts) if "?" in where else [],
+        )
 
 
 def _row_level(
@@ -750,10 +769,17 @@ def verify(
         if leaves:
             con.execute("CREATE OR REPLACE TEMP TABLE kimera_verify_segs (seg UBIGINT)")
             con.executemany("INSERT INTO kimera_verify_segs VALUES (?)", [[s] for s in leaves])
-            # bits is an int computed here, never input
-            _materialise_sides(
-                con, f"hash({{key}}) >> {64 - int(bits)} IN (SELECT seg FROM kimera_verify_segs)"
+            # bits is an int computed here, never input; only key columns are read here
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE kimera_verify_leaf_keys AS "
+                + " UNION ".join(
+                    f"SELECT {vetted_identifier(s.key)} AS id FROM {vetted_identifier(s.table)} "
+                    f"WHERE hash({vetted_identifier(s.key)}) >> {64 - int(bits)} "
+                    "IN (SELECT seg FROM kimera_verify_segs)"
+                    for s in SOURCES
+                )
             )
+            _materialise_sides(con, "kimera_verify_leaf_keys")
             _row_level(con, report, sample, tolerance)
         report.checksums["rows_compared_row_level"] = (
             con.execute("SELECT count(*) FROM kimera_verify_l").fetchone()[0]
@@ -766,7 +792,7 @@ def verify(
         _changed_keys(con, report.since)
         report.keys_checked = con.execute("SELECT count(*) FROM kimera_verify_keys").fetchone()[0]
         _duplicates(con, report, sample, keys="kimera_verify_keys")
-        _materialise_sides(con, "{key} IN (SELECT id FROM kimera_verify_keys)")
+        _materialise_sides(con, "kimera_verify_keys")
         _row_level(con, report, sample, tolerance)
     _verdict(report)
     if base is not None and base["verdict"] != "consistent":
@@ -817,6 +843,7 @@ def _cleanup(con: duckdb.DuckDBPyConnection) -> None:
         "kimera_verify_fp",
         "kimera_verify_redo",
         "kimera_verify_keys",
+        "kimera_verify_leaf_keys",
     ):
         con.execute(f"DROP TABLE IF EXISTS {name}")
     for source in SOURCES:

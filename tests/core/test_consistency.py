@@ -8,6 +8,7 @@ import shutil
 import duckdb
 import pytest
 
+from kimera_core import consistency
 from kimera_core.consistency import verify
 from kimera_core.db import open_database
 from kimera_core.identity import Identity
@@ -216,6 +217,19 @@ def test_sample_is_capped_and_totals_are_complete(con):
     )
     report = verify(con, sample=5)
     assert report.missing_in_new.total == 50 and len(report.missing_in_new.sample) == 5
+
+
+def test_rows_fetched_by_key_list_or_by_join_give_the_same_findings(con, monkeypatch):
+    con.execute(
+        "DELETE FROM identities WHERE id IN (SELECT gid FROM legacy_geoids ORDER BY gid LIMIT 3)"
+    )
+    patch(con, some_geoid(con, 30), {"raw": "changed"})
+    by_list = verify(con, record=False).to_dict()
+    monkeypatch.setattr(consistency, "KEY_LIST_MAX", 1)
+    by_join = verify(con, record=False).to_dict()
+    for kind in ("missing_in_new", "missing_in_legacy", "field_mismatches", "reasons"):
+        assert by_list[kind] == by_join[kind]
+    assert by_list["missing_in_new"]["total"] == 3 and by_list["field_mismatches"]["total"] == 1
 
 
 def test_each_verification_is_recorded(con):
