@@ -127,8 +127,9 @@ def request(client: httpx.Client, kind: str, p: dict) -> None:
 
 
 @contextmanager
-def served(path: Path) -> Iterator[httpx.Client]:
-    """A real `kimera serve` on a free port and a keep-alive client to it."""
+def served(path: Path, facts: dict) -> Iterator[httpx.Client]:
+    """A real `kimera serve` on a free port and a keep-alive client to it; ``facts`` gets
+    its start-up time (with the snapshot load) and its peak memory."""
     port = free_port()
     kimera = Path(sys.executable).parent / "kimera"
     proc = subprocess.Popen(
@@ -138,10 +139,16 @@ def served(path: Path) -> Iterator[httpx.Client]:
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
+    t = time.perf_counter()
     try:
-        wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 180, 0.5, "serve")
+        wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 300, 0.5, "serve")
+        facts["serve_ready_s"] = round(time.perf_counter() - t, 1)
         with httpx.Client(base_url=url, timeout=30) as client:
             yield client
+        status = Path(f"/proc/{proc.pid}/status")
+        if status.exists():  # Linux: the server's peak resident memory
+            peak = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM"))
+            facts["serve_peak_rss_mb"] = round(int(peak.split()[1]) / 1024)
     finally:
         stop_process_group(proc)
 
@@ -196,7 +203,7 @@ def main() -> None:
         snapshot = query.ReadSnapshot(con)
         snapshot.warm()
         out["snapshot_load_s"] = round(time.perf_counter() - t, 1)
-        with served(args.db) as client:
+        with served(args.db, out) as client:
             out.update(side_by_side(con, snapshot, client, plan))
     print(json.dumps(out, indent=2, ensure_ascii=False))
 
