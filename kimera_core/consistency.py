@@ -4,22 +4,24 @@ Both stores are mapped to the ADR-001 fields (id, identity_type, raw, echo, lang
 weight, related_ids, meta, created_at, updated_at) and compared set-based in DuckDB:
 
 1. row counts per store and identity type; duplicate and NULL keys;
-2. one pass over every row of both stores: each row gets a digest, a 64-bit hash of its
-   normalised mapped fields, kept with ``hash(id)`` in a per-row temp table; the digests are
-   summed per key segment (the top bits of ``hash(id)``); segments that agree are done;
-   segments that differ are split further (bisection, as data-diff does) over that temp
-   table until they are small, and only their rows are compared;
+2. one pass over every row of both stores: each row's digest, a 64-bit hash of its key and
+   normalised mapped fields, is summed per fine segment of the key-hash space (the top
+   FINE_BITS bits of ``hash(id)``); the fine sums are rolled up into key segments; segments
+   that agree are done; segments that differ are split further (bisection, as data-diff
+   does) by rolling the fine sums up again until they are small, and only their rows are
+   read again and compared;
 3. row level: keys on one side only, and rows whose fields differ (NULL-safe, weight and
    timestamps at a stated tolerance, JSON compared as values);
 4. a verdict with reasons, capped samples of offending keys, and a row in
    ``kimera_verifications`` that incremental mode starts from.
 
 Computing a digest means parsing JSON (the P1 document, the legacy JSON columns), which is
-the cost of a verification. The digest cache ``kimera_verify_digests`` keeps, per row of each
-source table, a fingerprint (``hash()`` of the row's stored columns, verbatim, no parsing)
-and the row's digest. Every verification fingerprints every row afresh and reuses a cached
-digest only when the row's fingerprint is the one the digest was computed with, so a row
-changed by any writer since (the legacy application included) is digested again; nothing
+the cost of a verification. The digest cache ``kimera_verify_digests`` keeps, per source
+table and fine segment, the row count, the sum of the rows' fingerprints (``hash()`` of the
+key and the stored columns, verbatim, no parsing) and the sum of their digests. Every
+verification fingerprints every row afresh and reuses a cached digest sum only for a segment
+whose rows have the count and fingerprint sum it was computed from, so the rows of a segment
+changed by any writer since (the legacy application included) are digested again; nothing
 trusts a writer to maintain the cache. docs/consistency.md gives the argument.
 
 Checksums are a fast filter, never the judge: normalised values hash exactly (JSON
