@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 
 from kimera_core.db import open_database
@@ -123,21 +124,16 @@ def arrow_batch(con, start: int, rows: int) -> pa.Table:
     return result.to_arrow_table() if hasattr(result, "to_arrow_table") else result.arrow()
 
 
-def ready_rows(con, part: pa.Table) -> pa.Table:
-    """The identities rows of a batch, made before timing: the bare insert only inserts."""
-    con.register("part", part)
-    res = con.execute(
-        """SELECT id, identity_type,
-               json_object('id', id, 'identity_type', identity_type, 'raw', raw,
-                           'echo', echo, 'lang_axis', lang_axis, 'tags', tags::JSON,
-                           'weight', weight, 'related_ids', related_ids::JSON,
-                           'meta', meta::JSON, 'created_at', created_at::VARCHAR,
-                           'updated_at', updated_at::VARCHAR)::VARCHAR AS data,
-               created_at, updated_at, lang_axis, 1.0 AS entropy_score FROM part"""
-    )
-    rows = res.to_arrow_table() if hasattr(res, "to_arrow_table") else res.arrow()
-    con.unregister("part")
-    return rows
+def ready_rows(part: pa.Table) -> pa.Table:
+    """The identities rows dual write makes of a batch (same document, same entropy), made
+    before timing in a scratch in-memory store: the bare insert only inserts them."""
+    with Storage(duckdb.connect(), stage="write-new", shadow_sample=0.0) as scratch:
+        scratch.store_arrow(part)
+        res = scratch.con.execute(
+            "SELECT id, identity_type, data, created_at, updated_at, lang_axis, entropy_score "
+            "FROM identities ORDER BY id"
+        )
+        return res.to_arrow_table() if hasattr(res, "to_arrow_table") else res.arrow()
 
 
 def create_unindexed(con) -> None:
@@ -201,8 +197,8 @@ def batches(tmp: Path, total: int, batch_rows: int) -> dict[str, tuple[float, fl
     parts = [
         arrow_batch(scratch, s, min(batch_rows, total - s)) for s in range(0, total, batch_rows)
     ]
-    ready = [ready_rows(scratch, part) for part in parts]
     scratch.close()
+    ready = [ready_rows(part) for part in parts]
     writers = {
         name: make(tmp / f"batch{i}.duckdb", indexed)
         for i, (name, (make, indexed)) in enumerate(BATCH_VARIANTS.items())
