@@ -1,9 +1,12 @@
 """Dual-write benchmarks: single-write latency off/on against the bare two-INSERT floor, and batches.
 
-Usage: .venv/bin/python bench/bench_dual_write.py [--writes 3000] [--rounds 6] [--batch-rows 1000000]
+Usage: .venv/bin/python bench/bench_dual_write.py [--writes 3000] [--rounds 6]
+       [--batch-rows 1000000] [--batch-size 100000]      (--writes 0: batches only)
 
-Variants are interleaved in rounds, each on its own database file, so the machine's noise
-hits them alike; read the ratios, which are measured in the same run.
+Variants are interleaved (single writes in rounds, batches turn by turn), each on its own
+database file, so the machine's noise hits them alike; read the ratios, which are measured
+in the same run. Batches report wall and CPU seconds (CPU is less disturbed by other jobs on
+a shared machine); the variants on tables without P1's keys and indexes are for information.
 """
 
 from __future__ import annotations

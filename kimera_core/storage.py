@@ -10,6 +10,12 @@ same file): the new-store row, the legacy row and the ``dual_write_log`` row com
 or not at all. A failed write is rolled back, then recorded as ``failed`` in its own
 transaction, and raised as ``DualWriteError``.
 
+A batch (``store_arrow``) is checked in one query, then written set-based straight from the
+registered Arrow table, one ``INSERT ... SELECT`` per table and one for its log rows (one per
+identity, as P1 writes them), all in one transaction. The document's ISO timestamps are
+formatted in SQL by ``kimera_core.sql.EPOCH_ISO_MACROS``; only those the macros cannot
+write exactly go through ``identity.epoch_to_iso``.
+
 DuckDB allows one writer process per file: a ``Storage`` holds one connection, and the
 application keeps one ``Storage`` per process. It is not safe to share between threads
 without a lock.
