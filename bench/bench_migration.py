@@ -6,14 +6,15 @@ Usage:
 
 The floor is ``INSERT INTO ... SELECT`` of the same legacy rows into plain tables (no keys,
 no indexes, no transformation) in one transaction. The migration runs on a fresh copy of
-the same database. Peak memory is measured on a child process (ru_maxrss).
+the same database. Peak memory is the peak RSS of a ``kimera migrate`` process, read by a small
+launcher process: Linux carries a parent's peak RSS into a forked child's ru_maxrss, so the
+child must not be started by this (large) benchmark process itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,13 @@ from kimera_core.demo import generate_demo_data
 from kimera_core.migration import migrate
 
 KIMERA = str(Path(sys.executable).parent / "kimera")
+# Runs its arguments as a child and prints the child's peak RSS (KiB) as the last stderr line.
+PEAK_RSS_LAUNCHER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.call(sys.argv[1:])\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
 
 
 def floor_copy(source: Path, target: Path) -> float:
@@ -50,12 +58,14 @@ def floor_copy(source: Path, target: Path) -> float:
 def peak_memory_of_cli_migration(db: Path) -> tuple[float, float, dict]:
     start = time.perf_counter()
     out = subprocess.run(
-        [KIMERA, "migrate", "--db", str(db), "--json"], capture_output=True, text=True
+        [sys.executable, "-c", PEAK_RSS_LAUNCHER, KIMERA, "migrate", "--db", str(db), "--json"],
+        capture_output=True,
+        text=True,
     )
     if out.returncode != 0:
         raise SystemExit(f"kimera migrate failed ({out.returncode}): {out.stderr[-3000:]}")
     elapsed = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak_kib = int(out.stderr.strip().splitlines()[-1])
     return elapsed, peak_kib / 1024, json.loads(out.stdout)
 
 
