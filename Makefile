@@ -42,6 +42,7 @@ run: setup $(DAGSTER_HOME)/dagster.yaml $(KIMERA_DB)
 	@echo "Running the pipeline headless on $(KIMERA_DB): observe, migrate, checks, entropy report, rollout (Dagster log: var/logs/pipeline.log)"
 	@KIMERA_DB=$(KIMERA_DB) $(BIN)/python -m kimera_pipelines.headless --target $(ROLLOUT_TARGET) \
 		2> var/logs/pipeline.log || { tail -n 40 var/logs/pipeline.log; exit 1; }
+	@$(BIN)/kimera summary --db $(KIMERA_DB)
 	@echo "All runs are in the Dagster UI: make ui"
 
 test: setup
@@ -64,6 +65,11 @@ ui: setup $(DAGSTER_HOME)/dagster.yaml $(KIMERA_DB)
 bench: setup
 	$(BIN)/python bench/bench_foundation.py
 	$(BIN)/python bench/bench_migration.py
+	$(BIN)/python bench/bench_dual_write.py
+	$(BIN)/python bench/bench_consistency.py
+	$(BIN)/python bench/bench_query.py
+	$(BIN)/python bench/bench_semantic.py embed --minutes 3
+	$(BIN)/python bench/bench_semantic.py search
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache .hypothesis
