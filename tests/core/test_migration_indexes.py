@@ -66,6 +66,33 @@ def test_a_crashed_run_has_its_indexes_recorded_and_the_resume_rebuilds_them(sma
         assert recorded_drops(con) is None
 
 
+def test_a_crash_between_two_index_rebuilds_resumes_to_all_indexes(small_demo, monkeypatch):
+    from kimera_core import migration
+
+    built = []
+
+    def restore_one_then_crash(con, table, name, ddl):
+        if built:
+            raise Crash
+        built.append(name)
+        return restore_index(con, table, name, ddl)
+
+    with connect(small_demo) as con:
+        before = secondary_indexes(con, "identities")
+        monkeypatch.setattr(migration, "restore_index", restore_one_then_crash)
+        with pytest.raises(Crash):
+            migrate(con, partitions=2)
+        # the first index is rebuilt and committed; the run still records all three
+        assert set(secondary_indexes(con, "identities")) == set(built)
+        assert json.loads(recorded_drops(con)) == before
+        monkeypatch.undo()
+    with connect(small_demo) as con:
+        report = migrate(con)
+        assert report.resumed and report.balanced and report.partitions_skipped == 4
+        assert secondary_indexes(con, "identities") == before
+        assert recorded_drops(con) is None
+
+
 def test_an_application_open_between_crash_and_resume_does_not_duplicate_indexes(small_demo):
     from kimera_core.legacy import create_legacy_schema
 
