@@ -660,6 +660,11 @@ def _limit_memory(con: duckdb.DuckDBPyConnection) -> None:
             f"{MEMORY_LIMIT_ENV}={limit!r} is not a DuckDB memory size: {exc}"
         ) from None
     con.execute("SET preserve_insertion_order = false")
+    # Hand freed memory back to the OS promptly: with the defaults the allocator kept up to
+    # ~800 MB above the limit at 10 M rows (docs/benchmarks.md).
+    con.execute("SET allocator_flush_threshold = '16MB'")
+    con.execute("SET allocator_bulk_deallocation_flush_threshold = '16MB'")
+    con.execute("SET allocator_background_threads = true")
     # One checkpoint at the end of the run instead of one every 16 MB of WAL: each rewrites
     # identities and its indexes. A crash replays the WAL, which holds only committed partitions.
     con.execute("SET checkpoint_threshold = '16GB'")
