@@ -246,7 +246,9 @@ def main() -> None:
         "--writes", type=int, default=3000, help="single writes per variant (0: skip)"
     )
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--batch-rows", type=int, default=1_000_000, help="identities in batches")
+    parser.add_argument(
+        "--batch-rows", type=int, default=1_000_000, help="identities in batches (0: skip)"
+    )
     parser.add_argument("--batch-size", type=int, default=100_000)
     args = parser.parse_args()
 
@@ -255,6 +257,8 @@ def main() -> None:
             report_single_writes(Path(tmp), args.writes, args.rounds)
 
         n = args.batch_rows
+        if n <= 0:
+            return
         spent = batches(Path(tmp), n, args.batch_size)
         print(f"batched writes ({n:,} identities in batches of {args.batch_size:,}, turn by turn)")
         print(f"  {'variant':<32} {'wall s':>7} {'ids/s':>9} {'CPU s':>7} {'ids/CPU s':>10}")
