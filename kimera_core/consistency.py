@@ -335,6 +335,11 @@ class VerificationReport:
         }
 
 
+def n_rows(n: int) -> str:
+    """'1 row', '2 rows': counts in verdicts an operator reads."""
+    return f"{n:,} row" if n == 1 else f"{n:,} rows"
+
+
 def _install(con: duckdb.DuckDBPyConnection) -> None:
     for macro in MACROS:
         con.execute(macro)
@@ -702,16 +707,17 @@ def _verdict(report: VerificationReport) -> None:
             )
     for store, n in report.null_keys.items():
         if n:
-            reasons.append(f"{n:,} rows with a NULL key in the {store} store")
+            reasons.append(f"{n_rows(n)} with a NULL key in the {store} store")
     checks = (
         (report.duplicate_keys, "duplicate keys"),
         (report.missing_in_new, "keys in legacy but not in identities"),
         (report.missing_in_legacy, "keys in identities but not in legacy"),
-        (report.field_mismatches, "rows whose mapped fields differ"),
     )
     for finding_, what in checks:
         if finding_.total:
             reasons.append(f"{finding_.total:,} {what}")
+    if report.field_mismatches.total:
+        reasons.append(f"{n_rows(report.field_mismatches.total)} whose mapped fields differ")
     if report.mismatches_by_field:
         fields = ", ".join(f"{k} {v:,}" for k, v in report.mismatches_by_field.items())
         reasons.append(f"differing fields: {fields}")

@@ -443,7 +443,7 @@ def consistency_gates(
     key coverage legacy -> new are computed over the whole tables (cheap key joins); field
     equality and keys only in identities come from the verifier (full or incremental).
     """
-    from kimera_core.consistency import verify  # the verifier pulls in shadow reads
+    from kimera_core.consistency import n_rows, verify  # the verifier pulls in shadow reads
 
     report = verify(con, incremental=incremental, sample=sample, record=record)
     standing, unexplained = _key_standing(con, sample)
@@ -506,7 +506,7 @@ def consistency_gates(
         Gate(
             "field_equality",
             report.field_mismatches.total == 0,
-            f"{report.field_mismatches.total:,} rows whose mapped fields differ",
+            f"{n_rows(report.field_mismatches.total)} whose mapped fields differ",
             {
                 "field_mismatches": report.field_mismatches.total,
                 "by_field": report.mismatches_by_field,

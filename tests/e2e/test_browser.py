@@ -91,7 +91,8 @@ def _dismiss_welcome(page) -> None:
 
 
 def _shot(page, name: str) -> None:
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
+    # animations finished: a dialog still fading in shows as a ghost otherwise
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False, animations="disabled")
 
 
 def test_asset_graph_shows_the_asset_groups(dagster_dev, page):
@@ -120,7 +121,7 @@ def test_failed_check_is_visible_with_its_metadata(dagster_dev, page, migrated_w
     page.get_by_text("Failed").first.wait_for()
     _shot(page, "identities_checks")
     page.goto(f"http://127.0.0.1:{port}/assets/identities?view=checks&checkDetail=field_equality")
-    page.get_by_text("1 rows whose mapped fields differ").first.wait_for()
+    page.get_by_text("1 row whose mapped fields differ").first.wait_for()
     page.get_by_text("offending_keys_sample").first.wait_for()
     page.locator("tr", has_text="offending_keys_sample").get_by_text("[Show JSON]").click()
     page.get_by_text(key).first.wait_for()
