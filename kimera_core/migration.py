@@ -526,6 +526,10 @@ def _restore_indexes(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
     """Rebuild the indexes a run dropped and clear its record (caller owns the transaction)."""
     for name, ddl in _dropped_indexes(con, run_id).items():
         restore_index(con, "identities", name, ddl)
+    _clear_dropped_record(con, run_id)
+
+
+def _clear_dropped_record(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
     con.execute(
         "UPDATE kimera_migration_runs SET dropped_indexes = NULL WHERE run_id = ?", [run_id]
     )
@@ -884,7 +888,7 @@ def _finish(
     _rebuild_indexes_one_at_a_time(con, run_id)
     con.execute("BEGIN")
     try:
-        _restore_indexes(con, run_id)  # rebuilt above; clears the run's record of them
+        _clear_dropped_record(con, run_id)
         con.execute(
             "UPDATE kimera_migration_runs SET finished_at = ?, status = ?, counts = ?, "
             "identities_rows = ?, identities_checksum = ? WHERE run_id = ?",
