@@ -175,3 +175,21 @@ def connect(
         yield con
     finally:
         con.close()
+
+
+@contextlib.contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """``BEGIN TRANSACTION`` ... ``COMMIT``; on any exception ``ROLLBACK`` and re-raise.
+
+    The one way the project opens a transaction (DuckDB: one writer process per file, so
+    every unit of work is one transaction, short). A failed ROLLBACK (the connection is
+    already gone) does not hide the original exception.
+    """
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")

@@ -1,34 +1,21 @@
 """Asset checks on identities, and the evidence the rollout gates read from Dagster's event log.
 
-The consistency checks run the verifier once (``kimera_core.rollout.consistency_gates``) and
+The consistency checks run the verifier once (``kimera_core.gates.consistency_gates``) and
 report one blocking check per gate; ``entropy_sanity`` checks every entropy score. Each
 check's metadata carries its counts and a capped sample of offending keys.
 """
 
 import dagster as dg
 
+from kimera_core.gates import CONSISTENCY_GATES, GATE_DESCRIPTIONS, consistency_gates
 from kimera_core.report import entropy_sanity as core_entropy_sanity
-from kimera_core.rollout import CONSISTENCY_GATES, CheckEvidence, Evidence, consistency_gates
+from kimera_core.rollout import CheckEvidence, Evidence
 from kimera_pipelines.assets import POOL
 from kimera_pipelines.resources import KimeraDatabase
 
 IDENTITIES = dg.AssetKey("identities")
 CONSISTENCY_JOB = "consistency_check_job"
 
-GATE_DESCRIPTIONS: dict[str, str] = {
-    "count_parity": (
-        "Per identity type, legacy rows minus quarantined rows equal identities rows."
-    ),
-    "key_coverage_legacy_to_new": (
-        "Every legacy key is in identities or was quarantined by a migration run."
-    ),
-    "key_coverage_new_to_legacy": "Every identities key exists in a legacy table.",
-    "field_equality": (
-        "Rows in both stores agree field by field (ADR-001 mapping, NULL-safe, JSON as "
-        "values, weight and timestamps within the stated tolerance)."
-    ),
-    "reconciliation": "legacy rows = migrated or already present + quarantined.",
-}
 ENTROPY_SANITY = "entropy_sanity"
 # The checks a rollout advance requires, in this run and (past verified) in the consistency job.
 REQUIRED_CHECKS: tuple[str, ...] = (*CONSISTENCY_GATES, ENTROPY_SANITY)

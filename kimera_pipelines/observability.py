@@ -31,6 +31,7 @@ import dagster as dg
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from kimera_core import metrics, rollout
+from kimera_core.gates import CONSISTENCY_GATES
 
 PUSH_FAILURES_KEY = "kimera_observability/push_failures"
 RECENT_RUNS = 25
@@ -50,17 +51,8 @@ _ENTROPY_STATS = frozenset(
     {"count", "unknown", "mean", "p50", "p90", "p99", "histogram"}
     | {"tau_mean_days", "tau_p50_days", "tau_p90_days", "tau_p99_days"}
 )
-# the consistency gates are checks on identities (kimera_core.rollout.CONSISTENCY_GATES)
-CONSISTENCY_CHECKS = frozenset(
-    getattr(rollout, "CONSISTENCY_GATES", ())
-    or (
-        "count_parity",
-        "key_coverage_legacy_to_new",
-        "key_coverage_new_to_legacy",
-        "field_equality",
-        "reconciliation",
-    )
-)
+# the consistency gates are checks on identities (kimera_core.gates.CONSISTENCY_GATES)
+CONSISTENCY_CHECKS = frozenset(CONSISTENCY_GATES)
 # numbers a failing check's "counts" metadata may carry as its count of offending keys
 _OFFENDING_COUNT_KEYS = ("unexplained", "offending", "mismatched_rows", "total", "rows")
 _MIGRATION_KEYS = ("read", *metrics.MIGRATION_OUTCOMES)

@@ -9,11 +9,11 @@ import duckdb
 import pytest
 
 from kimera_core import consistency
+from kimera_core.compare import Tolerance
 from kimera_core.consistency import verify
 from kimera_core.db import open_database
 from kimera_core.identity import Identity
 from kimera_core.legacy import create_legacy_schema
-from kimera_core.shadow import Tolerance
 from kimera_core.storage import Storage
 
 _ISO = (

@@ -158,7 +158,7 @@ def test_search_index_embeds_geoids_and_builds_the_index(encoder, demo_db, tmp_p
 
     from click.testing import CliRunner
 
-    from kimera_core.cli import cli
+    from kimera_core.cli.main import cli
 
     path = tmp_path / "embed.duckdb"
     shutil.copy(demo_db[0], path)

@@ -7,15 +7,9 @@ import json
 
 import pytest
 
+from kimera_core.compare import MISSING_IN_NEW, Tolerance, differing_fields, json_equal
 from kimera_core.identity import Identity
-from kimera_core.shadow import (
-    MISSING_IN_NEW,
-    ShadowReads,
-    Tolerance,
-    differing_fields,
-    json_equal,
-    mismatch_summary,
-)
+from kimera_core.shadow import ShadowReads, mismatch_summary
 from kimera_core.storage import Storage
 
 BASE = Identity(

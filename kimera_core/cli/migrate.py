@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kimera_core.cli.options import DB_OPTION, console, db_option, emit_json
 from kimera_core.db import connect
 from kimera_core.migration import (
     MigrationCounts,
@@ -22,22 +21,7 @@ from kimera_core.migration import (
     run_history,
 )
 
-console = Console(width=None if sys.stdout.isatty() else 120)
 EXIT_UNBALANCED = 3
-
-
-def _db_option(required: bool = True):
-    return click.option(
-        "--db",
-        "db_path",
-        required=required,
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="DuckDB database file.",
-    )
-
-
-def _emit(payload: Any) -> None:
-    click.echo(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
 
 
 def _print_report(report: MigrationReport) -> None:
@@ -95,7 +79,7 @@ def _print_report(report: MigrationReport) -> None:
 
 
 @click.group(invoke_without_command=True)
-@_db_option(required=False)
+@db_option(required=False)
 @click.option("--dry-run", is_flag=True, help="Compute every count, write nothing.")
 @click.option(
     "--partitions",
@@ -140,7 +124,7 @@ def migrate_cmd(
     with progress, connect(db_path) as con:
         report = migrate(con, partitions=partitions, dry_run=dry_run, on_partition=on_partition)
     if as_json:
-        _emit(report.to_dict())
+        emit_json(report.to_dict())
     else:
         _print_report(report)
     if not report.balanced:
@@ -148,7 +132,7 @@ def migrate_cmd(
 
 
 @migrate_cmd.command("rollback")
-@_db_option()
+@DB_OPTION
 @click.option("--run", "run_id", default=None, help="Roll back this run only (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def rollback_cmd(db_path: Path, run_id: str | None, as_json: bool) -> None:
@@ -156,7 +140,7 @@ def rollback_cmd(db_path: Path, run_id: str | None, as_json: bool) -> None:
     with connect(db_path) as con:
         report = rollback(con, run_id)
     if as_json:
-        _emit(report.to_dict())
+        emit_json(report.to_dict())
         return
     console.print(
         f"Rolled back {len(report.runs)} run(s): deleted {report.deleted:,} inserted identities, "
@@ -172,14 +156,14 @@ def rollback_cmd(db_path: Path, run_id: str | None, as_json: bool) -> None:
 
 
 @migrate_cmd.command("status")
-@_db_option()
+@DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status_cmd(db_path: Path, as_json: bool) -> None:
     """Recent migration runs: status, partitions done, counts, identities checksum."""
     with connect(db_path, read_only=True) as con:
         runs = run_history(con)
     if as_json:
-        _emit(runs)
+        emit_json(runs)
         return
     if not runs:
         console.print("No migration run yet.")
@@ -202,7 +186,7 @@ def status_cmd(db_path: Path, as_json: bool) -> None:
 
 
 @migrate_cmd.command("quarantine")
-@_db_option()
+@DB_OPTION
 @click.option("--run", "run_id", default=None, help="A run id (default: the latest).")
 @click.option(
     "--sample",
@@ -217,7 +201,7 @@ def quarantine_cmd(db_path: Path, run_id: str | None, sample: int, as_json: bool
     with connect(db_path, read_only=True) as con:
         summary = quarantine_summary(con, run_id, sample)
     if as_json:
-        _emit(summary)
+        emit_json(summary)
         return
     table = Table(title=f"Quarantine of run {summary['run_id']}: {summary['total']:,} rows")
     table.add_column("table:reason")

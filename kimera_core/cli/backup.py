@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from kimera_core.cli import DB_OPTION, JSON_OPTION, _emit_json, console
+from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, emit_json
 
 
 @click.command("backup")
@@ -26,7 +26,7 @@ def backup(db_path: Path, to_dir: Path, as_json: bool) -> None:
 
     manifest = backup_database(db_path, to_dir)
     if as_json:
-        _emit_json(manifest.to_dict() | {"path": manifest.path})
+        emit_json(manifest.to_dict() | {"path": manifest.path})
         return
     table = Table(title=f"Backup of {db_path} in {to_dir}")
     table.add_column("table")
@@ -60,7 +60,7 @@ def restore(from_dir: Path, db_path: Path, force: bool, as_json: bool) -> None:
 
     report = restore_database(from_dir, db_path, force=force)
     if as_json:
-        _emit_json(report.to_dict())
+        emit_json(report.to_dict())
         return
     table = Table(title=f"Restored {from_dir} into {db_path} ({report.seconds:.1f} s)")
     table.add_column("table")

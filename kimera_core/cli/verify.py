@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from kimera_core.cli import DB_OPTION, JSON_OPTION, _emit_json, console
+from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, emit_json
 from kimera_core.db import connect
 
 
@@ -52,7 +52,7 @@ def verify(
         report = run_verify(con, incremental=incremental, sample=sample, record=record, cache=cache)
     payload = report.to_dict()
     if as_json:
-        _emit_json(payload)
+        emit_json(payload)
     else:
         _print(payload)
     if not report.consistent:

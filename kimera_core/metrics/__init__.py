@@ -212,7 +212,7 @@ def init_write_path_metrics(write_mode: str, stage: str) -> None:
     for operation in SHADOW_OPERATIONS:
         for outcome in SHADOW_OUTCOMES:
             SHADOW_READS.labels(operation, outcome)
-    from kimera_core.shadow import COMPARED_FIELDS, MISSING_IN_LEGACY, MISSING_IN_NEW
+    from kimera_core.compare import COMPARED_FIELDS, MISSING_IN_LEGACY, MISSING_IN_NEW
 
     for name in (*COMPARED_FIELDS, MISSING_IN_NEW, MISSING_IN_LEGACY):
         SHADOW_MISMATCHED_FIELDS.labels(name)

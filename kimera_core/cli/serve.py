@@ -9,16 +9,9 @@ from pathlib import Path
 
 import click
 
+from kimera_core.cli.options import DB_OPTION
 from kimera_core.db import connect
 from kimera_core.errors import KimeraError
-
-DB_OPTION = click.option(
-    "--db",
-    "db_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="DuckDB database file.",
-)
 
 
 def _build_index_if_needed(db_path: Path, force: bool) -> dict:

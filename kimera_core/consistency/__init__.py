@@ -42,8 +42,8 @@ from typing import Any
 import duckdb
 
 from kimera_core.checksum import row_hash_sql
+from kimera_core.compare import DEFAULT_TOLERANCE, Tolerance
 from kimera_core.identity import DOCUMENT_KEYS
-from kimera_core.shadow import DEFAULT_TOLERANCE, Tolerance
 from kimera_core.sql import vetted_identifier
 
 FIELDS: tuple[str, ...] = DOCUMENT_KEYS[1:]  # every mapped field but the key

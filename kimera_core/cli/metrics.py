@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from kimera_core import metrics
-from kimera_core.cli import DB_OPTION
+from kimera_core.cli.options import DB_OPTION
 from kimera_core.identity import Identity, geoid_id
 from kimera_core.rollout import STAGES
 

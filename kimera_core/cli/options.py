@@ -1,0 +1,33 @@
+"""What every ``kimera`` command shares: the ``--db`` and ``--json`` options, JSON output, the console."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+console = Console(width=None if sys.stdout.isatty() else 120)
+
+
+def db_option(required: bool = True) -> Any:
+    """The ``--db PATH`` option (a DuckDB file), given to the command as ``db_path``."""
+    return click.option(
+        "--db",
+        "db_path",
+        required=required,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="DuckDB database file.",
+    )
+
+
+DB_OPTION = db_option()
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+
+
+def emit_json(payload: Any) -> None:
+    """Print ``payload`` as indented UTF-8 JSON (non-JSON values through ``str``)."""
+    click.echo(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
