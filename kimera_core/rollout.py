@@ -9,6 +9,8 @@ The live stage is one row of ``kimera_rollout_state``; every move is a row of
 the gates wrap it: ``advance`` moves one stage forward only on evidence that the blocking
 checks passed (``gate_reasons``), ``step_back`` moves one stage back and is always allowed,
 ``rollback_reads`` serves reads from legacy again while legacy still receives every write.
+``advance_to`` is the loop both front ends use: advance one stage at a time until the target
+or the first gate that holds, and say which (``AdvanceResult``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Literal
 
 import duckdb
 
+from kimera_core.db import transaction
 from kimera_core.errors import KimeraError
 
 STAGES: tuple[str, ...] = (
@@ -127,8 +130,7 @@ def set_stage(
         raise RolloutError("a stage change needs an actor (who made it)")
     ensure_rollout_tables(con)
     now = time.time()
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         previous = get_stage(con)
         con.execute("DELETE FROM kimera_rollout_state")
         con.execute("INSERT INTO kimera_rollout_state VALUES (?, ?)", [stage, now])
@@ -136,10 +138,6 @@ def set_stage(
             "INSERT INTO kimera_rollout_history VALUES (?, ?, ?, ?, ?)",
             [now, previous, stage, actor, reason],
         )
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return previous
 
 
@@ -325,6 +323,72 @@ def advance(
         raise RolloutGateError(reasons)
     text = evidence.summary() if not reason else f"{reason}; {evidence.summary()}"
     return set_stage(con, to_stage, actor, text)
+
+
+@dataclass(frozen=True)
+class AdvanceResult:
+    """What ``advance_to`` did: the stages moved through (in order), what held it, where it is.
+
+    ``held_by`` is empty when the target was reached; ``refused`` means nothing moved.
+    """
+
+    start: str
+    target: str
+    moved_through: tuple[str, ...]
+    held_by: tuple[str, ...]
+    stage: str
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.held_by) and not self.moved_through
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "start": self.start,
+            "target": self.target,
+            "moved_through": list(self.moved_through),
+            "held_by": list(self.held_by),
+            "stage": self.stage,
+        }
+
+
+def advance_to(
+    con: duckdb.DuckDBPyConnection,
+    target: str | None,
+    evidence: Evidence,
+    actor: str,
+    reason: str | None = None,
+    *,
+    soak: float | None = None,
+    clock: Callable[[], float] = time.time,
+) -> AdvanceResult:
+    """Advance one stage at a time up to ``target`` (None: the next stage) until a gate holds.
+
+    Each step is ``advance`` on the same evidence, recorded in the history. A gate that
+    holds stops the loop (its reasons are in ``held_by``); it is not an error. Raises
+    RolloutError for an unknown target or one behind the live stage (moving back is
+    ``step_back``'s job, never an advance's).
+    """
+    start = get_stage(con)
+    if target is None:
+        target = next_stage(start) or start
+    check_stage(target)
+    if STAGES.index(target) < STAGES.index(start):
+        raise RolloutError(
+            f"target {target} is behind the live stage {start}: an advance only moves forward "
+            "(step back instead)"
+        )
+    current, moved, held = start, [], ()
+    while current != target:
+        step = STAGES[STAGES.index(current) + 1]
+        try:
+            advance(con, step, evidence, actor, reason, soak=soak, clock=clock)
+        except RolloutGateError as exc:
+            held = tuple(exc.reasons)
+            break
+        moved.append(step)
+        current = step
+    return AdvanceResult(start, target, tuple(moved), held, current)
 
 
 def step_back(con: duckdb.DuckDBPyConnection, actor: str, reason: str) -> str:

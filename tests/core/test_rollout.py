@@ -182,3 +182,61 @@ def test_rollback_reads_only_while_legacy_still_receives_writes(con):
     set_stage(con, "write-new", actor="ops")
     with pytest.raises(RolloutError, match="stale"):
         rollback_reads(con, "sensor", "checks failed")
+
+
+# --- advance_to: the loop both front ends use ----------------------------------------------------
+from kimera_core.rollout import AdvanceResult, advance_to  # noqa: E402
+
+
+def test_advance_to_moves_through_every_stage_up_to_the_target(con):
+    result = advance_to(con, "verified", _evidence(), actor="ops", reason="backfill done")
+    assert result == AdvanceResult(
+        "legacy-only", "verified", ("dual-write", "backfilled", "verified"), (), "verified"
+    )
+    assert get_stage(con) == "verified"
+    history = stage_history(con)
+    assert [h["to_stage"] for h in history] == ["dual-write", "backfilled", "verified"]
+    assert all(h["reason"].startswith("backfill done; run run-1") for h in history)
+
+
+def test_advance_to_without_a_target_moves_one_stage(con):
+    result = advance_to(con, None, _evidence(), actor="ops")
+    assert result.moved_through == ("dual-write",) and result.stage == "dual-write"
+
+
+def test_advance_to_stops_at_the_first_gate_that_holds_and_says_why(con):
+    set_stage(con, "backfilled", actor="ops")
+    result = advance_to(con, "read-new", _evidence(scheduled_ok=False), actor="ops")
+    assert result.moved_through == ("verified",)
+    assert result.stage == "verified" == get_stage(con)
+    assert len(result.held_by) == 1 and "consistency-job evaluation failed" in result.held_by[0]
+    assert not result.refused
+
+
+def test_advance_to_held_at_once_is_refused_and_moves_nothing(con):
+    result = advance_to(con, "backfilled", _evidence(run_ok=False), actor="ops")
+    assert result.refused and result.moved_through == () and result.stage == "legacy-only"
+    assert stage_history(con) == []
+
+
+def test_advance_to_the_live_stage_does_nothing(con):
+    set_stage(con, "verified", actor="ops")
+    result = advance_to(con, "verified", _evidence(), actor="ops")
+    assert result.moved_through == () and result.held_by == () and not result.refused
+
+
+def test_advance_to_refuses_a_target_behind_or_unknown(con):
+    set_stage(con, "read-new", actor="ops")
+    with pytest.raises(RolloutError, match="behind the live stage"):
+        advance_to(con, "dual-write", _evidence(), actor="ops")
+    with pytest.raises(RolloutError, match="unknown rollout stage"):
+        advance_to(con, "half-done", _evidence(), actor="ops")
+    assert get_stage(con) == "read-new"
+
+
+def test_advance_to_the_last_stage_holds_on_the_soak(con):
+    set_stage(con, "verified", actor="ops")
+    result = advance_to(con, "legacy-retired", _evidence(at=2e9), actor="ops", soak=3600)
+    assert result.moved_through == ("read-new",)
+    assert any("soak" in reason for reason in result.held_by)
+    assert result.to_dict()["stage"] == "read-new"
