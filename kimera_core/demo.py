@@ -4,21 +4,32 @@ Every random choice is ``hash(row, seed, salt)`` (DuckDB's hash), so the same se
 DuckDB version give the same database, and a million geoids take seconds. A small share
 of rows is broken the way production data breaks, so migration has something to
 quarantine; ``DemoReport.broken`` counts them by kind.
+
+A share of the rows is also written to ``identities`` as P1's dual-write path writes them:
+the JSON document with ISO-8601 timestamps by ``kimera_core.sql``'s one formula (the same
+text as ``identity.epoch_to_iso``), the entropy score.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from kimera_core.db import open_database
+import duckdb
+
+from kimera_core.db import open_database, transaction
 from kimera_core.entropy import geoid_entropy_sql
 from kimera_core.errors import KimeraError
 from kimera_core.legacy import create_legacy_schema, missing_tables, table_counts
+from kimera_core.sql import epoch_iso_fixes, epoch_iso_sql, install_epoch_iso_macros
 
 DEFAULT_END_TIME = 1793491200.0  # 2026-11-01T00:00:00Z: the newest timestamp in demo data
 SPAN_SECONDS = 90 * 24 * 3600
+# created_at/updated_at are rounded to this many decimals (6: whole microseconds)
+DEFAULT_TIMESTAMP_DECIMALS = 6
 
 # r(i, salt): a uniform number in [0, 1) from the row number, the seed and a salt.
 _R = "((hash({i}, $seed, '{salt}') % 1000003) / 1000003.0)"
@@ -78,7 +89,7 @@ WITH base AS (
     SELECT b.*,
            CASE WHEN r_lang < 0.40 THEN 0 WHEN r_lang < 0.60 THEN 1 WHEN r_lang < 0.75 THEN 2
                 WHEN r_lang < 0.85 THEN 3 WHEN r_lang < 0.93 THEN 4 ELSE 5 END AS lang_no,
-           round($end_time - r_created * {SPAN_SECONDS}, 6) AS created_at
+           round($end_time - r_created * {SPAN_SECONDS}, $decimals) AS created_at
     FROM base b
 ), texts AS (
     SELECT w.*, l.lang,
@@ -112,7 +123,7 @@ SELECT i, lang, r_broken, r_kind,
        END AS meta_json,
        created_at,
        CASE WHEN r_updated < 0.5 THEN created_at
-            ELSE round(created_at + r_updated * ($end_time - created_at), 6) END AS updated_at
+            ELSE round(created_at + r_updated * ($end_time - created_at), $decimals) END AS updated_at
 FROM texts
 """
 
@@ -167,7 +178,7 @@ WITH members AS (
            'scar_' || substr(sha256('scar:' || $seed::VARCHAR || ':' || j::VARCHAR), 1, 16) AS id,
            {_r("j", "broken")} AS r_broken,
            {_r("j", "kind")} AS r_kind,
-           round($end_time - {_r("j", "created")} * {SPAN_SECONDS}, 6) AS created_at,
+           round($end_time - {_r("j", "created")} * {SPAN_SECONDS}, $decimals) AS created_at,
            round(0.05 + 0.95 * {_r("j", "weight")}, 4) AS weight,
            ['contradicts', 'supports', 'refines', 'echoes', 'resolves'][1 + (hash(j, $seed, 'rel') % 5)::INTEGER] AS rel
     FROM members
@@ -230,32 +241,51 @@ FROM pairs
 
 # A share of the data was already written by P1's dual-write path into identities, as P1
 # writes it: the JSON document, timestamps as ISO-8601, the entropy score.
-_ISO = "strftime(make_timestamp(CAST(round({col} * 1000000) AS BIGINT)), '%Y-%m-%dT%H:%M:%S.%f') || '+00:00'"
-
-IDENTITIES_SQL = f"""
+_IDENTITIES_SQL = """
 INSERT INTO identities (id, identity_type, data, created_at, updated_at, lang_axis, entropy_score)
 SELECT g.gid, 'geoid',
        json_object('id', g.gid, 'identity_type', 'geoid', 'raw', g.raw, 'echo', g.echo,
                    'lang_axis', g.lang_axis, 'tags', g.tags, 'weight', g.weight,
                    'related_ids', '[]'::JSON, 'meta', g.meta,
-                   'created_at', {_ISO.format(col="g.created_at")},
-                   'updated_at', {_ISO.format(col="g.updated_at")}),
+                   'created_at', __G_CREATED_ISO__, 'updated_at', __G_UPDATED_ISO__),
        g.created_at, g.updated_at, g.lang_axis, e.entropy
 FROM legacy_geoids g JOIN demo_geoids d USING (gid) JOIN demo_entropy e ON e.key = g.gid
-WHERE d.kind IS NULL AND {_r("d.i", "dual")} < $dual
+WHERE d.kind IS NULL AND __DUAL_I__ < $dual
 UNION ALL
 SELECT s.id, 'scar',
        json_object('id', s.id, 'identity_type', 'scar', 'raw', NULL, 'echo', NULL,
                    'lang_axis', NULL, 'tags', NULL, 'weight', s.weight,
                    'related_ids', s.related_ids, 'meta', s.meta,
-                   'created_at', {_ISO.format(col="s.created_at")},
-                   'updated_at', {_ISO.format(col="s.updated_at")}),
+                   'created_at', __S_CREATED_ISO__, 'updated_at', __S_UPDATED_ISO__),
        s.created_at, s.updated_at, NULL,
        CASE WHEN json_array_length(s.related_ids) <= 1 THEN 0.0
             ELSE log2(json_array_length(s.related_ids)) * s.weight END
 FROM legacy_scars s JOIN demo_scars d ON d.id = s.id
-WHERE d.kind IS NULL AND {_r("d.j", "dual")} < $dual
+WHERE d.kind IS NULL AND __DUAL_J__ < $dual
 """
+
+# Every legacy timestamp: those the ISO macros cannot write exactly are formatted in Python.
+LEGACY_EPOCHS_SQL = """
+SELECT created_at FROM legacy_geoids UNION ALL SELECT updated_at FROM legacy_geoids
+UNION ALL SELECT created_at FROM legacy_scars UNION ALL SELECT updated_at FROM legacy_scars
+"""
+
+
+def identities_sql(iso_fixes: bool) -> str:
+    """The dual-written identities' INSERT; ``iso_fixes``: kimera_core.sql's fixes view exists."""
+    tokens = {
+        "__G_CREATED_ISO__": epoch_iso_sql("g.created_at", fixes=iso_fixes),
+        "__G_UPDATED_ISO__": epoch_iso_sql("g.updated_at", fixes=iso_fixes),
+        "__S_CREATED_ISO__": epoch_iso_sql("s.created_at", fixes=iso_fixes),
+        "__S_UPDATED_ISO__": epoch_iso_sql("s.updated_at", fixes=iso_fixes),
+        "__DUAL_I__": _r("d.i", "dual"),
+        "__DUAL_J__": _r("d.j", "dual"),
+    }
+    sql = _IDENTITIES_SQL
+    for token, fragment in tokens.items():
+        sql = sql.replace(token, fragment)
+    return sql
+
 
 DUAL_WRITE_LOG_SQL = f"""
 INSERT INTO dual_write_log (timestamp, identity_id, operation, status, details)
@@ -289,17 +319,24 @@ def generate_demo_data(
     dual_written_share: float = 0.05,
     echoforms: int = 20,
     end_time: float = DEFAULT_END_TIME,
+    timestamp_decimals: int = DEFAULT_TIMESTAMP_DECIMALS,
     replace: bool = False,
 ) -> DemoReport:
-    """Write a legacy Kimera database at ``path`` (refuses to touch an existing one unless replace)."""
-    import time
+    """Write a legacy Kimera database at ``path`` (refuses to touch an existing one unless replace).
 
+    Timestamps are epoch seconds in the ``SPAN_SECONDS`` before ``end_time``, rounded to
+    ``timestamp_decimals`` (0-9) decimals. Raises KimeraError for invalid sizes or shares
+    (before any file is made) and for an existing ``path`` without ``replace``; on any
+    failure the new file is removed.
+    """
     if geoids < 2:
         raise KimeraError("--geoids must be at least 2 (scars link two geoids)")
     if scars < 0:
         raise KimeraError("--scars must not be negative")
     if not 0 <= broken_share <= 1 or not 0 <= dual_written_share <= 1:
         raise KimeraError("shares must lie between 0 and 1")
+    if not 0 <= timestamp_decimals <= 9:
+        raise KimeraError("timestamp decimals must lie between 0 and 9")
     path = Path(path)
     if path.exists():
         if not replace:
@@ -309,59 +346,20 @@ def generate_demo_data(
         path.unlink()
         Path(f"{path}.wal").unlink(missing_ok=True)
     started = time.perf_counter()
+    params = {
+        "n": geoids,
+        "m": scars,
+        "seed": seed,
+        "end_time": end_time,
+        "decimals": timestamp_decimals,
+        "broken": broken_share,
+        "dual": dual_written_share,
+        "echoforms": echoforms,
+    }
     con = open_database(path, create=True)
     try:
-        params = {
-            "n": geoids,
-            "m": scars,
-            "seed": seed,
-            "end_time": end_time,
-            "broken": broken_share,
-            "dual": dual_written_share,
-            "echoforms": echoforms,
-        }
-
-        def run(sql: str) -> None:
-            needed = {k: v for k, v in params.items() if f"${k}" in sql}
-            con.execute(sql, needed)
-
-        con.execute("BEGIN")
-        create_legacy_schema(con)
-        run(LANGS_SQL)
-        run(GEOIDS_SQL)
-        kinds = ", ".join(f"'{k}'" for k in GEOID_KINDS)
-        run(
-            "CREATE TEMP TABLE demo_geoids AS SELECT b.*, "
-            "CASE WHEN r_broken < $broken THEN "
-            f"[{kinds}][1 + floor(r_kind * {len(GEOID_KINDS)})::INTEGER] END AS kind "
-            "FROM demo_geoid_base b"
-        )
-        run(INSERT_GEOIDS_SQL)
-        con.execute("CREATE TEMP TABLE demo_geoid_ids AS SELECT i, gid FROM demo_geoids")
-        con.execute(
-            "CREATE TEMP TABLE demo_entropy AS " + geoid_entropy_sql("legacy_geoids", "gid")
-        )
-        if scars:
-            run(SCARS_SQL)
-            run(SCAR_ROWS_SQL)
-            run(INSERT_SCARS_SQL)
-            run(ECHOFORMS_SQL)
-        else:
-            con.execute(
-                "CREATE TEMP TABLE demo_scars AS SELECT 0 AS j, ''::VARCHAR AS id, "
-                "NULL::VARCHAR AS kind WHERE false"
-            )
-        run(IDENTITIES_SQL)
-        run(DUAL_WRITE_LOG_SQL)
-        broken: dict[str, int] = {}
-        for table in ("demo_geoids", "demo_scars"):
-            prefix = "geoid" if table == "demo_geoids" else "scar"
-            # table names are the two fixed temp tables above
-            for kind, count in con.execute(
-                f"SELECT kind, count(*) FROM {table} WHERE kind IS NOT NULL GROUP BY kind ORDER BY kind"
-            ).fetchall():
-                broken[f"{prefix}.{kind}"] = count
-        con.execute("COMMIT")
+        with transaction(con):
+            broken = _generate(con, params)
         con.execute("CHECKPOINT")
         counts = table_counts(con)
         assert not missing_tables(con)
@@ -372,3 +370,50 @@ def generate_demo_data(
         raise
     con.close()
     return DemoReport(str(path), counts, broken, time.perf_counter() - started)
+
+
+def _generate(con: duckdb.DuckDBPyConnection, params: dict[str, Any]) -> dict[str, int]:
+    """Fill the legacy tables, identities and the log (caller owns the transaction).
+
+    Returns the broken rows by ``table.kind``.
+    """
+
+    def run(sql: str) -> None:
+        con.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql})
+
+    create_legacy_schema(con)
+    install_epoch_iso_macros(con)
+    run(LANGS_SQL)
+    run(GEOIDS_SQL)
+    kinds = ", ".join(f"'{k}'" for k in GEOID_KINDS)
+    run(
+        "CREATE TEMP TABLE demo_geoids AS SELECT b.*, "
+        "CASE WHEN r_broken < $broken THEN "
+        f"[{kinds}][1 + floor(r_kind * {len(GEOID_KINDS)})::INTEGER] END AS kind "
+        "FROM demo_geoid_base b"
+    )
+    run(INSERT_GEOIDS_SQL)
+    con.execute("CREATE TEMP TABLE demo_geoid_ids AS SELECT i, gid FROM demo_geoids")
+    con.execute("CREATE TEMP TABLE demo_entropy AS " + geoid_entropy_sql("legacy_geoids", "gid"))
+    if params["m"]:
+        run(SCARS_SQL)
+        run(SCAR_ROWS_SQL)
+        run(INSERT_SCARS_SQL)
+        run(ECHOFORMS_SQL)
+    else:
+        con.execute(
+            "CREATE TEMP TABLE demo_scars AS SELECT 0 AS j, ''::VARCHAR AS id, "
+            "NULL::VARCHAR AS kind WHERE false"
+        )
+    with epoch_iso_fixes(con, LEGACY_EPOCHS_SQL) as fixes:
+        run(identities_sql(fixes))
+    run(DUAL_WRITE_LOG_SQL)
+    broken: dict[str, int] = {}
+    for table in ("demo_geoids", "demo_scars"):
+        prefix = "geoid" if table == "demo_geoids" else "scar"
+        # table names are the two fixed temp tables above
+        for kind, count in con.execute(
+            f"SELECT kind, count(*) FROM {table} WHERE kind IS NOT NULL GROUP BY kind ORDER BY kind"
+        ).fetchall():
+            broken[f"{prefix}.{kind}"] = count
+    return broken

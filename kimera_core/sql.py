@@ -1,8 +1,25 @@
-"""SQL safety: values are always bound parameters; identifiers pass through ``vetted_identifier``."""
+"""SQL helpers: vetted identifiers, and the one epoch -> ISO-8601 formula in SQL.
+
+Values are always bound parameters; identifiers pass through ``vetted_identifier``.
+
+``EPOCH_ISO_MACROS`` is the only SQL that turns epoch seconds into the P1 document's
+ISO-8601 text; ``identity.epoch_to_iso`` is the Python reference and both write the same
+text. The macros give NULL where SQL cannot write that text exactly (below); a caller
+formats those few epochs with ``epoch_to_iso`` through ``epoch_iso_fixes`` and writes
+``epoch_iso_sql(column, fixes=True)``, so every epoch gets the reference text.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from kimera_core.identity import epoch_to_iso
 
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -52,3 +69,71 @@ EPOCH_ISO_MACROS: tuple[str, ...] = (
         END
     )""",
 )
+
+
+def install_epoch_iso_macros(con: duckdb.DuckDBPyConnection) -> None:
+    """Create (or replace) the connection's temp macros of ``EPOCH_ISO_MACROS``."""
+    for macro in EPOCH_ISO_MACROS:
+        con.execute(macro)
+
+
+# The registered view of ``epoch_iso_fixes``, one row per epoch; its column names are unlikely
+# to shadow the caller's column inside the lookup subquery.
+EPOCH_ISO_FIXES = "kimera_epoch_iso_fixes"
+
+_FIXES_SQL = """
+SELECT DISTINCT kimera_epoch FROM ({epochs}) AS kimera_epochs(kimera_epoch)
+WHERE isfinite(kimera_epoch) AND NOT kimera_epoch_iso_exact(kimera_epoch)
+"""
+
+
+def epoch_iso_sql(column: str, *, fixes: bool = False) -> str:
+    """SQL for the ISO-8601 text of the epoch-seconds expression ``column``.
+
+    ``column`` is a fixed SQL expression of the caller, never user input. With ``fixes``
+    the epochs the macros leave NULL are looked up in the view ``epoch_iso_fixes``
+    registered (a join, so callers use it only when that view exists).
+    """
+    macro = f"kimera_epoch_iso({column})"
+    if not fixes:
+        return macro
+    lookup = f"SELECT kimera_iso FROM {EPOCH_ISO_FIXES} WHERE kimera_epoch = {column}"
+    return f"coalesce({macro}, ({lookup}))"
+
+
+def _iso_or_none(epoch: float) -> str | None:
+    try:
+        return epoch_to_iso(epoch)
+    except OverflowError:  # beyond the years 1-9999 that ISO-8601 text can hold
+        return None
+
+
+@contextlib.contextmanager
+def epoch_iso_fixes(
+    con: duckdb.DuckDBPyConnection, epochs_sql: str, params: Mapping[str, Any] | None = None
+) -> Iterator[bool]:
+    """Register ``EPOCH_ISO_FIXES`` for the epochs of ``epochs_sql`` the macros cannot write.
+
+    ``epochs_sql`` is a fixed query of one DOUBLE column (the caller's, with ``params``).
+    Yields True while the view (kimera_epoch, kimera_iso: its ``identity.epoch_to_iso``
+    text, NULL past the year 9999) is registered; False when the macros write every finite
+    epoch (then nothing is registered). Needs ``install_epoch_iso_macros``. There are
+    usually none or a few: epochs before 1970 with more than six fraction digits, epochs
+    of 1e11 s and later, tiny fractions that are written with an exponent.
+    """
+    found = con.execute(_FIXES_SQL.format(epochs=epochs_sql), params).fetchall()
+    epochs = [row[0] for row in found]
+    if not epochs:
+        yield False
+        return
+    fixes = pa.table(
+        {
+            "kimera_epoch": pa.array(epochs, pa.float64()),
+            "kimera_iso": pa.array([_iso_or_none(t) for t in epochs], pa.string()),
+        }
+    )
+    con.register(EPOCH_ISO_FIXES, fixes)
+    try:
+        yield True
+    finally:
+        con.unregister(EPOCH_ISO_FIXES)

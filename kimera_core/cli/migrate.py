@@ -134,11 +134,22 @@ def migrate_cmd(
 @migrate_cmd.command("rollback")
 @DB_OPTION
 @click.option("--run", "run_id", default=None, help="Roll back this run only (default: all).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help=(
+        "Roll back even while reads come from identities: only after moving reads back to "
+        "legacy failed; see docs/runbook.md."
+    ),
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def rollback_cmd(db_path: Path, run_id: str | None, as_json: bool) -> None:
-    """Undo what migration runs inserted or updated; identities the application changed since stay."""
+def rollback_cmd(db_path: Path, run_id: str | None, force: bool, as_json: bool) -> None:
+    """Undo what migration runs inserted or updated; identities the application changed since stay.
+
+    Refused while the rollout stage reads from identities (read-new and later).
+    """
     with connect(db_path) as con:
-        report = rollback(con, run_id)
+        report = rollback(con, run_id, force=force)
     if as_json:
         emit_json(report.to_dict())
         return

@@ -10,8 +10,13 @@ import pytest
 from kimera_core.checksum import table_checksum
 from kimera_core.db import connect
 from kimera_core.demo import generate_demo_data
-from kimera_core.legacy import LEGACY_INDEXES, restore_index, secondary_indexes
-from kimera_core.migration import IDENTITY_COLUMNS, migrate, rollback
+from kimera_core.legacy import (
+    LEGACY_INDEXES,
+    create_legacy_schema,
+    restore_index,
+    secondary_indexes,
+)
+from kimera_core.migration import IDENTITY_COLUMNS, indexes, migrate, rollback
 
 P1_IDENTITY_INDEXES = {name for name, table, _c, _d in LEGACY_INDEXES if table == "identities"}
 
@@ -67,8 +72,6 @@ def test_a_crashed_run_has_its_indexes_recorded_and_the_resume_rebuilds_them(sma
 
 
 def test_a_crash_between_two_index_rebuilds_resumes_to_all_indexes(small_demo, monkeypatch):
-    from kimera_core import migration
-
     built = []
 
     def restore_one_then_crash(con, table, name, ddl):
@@ -79,7 +82,7 @@ def test_a_crash_between_two_index_rebuilds_resumes_to_all_indexes(small_demo, m
 
     with connect(small_demo) as con:
         before = secondary_indexes(con, "identities")
-        monkeypatch.setattr(migration, "restore_index", restore_one_then_crash)
+        monkeypatch.setattr(indexes, "restore_index", restore_one_then_crash)
         with pytest.raises(Crash):
             migrate(con, partitions=2)
         # the first index is rebuilt and committed; the run still records all three
@@ -94,8 +97,6 @@ def test_a_crash_between_two_index_rebuilds_resumes_to_all_indexes(small_demo, m
 
 
 def test_an_application_open_between_crash_and_resume_does_not_duplicate_indexes(small_demo):
-    from kimera_core.legacy import create_legacy_schema
-
     with connect(small_demo) as con:
         before = secondary_indexes(con, "identities")
         with pytest.raises(Crash):

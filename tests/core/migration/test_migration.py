@@ -19,6 +19,8 @@ import pytest
 from kimera_core.checksum import table_checksum
 from kimera_core.db import connect
 from kimera_core.demo import generate_demo_data
+from kimera_core.entropy import identity_entropy
+from kimera_core.errors import KimeraError
 from kimera_core.identity import Geoid, Identity, geoid_id
 from kimera_core.legacy import (
     create_legacy_schema,
@@ -133,8 +135,6 @@ def test_p1_read_rebuilds_every_migrated_row(demo_copy):
 
 
 def test_entropy_score_is_the_reference_entropy(demo_copy):
-    from kimera_core.entropy import identity_entropy
-
     with connect(demo_copy) as con:
         migrate(con)
         rows = con.execute("SELECT data, entropy_score FROM identities").fetchall()
@@ -367,8 +367,6 @@ def test_resuming_with_other_partitions_is_refused(empty_db):
     with connect(empty_db) as con:
         with pytest.raises(Crash):
             migrate(con, partitions=3, on_partition=lambda *a: (_ for _ in ()).throw(Crash()))
-        from kimera_core.errors import KimeraError
-
         with pytest.raises(KimeraError, match="--partitions 3"):
             migrate(con, partitions=5)
 

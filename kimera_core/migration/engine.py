@@ -1,0 +1,414 @@
+"""The migration engine: legacy geoids and scars into ``identities``, set-based and resumable.
+
+A run walks partitions: every geoid hash bucket first, then every scar bucket (a scar's
+related ids are checked against the geoids already migrated). Each partition is one
+transaction that prepares its rows in SQL (validation, the P1 document, entropy and tau
+with the bulk form; ``migration.statements``), quarantines what cannot be migrated, merges
+the rest into ``identities`` (newer ``updated_at`` wins, identical rows are left alone),
+journals every insert and update for rollback, and records itself as done with counts and
+a checksum. A run killed at any point resumes from its last committed partition and ends
+in the same state as an uninterrupted run. docs/migration.md is the operator's runbook.
+
+The document's ISO timestamps come from ``kimera_core.sql``'s one formula: its macros in
+SQL, and ``identity.epoch_to_iso`` for the few epochs they cannot write exactly, so a
+migrated document rebuilds its identity's timestamps exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import duckdb
+
+from kimera_core.checksum import Checksum, table_checksum
+from kimera_core.db import transaction
+from kimera_core.entropy import geoid_shannon_sql, scar_entropy_sql
+from kimera_core.errors import KimeraError
+from kimera_core.identity import IDENTITY_TYPES
+from kimera_core.migration import statements as q
+from kimera_core.migration.indexes import (
+    clear_dropped_record,
+    drop_indexes_for_load,
+    rebuild_indexes_one_at_a_time,
+)
+from kimera_core.migration.report import (
+    COUNT_NAMES,
+    MigrationCounts,
+    MigrationReport,
+    PartitionCounts,
+    ProgressCallback,
+    reason_counts,
+)
+from kimera_core.migration.schema import IDENTITY_COLUMNS, ensure_schema
+from kimera_core.sql import epoch_iso_fixes, epoch_iso_sql, install_epoch_iso_macros
+
+# The order a run walks: geoids first (IDENTITY_TYPES' order), so that a scar's related
+# geoids are migrated before it.
+KINDS: tuple[str, ...] = IDENTITY_TYPES
+# Rows of the larger legacy table per partition when --partitions is not given: bounds the
+# memory of one partition's transaction (docs/benchmarks.md has the measured peak). At least
+# two DuckDB row groups (122,880 rows), so that most of a partition is written to the file
+# at its commit instead of through the WAL and again by the checkpoint.
+ROWS_PER_PARTITION = 250_000
+MAX_PARTITIONS = 4096
+MEMORY_LIMIT_ENV = "KIMERA_MEMORY_LIMIT"
+DEFAULT_MEMORY_LIMIT = "1GB"
+# (legacy table, its key column) per kind: fixed names, never input
+SOURCES: dict[str, tuple[str, str]] = {
+    "geoid": ("legacy_geoids", "gid"),
+    "scar": ("legacy_scars", "id"),
+}
+
+
+def migrate(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    partitions: int | None = None,
+    dry_run: bool = False,
+    on_partition: ProgressCallback | None = None,
+) -> MigrationReport:
+    """Backfill identities from the legacy tables; resumes an unfinished run if there is one.
+
+    ``partitions``: hash buckets per table (1..4096; default one per ROWS_PER_PARTITION
+    rows). ``dry_run`` computes every count inside one transaction and rolls it back:
+    nothing is written, not even the run record. Raises KimeraError (one line) for a bad
+    partition count, a resume that cannot continue, or an out-of-memory partition.
+    """
+    if partitions is not None and not 1 <= partitions <= MAX_PARTITIONS:
+        raise KimeraError(f"--partitions must be between 1 and {MAX_PARTITIONS}")
+    started = time.perf_counter()
+    _prepare_connection(con)
+    if dry_run:
+        # Not db.transaction: a dry run is never committed, it always ends in ROLLBACK.
+        con.execute("BEGIN TRANSACTION")
+        try:
+            ensure_schema(con)
+            return _dry_run(con, partitions or auto_partitions(con), started, on_partition)
+        finally:
+            con.execute("ROLLBACK")
+
+    ensure_schema(con)
+    resumed = False
+    unfinished = _unfinished_run(con)
+    if unfinished is not None:
+        run_id, buckets, version = unfinished
+        if partitions is not None and partitions != buckets:
+            raise KimeraError(
+                f"run {run_id} is unfinished with {buckets} partitions: resume it with "
+                f"--partitions {buckets} (or omit --partitions), or roll it back first"
+            )
+        if version != duckdb.__version__:
+            raise KimeraError(
+                f"run {run_id} was started with DuckDB {version} and this is {duckdb.__version__}:"
+                " partition buckets would differ; roll it back (kimera migrate rollback) and rerun"
+            )
+        resumed = True
+    else:
+        buckets = partitions or auto_partitions(con)
+        run_id = _start_run(con, buckets)
+
+    drop_indexes_for_load(con, run_id)
+    plan = [(kind, b) for kind in KINDS for b in range(buckets)]
+    done = _done_partitions(con, run_id)
+    total, by_partition = _run_partitions(con, run_id, buckets, plan, done, on_partition)
+    try:
+        return _finish(
+            con, run_id, buckets, total, by_partition, resumed, started, _legacy_rows(con)
+        )
+    except duckdb.OutOfMemoryException as exc:
+        raise _out_of_memory("rebuilding the identities indexes", run_id, exc) from None
+
+
+def migrate_buckets(
+    con: duckdb.DuckDBPyConnection,
+    buckets: Sequence[int],
+    *,
+    partitions: int,
+    on_partition: ProgressCallback | None = None,
+) -> MigrationReport:
+    """Migrate only the selected hash buckets (of ``partitions``) as one new run, geoids first.
+
+    For an orchestrator that partitions the migration by bucket. The reconciliation counts
+    the legacy rows of the selected buckets only. A scar whose geoids sit in a bucket not yet
+    migrated is quarantined (``related_geoid_quarantined``) and migrates when its bucket runs
+    again after theirs; selecting every bucket gives the same result as ``migrate``.
+    Raises KimeraError for bad buckets or while another run is unfinished.
+    """
+    if not 1 <= partitions <= MAX_PARTITIONS:
+        raise KimeraError(f"--partitions must be between 1 and {MAX_PARTITIONS}")
+    selected = sorted(set(buckets))
+    if not selected or selected[0] < 0 or selected[-1] >= partitions:
+        raise KimeraError(f"buckets must be a non-empty subset of 0..{partitions - 1}")
+    started = time.perf_counter()
+    _prepare_connection(con)
+    ensure_schema(con)
+    unfinished = _unfinished_run(con)
+    if unfinished is not None:
+        raise KimeraError(
+            f"run {unfinished[0]} is unfinished: resume it (kimera migrate) or roll it back "
+            "(kimera migrate rollback) before migrating selected buckets"
+        )
+    run_id = _start_run(con, partitions)
+    plan = [(kind, b) for kind in KINDS for b in selected]
+    total, by_partition = _run_partitions(con, run_id, partitions, plan, {}, on_partition)
+    legacy = int(
+        con.execute(q.SELECTED_LEGACY_ROWS_SQL, {"b": selected, "n": partitions}).fetchone()[0]
+    )
+    return _finish(con, run_id, partitions, total, by_partition, False, started, legacy)
+
+
+def auto_partitions(con: duckdb.DuckDBPyConnection) -> int:
+    """Partitions so that each holds at most ROWS_PER_PARTITION rows of either table."""
+    largest = con.execute(q.LARGEST_TABLE_SQL).fetchone()[0]
+    return max(1, -(-int(largest) // ROWS_PER_PARTITION))
+
+
+def _prepare_connection(con: duckdb.DuckDBPyConnection) -> None:
+    _limit_memory(con)
+    install_epoch_iso_macros(con)
+    con.execute(q.SAME_DOC_MACRO)
+
+
+def _start_run(con: duckdb.DuckDBPyConnection, buckets: int) -> str:
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    con.execute(q.START_RUN_SQL, [run_id, time.time(), buckets, duckdb.__version__])
+    return run_id
+
+
+def _run_partitions(
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    buckets: int,
+    plan: list[tuple[str, int]],
+    done: dict[tuple[str, int], MigrationCounts],
+    on_partition: ProgressCallback | None,
+) -> tuple[MigrationCounts, list[PartitionCounts]]:
+    """Migrate each partition of ``plan`` not in ``done``, one transaction each."""
+    total = MigrationCounts()
+    by_partition: list[PartitionCounts] = []
+    for index, (kind, bucket) in enumerate(plan, start=1):
+        skipped = (kind, bucket) in done
+        if skipped:
+            counts = done[(kind, bucket)]
+        else:
+            try:
+                with transaction(con):
+                    counts, _ = _migrate_partition(con, run_id, kind, bucket, buckets, True)
+            except duckdb.OutOfMemoryException as exc:
+                raise _out_of_memory(f"{kind} partition {bucket}", run_id, exc) from None
+        total.add(counts)
+        by_partition.append(PartitionCounts(kind, bucket, counts, skipped))
+        if on_partition:
+            on_partition(index, len(plan), kind, bucket, counts)
+    return total, by_partition
+
+
+def _out_of_memory(where: str, run_id: str, exc: duckdb.Error) -> KimeraError:
+    return KimeraError(
+        f"out of memory in {where} of run {run_id} ({str(exc).splitlines()[0]}); the run "
+        f"resumes from there: raise {MEMORY_LIMIT_ENV} "
+        f"(now {os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT)})"
+        " or roll the run back and start again with more --partitions"
+    )
+
+
+def _finish(
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    buckets: int,
+    total: MigrationCounts,
+    by_partition: list[PartitionCounts],
+    resumed: bool,
+    started: float,
+    legacy_rows: int,
+) -> MigrationReport:
+    """Rebuild the dropped indexes, reconcile, record the run's outcome and checkpoint."""
+    checksum = table_checksum(con, "identities", IDENTITY_COLUMNS)
+    reasons, warnings = reason_counts(con, run_id)
+    report = MigrationReport(
+        run_id=run_id,
+        dry_run=False,
+        resumed=resumed,
+        partitions=buckets,
+        counts=total,
+        legacy_rows=legacy_rows,
+        quarantine_reasons=reasons,
+        warnings=warnings,
+        partitions_skipped=sum(p.skipped for p in by_partition),
+        seconds=time.perf_counter() - started,
+        identities_checksum=checksum.to_dict(),
+        partition_counts=by_partition,
+    )
+    report.status = "completed" if report.balanced else "unbalanced"
+    rebuild_indexes_one_at_a_time(con, run_id)
+    with transaction(con):
+        clear_dropped_record(con, run_id)
+        con.execute(
+            q.FINISH_RUN_SQL,
+            [
+                time.time(),
+                report.status,
+                json.dumps(total.to_dict()),
+                checksum.rows,
+                checksum.hex,
+                run_id,
+            ],
+        )
+    con.execute("CHECKPOINT")
+    return report
+
+
+def _dry_run(
+    con: duckdb.DuckDBPyConnection,
+    buckets: int,
+    started: float,
+    on_partition: ProgressCallback | None,
+) -> MigrationReport:
+    """Every partition computed and applied inside the caller's transaction, nothing recorded."""
+    total = MigrationCounts()
+    by_partition: list[PartitionCounts] = []
+    reasons: dict[str, int] = {}
+    plan = [(kind, b) for kind in KINDS for b in range(buckets)]
+    for index, (kind, bucket) in enumerate(plan, start=1):
+        counts, _ = _migrate_partition(con, "dry-run", kind, bucket, buckets, record=False)
+        for key, n in con.execute(q.DRY_RUN_REASONS_SQL).fetchall():
+            reasons[key] = reasons.get(key, 0) + n
+        total.add(counts)
+        by_partition.append(PartitionCounts(kind, bucket, counts))
+        if on_partition:
+            on_partition(index, len(plan), kind, bucket, counts)
+    report = MigrationReport(
+        run_id="dry-run",
+        dry_run=True,
+        resumed=False,
+        partitions=buckets,
+        counts=total,
+        legacy_rows=_legacy_rows(con),
+        quarantine_reasons=dict(sorted(reasons.items())),
+        seconds=time.perf_counter() - started,
+        partition_counts=by_partition,
+    )
+    report.status = "dry-run" if report.balanced else "unbalanced"
+    return report
+
+
+def _migrate_partition(
+    con: duckdb.DuckDBPyConnection, run_id: str, kind: str, bucket: int, buckets: int, record: bool
+) -> tuple[MigrationCounts, Checksum]:
+    """Prepare, quarantine, merge and journal one partition (caller owns the transaction)."""
+    params = {"run_id": run_id, "bucket": bucket, "buckets": buckets, "now": time.time()}
+    table, key = SOURCES[kind]
+    _exec(con, q.PARTITION_ROWS_SQL.format(table=table, key=key), params)
+    with epoch_iso_fixes(con, q.PARTITION_EPOCHS_SQL) as fixes:
+        _exec(con, _prepare_sql(con, kind, fixes), params)
+    counts = MigrationCounts(*map(int, con.execute(q.PARTITION_COUNTS_SQL).fetchone()))
+    rows, digest = con.execute(q.PARTITION_CHECKSUM_SQL).fetchone()
+    checksum = Checksum(int(rows), int(digest))
+    # One thread appends whole row groups, which DuckDB writes to the file at commit
+    # ("optimistic writes"); parallel appends leave partial row groups that go through the
+    # WAL and are written a second time by the checkpoint.
+    con.execute("SET threads = 1")
+    try:
+        if record:
+            _exec(con, q.QUARANTINE_SQL, params)
+            _exec(con, q.WARNINGS_SQL, params)
+            _exec(con, q.JOURNAL_SQL, params)
+        con.execute(q.APPLY_INSERT_SQL)
+        con.execute(q.APPLY_UPDATE_SQL)
+    finally:
+        con.execute("RESET threads")
+    if record:
+        con.execute(
+            q.RECORD_PARTITION_SQL,
+            [run_id, kind, bucket, time.time()]
+            + [getattr(counts, name) for name in COUNT_NAMES]
+            + [checksum.rows, checksum.hex],
+        )
+    return counts, checksum
+
+
+def _prepare_sql(con: duckdb.DuckDBPyConnection, kind: str, iso_fixes: bool) -> str:
+    """The partition's prepare statement with its ``__NAME__`` tokens filled in."""
+    table, key = SOURCES[kind]
+    # A primary key already rules out duplicates; old files without one get the window count.
+    dup = "1" if _has_primary_key(con, table) else f"count(*) OVER (PARTITION BY {key})"
+    json_columns = _json_typed_columns(con, table)
+
+    def parsed(column: str) -> str:
+        # a JSON column holds valid JSON already; TEXT columns (old files) are validated
+        return column if column in json_columns else f"TRY(json({column}))"
+
+    if kind == "geoid":
+        sql = q.PREPARE_GEOIDS_SQL.replace("__SHANNON__", geoid_shannon_sql("e_in"))
+        sql = sql.replace("__META__", parsed("meta")).replace("__TAGS__", parsed("tags"))
+    else:
+        sql = q.PREPARE_SCARS_SQL.replace(
+            "__SCAR_ENTROPY__", scar_entropy_sql("parsed", "src_rowid", "rel_j", "weight")
+        )
+        sql = sql.replace("__META__", parsed("meta")).replace("__RELATED__", parsed("related_ids"))
+    return (
+        sql.replace("__DUP_COUNT__", dup)
+        .replace("__CREATED_ISO__", epoch_iso_sql("c_at", fixes=iso_fixes))
+        .replace("__UPDATED_ISO__", epoch_iso_sql("u_at", fixes=iso_fixes))
+    )
+
+
+def _exec(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]) -> None:
+    """Run ``sql`` with the named parameters it uses (DuckDB refuses unused ones)."""
+    con.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql})
+
+
+def _unfinished_run(con: duckdb.DuckDBPyConnection) -> tuple[str, int, str] | None:
+    row = con.execute(q.UNFINISHED_RUN_SQL).fetchone()
+    return None if row is None else (row[0], int(row[1]), row[2])
+
+
+def _done_partitions(
+    con: duckdb.DuckDBPyConnection, run_id: str
+) -> dict[tuple[str, int], MigrationCounts]:
+    rows = con.execute(q.DONE_PARTITIONS_SQL, [run_id]).fetchall()
+    return {(r[0], int(r[1])): MigrationCounts(*map(int, r[2:])) for r in rows}
+
+
+def _has_primary_key(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    return bool(con.execute(q.HAS_PRIMARY_KEY_SQL, [table]).fetchone()[0])
+
+
+def _json_typed_columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
+    return {r[0] for r in con.execute(q.JSON_COLUMNS_SQL, [table]).fetchall()}
+
+
+def _limit_memory(con: duckdb.DuckDBPyConnection) -> None:
+    # DuckDB spills to its temp directory beyond the limit instead of growing without bound.
+    limit = os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT)
+    try:
+        con.execute(f"SET memory_limit = '{_vetted_size(limit)}'")
+    except duckdb.Error as exc:
+        raise KimeraError(
+            f"{MEMORY_LIMIT_ENV}={limit!r} is not a DuckDB memory size: {exc}"
+        ) from None
+    con.execute("SET preserve_insertion_order = false")
+    # Hand freed memory back to the OS promptly: with the defaults the allocator kept up to
+    # ~800 MB above the limit at 10 M rows (docs/benchmarks.md).
+    con.execute("SET allocator_flush_threshold = '16MB'")
+    con.execute("SET allocator_bulk_deallocation_flush_threshold = '16MB'")
+    con.execute("SET allocator_background_threads = true")
+    # One checkpoint at the end of the run instead of one every 16 MB of WAL: each rewrites
+    # identities and its indexes. A crash replays the WAL, which holds only committed partitions.
+    con.execute("SET checkpoint_threshold = '16GB'")
+
+
+def _vetted_size(text: str) -> str:
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", text, re.I):
+        raise KimeraError(f"{MEMORY_LIMIT_ENV}={text!r} is not a memory size like 1GB or 512MiB")
+    return text.strip()
+
+
+def _legacy_rows(con: duckdb.DuckDBPyConnection) -> int:
+    return int(con.execute(q.LEGACY_ROWS_SQL).fetchone()[0])

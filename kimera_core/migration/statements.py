@@ -1,0 +1,337 @@
+"""The migration's named SQL: one partition prepared, quarantined, journalled and merged.
+
+A partition is the legacy rows whose key hashes to one bucket. ``PARTITION_ROWS_SQL`` copies
+them once; ``PREPARE_GEOIDS_SQL`` / ``PREPARE_SCARS_SQL`` then validate every row, build the
+P1 document (ISO timestamps by ``kimera_core.sql``'s one formula, entropy by
+``kimera_core.entropy``'s bulk form) and decide each row's action by the merge rule, all in
+one statement into the temp table ``mig_src``. The statements after it read ``mig_src``:
+quarantine, warnings, the rollback journal, the insert and the update into ``identities``,
+the partition's counts and checksum. The engine (``migration.engine``) runs them in one
+transaction per partition.
+
+``__NAME__`` tokens in the prepare statements are replaced by the engine with vetted SQL
+fragments before execution (the entropy subqueries, the JSON parse of TEXT columns in old
+files, the duplicate count, the ISO text expressions); values are always bound parameters.
+"""
+
+from __future__ import annotations
+
+# Documents equal as minified JSON; for a geoid, related_ids null and [] count as the same
+# (json_merge_patch moves the key, so both sides are patched alike).
+SAME_DOC_MACRO = """
+CREATE OR REPLACE TEMP MACRO kimera_same_doc(a, b, kind) AS (
+    CASE WHEN kind = 'geoid'
+              AND coalesce(json_array_length(a, '$.related_ids'), 0) = 0
+              AND coalesce(json_array_length(b, '$.related_ids'), 0) = 0
+         THEN json_merge_patch(a, '{"related_ids": []}') = json_merge_patch(b, '{"related_ids": []}')
+         ELSE json(a) = json(b)
+    END
+)
+"""
+
+# The existing identity under the same key, columns renamed so nothing is ambiguous.
+# Only this partition's bucket: the scan hashes every id but reads documents for 1/N rows.
+_EXISTING = """(SELECT id AS i_id, identity_type AS i_type, data AS i_data, created_at AS i_created,
+          updated_at AS i_updated, lang_axis AS i_lang, entropy_score AS i_entropy
+   FROM identities WHERE hash(id) % $buckets::UBIGINT = $bucket::UBIGINT)"""
+
+# Entropy rows are keyed by rowid: an old file without a primary key may repeat a key.
+# The merge rule: no identity -> insert; same document and timestamps -> unchanged (a geoid's
+# related_ids null and [] are the same: legacy_geoids cannot hold the list); the legacy row
+# strictly newer by updated_at -> update; otherwise the identity (written by the
+# application, newer or tied) is kept.
+_PLAN = """
+SELECT c.*, e.entropy,
+       hash(c.key, c.identity_type, c.doc, c.created_at, c.updated_at, c.lang_axis, e.entropy)
+           AS new_hash,
+       CASE WHEN c.i_id IS NOT NULL THEN hash(c.i_id, c.i_type, c.i_data, c.i_created,
+                                              c.i_updated, c.i_lang, c.i_entropy) END AS old_hash,
+       CASE WHEN len(c.reasons) > 0 THEN NULL
+            WHEN c.i_id IS NULL THEN 'insert'
+            WHEN kimera_same_doc(c.i_data, c.doc, c.identity_type)
+                 AND c.i_created = c.created_at AND c.i_updated = c.updated_at THEN 'unchanged'
+            WHEN c.updated_at > c.i_updated THEN 'update'
+            ELSE 'kept'
+       END AS action
+FROM checked_out c LEFT JOIN e ON e.key = c.src_rowid
+"""
+
+# One statement per partition: parse once, validate, build the P1 document, compute entropy
+# with the bulk form's stages, and decide each row's action. __NAME__ tokens are replaced
+# with vetted SQL fragments before execution.
+PREPARE_GEOIDS_SQL = (
+    """
+CREATE OR REPLACE TEMP TABLE mig_src AS
+WITH src AS (
+    SELECT g.*, g.rowid AS src_rowid, __DUP_COUNT__ AS dup_count,
+           coalesce(g.created_at, g.updated_at) AS c_at,
+           coalesce(g.updated_at, g.created_at) AS u_at
+    FROM mig_part g
+), parsed AS (
+    SELECT s.*, __META__ AS meta_j, __TAGS__ AS tags_j, i.*
+    FROM src s LEFT JOIN """
+    + _EXISTING
+    + """ i ON i.i_id = s.gid
+), terms AS (
+    SELECT p.*, gid AS key,
+           TRY(json_extract(meta_j, '$.terms')) AS terms_j,
+           TRY(CASE WHEN json_type(tags_j) = 'ARRAY' THEN json_array_length(tags_j) END) AS n_tags
+    FROM parsed p
+), e_in AS (
+    SELECT src_rowid AS key, terms_j, n_tags FROM terms
+), e AS (SELECT * FROM (__SHANNON__)), checked AS (
+    SELECT t.*,
+        list_filter([
+            CASE WHEN gid IS NULL OR trim(gid) = '' THEN 'null_or_empty_key' END,
+            CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
+            CASE WHEN gid IN (SELECT id FROM legacy_scars WHERE hash(id) % $buckets::UBIGINT = $bucket::UBIGINT)
+                 THEN 'key_in_both_tables' END,
+            CASE WHEN i_type <> 'geoid' THEN 'identity_type_conflict' END,
+            CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
+            CASE WHEN tags IS NOT NULL AND tags_j IS NULL THEN 'invalid_json_tags' END,
+            CASE WHEN json_type(meta_j) <> 'OBJECT' THEN 'non_object_meta' END,
+            CASE WHEN json_type(tags_j) <> 'ARRAY' THEN 'non_list_tags' END,
+            CASE WHEN raw IS NULL OR regexp_matches(raw, '^\\s*$') THEN 'empty_raw' END,
+            CASE WHEN NOT isfinite(weight) THEN 'non_finite_weight' END,
+            -- the text test is cheap and rules out almost every row before the JSON test
+            CASE WHEN regexp_matches(terms_j, '(?i)nan|inf|e\\+?[0-9]{3}')
+                      AND coalesce(TRY(len(list_filter(json_extract(terms_j, '$[*].intensity'),
+                          x -> json_type(x) = 'DOUBLE' AND NOT isfinite(TRY_CAST(x AS DOUBLE))))
+                          > 0), false)
+                 THEN 'non_finite_intensity' END,
+            CASE WHEN NOT isfinite(created_at) OR NOT isfinite(updated_at)
+                 THEN 'non_finite_timestamp' END,
+            CASE WHEN c_at IS NULL THEN 'missing_timestamps' END
+        ], x -> x IS NOT NULL) AS reasons,
+        list_filter([
+            CASE WHEN weight IS NULL THEN 'null_weight' END,
+            CASE WHEN echo IS DISTINCT FROM trim(raw) THEN 'echo_differs_from_raw' END,
+            CASE WHEN gid <> substr(sha256(coalesce(lang_axis, 'None') || ':'
+                                            || coalesce(trim(raw), 'None')), 1, 16)
+                 THEN 'gid_not_derived_from_text' END,
+            CASE WHEN updated_at IS NULL AND created_at IS NOT NULL THEN 'null_updated_at' END,
+            CASE WHEN created_at IS NULL AND updated_at IS NOT NULL THEN 'null_created_at' END,
+            CASE WHEN updated_at < created_at THEN 'updated_before_created' END,
+            CASE WHEN lang_axis IS NULL THEN 'null_lang_axis' END
+        ], x -> x IS NOT NULL) AS warnings,
+        json_object('id', gid, 'identity_type', 'geoid', 'raw', raw, 'echo', echo,
+                    'lang_axis', lang_axis, 'tags', tags_j, 'weight', weight,
+                    'related_ids', '[]'::JSON, 'meta', meta_j,
+                    'created_at', __CREATED_ISO__, 'updated_at', __UPDATED_ISO__) AS doc
+    FROM terms t
+), checked_out AS (
+    SELECT key, 'geoid' AS identity_type, 'legacy_geoids' AS source_table, src_rowid, reasons,
+           warnings, doc, lang_axis, c_at AS created_at, u_at AS updated_at,
+           i_id, i_type, i_data, i_created, i_updated, i_lang, i_entropy
+    FROM checked
+)
+"""
+    + _PLAN
+)
+
+PREPARE_SCARS_SQL = (
+    """
+CREATE OR REPLACE TEMP TABLE mig_src AS
+WITH src AS (
+    SELECT s.*, s.rowid AS src_rowid, __DUP_COUNT__ AS dup_count,
+           coalesce(s.created_at, s.updated_at) AS c_at,
+           coalesce(s.updated_at, s.created_at) AS u_at
+    FROM mig_part s
+), parsed AS (
+    SELECT s.*, __META__ AS meta_j, __RELATED__ AS rel_j, i.*, s.id AS key
+    FROM src s LEFT JOIN """
+    + _EXISTING
+    + """ i ON i.i_id = s.id
+), member_ids AS (
+    -- related ids that are strings, one row each
+    SELECT p.id, unnest(TRY(CAST(json_extract_string(p.rel_j, '$[*]') AS TEXT[]))) AS member
+    FROM parsed p
+    WHERE json_type(p.rel_j) = 'ARRAY'
+), members AS (
+    -- where each stands after the geoids; joins keep the partition's few ids on the build side
+    SELECT m.id, mi.id IS NOT NULL AS migrated, lg.gid IS NOT NULL AS in_legacy
+    FROM member_ids m
+    LEFT JOIN (SELECT DISTINCT id FROM identities WHERE identity_type = 'geoid'
+               AND id IN (SELECT member FROM member_ids)) mi ON mi.id = m.member
+    LEFT JOIN (SELECT DISTINCT gid FROM legacy_geoids
+               WHERE gid IN (SELECT member FROM member_ids)) lg ON lg.gid = m.member
+), member_state AS (
+    SELECT id,
+           bool_or(NOT migrated AND NOT in_legacy) AS dangling,
+           bool_or(NOT migrated AND in_legacy) AS unmigrated_member
+    FROM members GROUP BY id
+), e AS (SELECT * FROM (__SCAR_ENTROPY__)), checked AS (
+    SELECT p.*,
+        list_filter([
+            CASE WHEN p.id IS NULL OR trim(p.id) = '' THEN 'null_or_empty_key' END,
+            CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
+            CASE WHEN p.id IN (SELECT gid FROM legacy_geoids WHERE hash(gid) % $buckets::UBIGINT = $bucket::UBIGINT)
+                 THEN 'key_in_both_tables' END,
+            CASE WHEN i_type <> 'scar' THEN 'identity_type_conflict' END,
+            CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
+            CASE WHEN related_ids IS NOT NULL AND rel_j IS NULL THEN 'invalid_json_related_ids' END,
+            CASE WHEN json_type(meta_j) <> 'OBJECT' THEN 'non_object_meta' END,
+            CASE WHEN rel_j IS NULL OR json_type(rel_j) <> 'ARRAY' THEN 'related_ids_not_list'
+                 WHEN json_array_length(rel_j) < 2 THEN 'too_few_related_ids'
+                 WHEN len(list_filter(json_extract(rel_j, '$[*]'),
+                                      x -> json_type(x) <> 'VARCHAR')) > 0
+                      THEN 'related_ids_not_strings'
+            END,
+            CASE WHEN ms.dangling THEN 'dangling_related_id' END,
+            CASE WHEN ms.unmigrated_member THEN 'related_geoid_quarantined' END,
+            CASE WHEN NOT isfinite(weight) THEN 'non_finite_weight' END,
+            CASE WHEN NOT isfinite(p.created_at) OR NOT isfinite(p.updated_at)
+                 THEN 'non_finite_timestamp' END,
+            CASE WHEN c_at IS NULL THEN 'missing_timestamps' END
+        ], x -> x IS NOT NULL) AS reasons,
+        list_filter([
+            CASE WHEN weight IS NULL THEN 'null_weight' END,
+            CASE WHEN p.updated_at IS NULL AND p.created_at IS NOT NULL THEN 'null_updated_at' END,
+            CASE WHEN p.created_at IS NULL AND p.updated_at IS NOT NULL THEN 'null_created_at' END,
+            CASE WHEN p.updated_at < p.created_at THEN 'updated_before_created' END
+        ], x -> x IS NOT NULL) AS warnings,
+        json_object('id', p.id, 'identity_type', 'scar', 'raw', NULL, 'echo', NULL,
+                    'lang_axis', NULL, 'tags', NULL, 'weight', weight,
+                    'related_ids', rel_j, 'meta', meta_j,
+                    'created_at', __CREATED_ISO__, 'updated_at', __UPDATED_ISO__) AS doc
+    FROM parsed p LEFT JOIN member_state ms ON ms.id = p.id
+), checked_out AS (
+    SELECT key, 'scar' AS identity_type, 'legacy_scars' AS source_table, src_rowid, reasons,
+           warnings, doc, NULL::TEXT AS lang_axis, c_at AS created_at, u_at AS updated_at,
+           i_id, i_type, i_data, i_created, i_updated, i_lang, i_entropy
+    FROM checked
+)
+"""
+    + _PLAN
+)
+
+# The partition's legacy rows, copied once: a plain filtered scan is pushed into the table
+# scan, inside the prepare statement it is not (the whole table would be read per partition).
+# src_rowid is this copy's rowid. {table} and {key} are fixed names (legacy_geoids/gid,
+# legacy_scars/id).
+PARTITION_ROWS_SQL = """
+CREATE OR REPLACE TEMP TABLE mig_part AS
+SELECT * FROM {table} WHERE hash({key}) % $buckets::UBIGINT = $bucket::UBIGINT
+"""
+
+# Every timestamp of the partition: those the ISO macros cannot write exactly are formatted
+# in Python (kimera_core.sql.epoch_iso_fixes); the document's are among them (c_at, u_at).
+PARTITION_EPOCHS_SQL = "SELECT created_at FROM mig_part UNION ALL SELECT updated_at FROM mig_part"
+
+# The original row is serialised only for the rows quarantined (found again by rowid).
+QUARANTINE_SQL = """
+INSERT INTO kimera_quarantine
+SELECT $run_id, m.source_table, m.key, m.reasons[1], to_json(m.reasons), to_json(t),
+       hash(to_json(t)), $now
+FROM mig_src m JOIN mig_part t ON t.rowid = m.src_rowid
+WHERE len(m.reasons) > 0
+ON CONFLICT DO NOTHING
+"""
+
+WARNINGS_SQL = """
+INSERT INTO kimera_migration_warnings
+SELECT $run_id, source_table, key, to_json(warnings)
+FROM mig_src WHERE len(reasons) = 0 AND len(warnings) > 0 AND key IS NOT NULL
+ON CONFLICT DO NOTHING
+"""
+
+# Before-images for rollback; after_hash is the hash of the row as written.
+JOURNAL_SQL = """
+INSERT INTO kimera_migration_changes
+SELECT $run_id, key, action, i_type, i_data, i_created, i_updated, i_lang, i_entropy,
+       new_hash
+FROM mig_src WHERE action IN ('insert', 'update')
+"""
+
+APPLY_INSERT_SQL = """
+INSERT INTO identities (id, identity_type, data, created_at, updated_at, lang_axis, entropy_score)
+SELECT key, identity_type, doc, created_at, updated_at, lang_axis, entropy
+FROM mig_src WHERE action = 'insert'
+"""
+
+APPLY_UPDATE_SQL = """
+UPDATE identities SET
+    identity_type = p.identity_type, data = p.doc, created_at = p.created_at,
+    updated_at = p.updated_at, lang_axis = p.lang_axis, entropy_score = p.entropy
+FROM mig_src p
+WHERE identities.id = p.key AND p.action = 'update'
+"""
+
+PARTITION_COUNTS_SQL = """
+SELECT count(*),
+       count(*) FILTER (WHERE action = 'insert'),
+       count(*) FILTER (WHERE action = 'update'),
+       count(*) FILTER (WHERE action = 'unchanged'),
+       count(*) FILTER (WHERE action = 'kept'),
+       count(*) FILTER (WHERE len(reasons) > 0)
+FROM mig_src
+"""
+
+# The checksum of the identities rows this partition's legacy keys map to, after it ran.
+PARTITION_CHECKSUM_SQL = """
+SELECT count(*),
+       coalesce(sum((CASE WHEN action IN ('insert', 'update') THEN new_hash ELSE old_hash END)
+                     ::HUGEINT), 0)
+FROM mig_src WHERE action IS NOT NULL
+"""
+
+
+RECORD_PARTITION_SQL = """
+INSERT INTO kimera_migration_partitions (run_id, kind, bucket, finished_at, read, inserted,
+    updated, unchanged, kept, quarantined, identities_rows, identities_checksum)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+# --- a run ------------------------------------------------------------------------------
+START_RUN_SQL = """
+INSERT INTO kimera_migration_runs (run_id, started_at, status, partitions, duckdb_version)
+VALUES (?, ?, 'running', ?, ?)
+"""
+
+FINISH_RUN_SQL = """
+UPDATE kimera_migration_runs SET finished_at = ?, status = ?, counts = ?, identities_rows = ?,
+    identities_checksum = ?
+WHERE run_id = ?
+"""
+
+UNFINISHED_RUN_SQL = """
+SELECT run_id, partitions, duckdb_version FROM kimera_migration_runs
+WHERE status = 'running' ORDER BY started_at DESC LIMIT 1
+"""
+
+DONE_PARTITIONS_SQL = """
+SELECT kind, bucket, read, inserted, updated, unchanged, kept, quarantined
+FROM kimera_migration_partitions WHERE run_id = ?
+"""
+
+# Catalog functions list attached databases too: only this connection's own main schema.
+HAS_PRIMARY_KEY_SQL = """
+SELECT count(*) > 0 FROM duckdb_constraints()
+WHERE database_name = current_database() AND schema_name = 'main' AND table_name = ?
+  AND constraint_type = 'PRIMARY KEY'
+"""
+
+JSON_COLUMNS_SQL = """
+SELECT column_name FROM information_schema.columns
+WHERE table_catalog = current_database() AND table_schema = 'main' AND table_name = ?
+  AND data_type = 'JSON'
+"""
+
+LARGEST_TABLE_SQL = """
+SELECT greatest((SELECT count(*) FROM legacy_geoids), (SELECT count(*) FROM legacy_scars))
+"""
+
+LEGACY_ROWS_SQL = (
+    "SELECT (SELECT count(*) FROM legacy_geoids) + (SELECT count(*) FROM legacy_scars)"
+)
+
+SELECTED_LEGACY_ROWS_SQL = """
+SELECT (SELECT count(*) FROM legacy_geoids WHERE list_contains($b, hash(gid) % $n::UBIGINT))
+     + (SELECT count(*) FROM legacy_scars WHERE list_contains($b, hash(id) % $n::UBIGINT))
+"""
+
+# A dry run's quarantine reasons come from mig_src itself (nothing is recorded).
+DRY_RUN_REASONS_SQL = """
+SELECT source_table || ':' || reasons[1], count(*) FROM mig_src
+WHERE len(reasons) > 0 GROUP BY ALL
+"""
