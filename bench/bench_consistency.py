@@ -18,13 +18,15 @@ from pathlib import Path
 
 from kimera_core.consistency import SOURCES, verify
 from kimera_core.db import open_database
+from kimera_core.identity import epoch_to_iso
 from kimera_core.legacy import create_legacy_schema
-from kimera_core.sql import vetted_identifier
-
-_ISO = (
-    "strftime(make_timestamp(CAST(round({c} * 1000000) AS BIGINT)), "
-    "'%Y-%m-%dT%H:%M:%S.%f') || '+00:00'"
+from kimera_core.sql import (
+    epoch_iso_fixes,
+    epoch_iso_sql,
+    install_epoch_iso_macros,
+    vetted_identifier,
 )
+
 LEGACY_SQL = """
 INSERT INTO legacy_geoids
 SELECT substr(sha256(i::VARCHAR), 1, 16), 'The river remembers · ' || i,
@@ -34,13 +36,13 @@ SELECT substr(sha256(i::VARCHAR), 1, 16), 'The river remembers · ' || i,
        1790000000.0 + i / 1000.0, 1790000000.0 + i / 1000.0
 FROM range(?) t(i)
 """
-MIGRATE_SQL = f"""
+# Every legacy geoid as its P1 document, the ISO timestamps by kimera_core.sql's formula.
+MIGRATE_SQL = """
 INSERT INTO identities
 SELECT gid, 'geoid',
        json_object('id', gid, 'identity_type', 'geoid', 'raw', raw, 'echo', echo,
                    'lang_axis', lang_axis, 'tags', tags, 'weight', weight, 'related_ids', NULL,
-                   'meta', meta, 'created_at', {_ISO.format(c="created_at")},
-                   'updated_at', {_ISO.format(c="updated_at")}),
+                   'meta', meta, 'created_at', {created}, 'updated_at', {updated}),
        created_at, updated_at, lang_axis, 0
 FROM legacy_geoids
 """
@@ -60,6 +62,18 @@ def floor_sql() -> str:
         )
         passes.append(f"SELECT count(*), sum({touch}) FROM {vetted_identifier(source.table)}")
     return " UNION ALL ".join(passes)
+
+
+def migrate(con) -> None:
+    install_epoch_iso_macros(con)
+    epochs = "SELECT created_at FROM legacy_geoids UNION ALL SELECT updated_at FROM legacy_geoids"
+    with epoch_iso_fixes(con, epochs) as fixes:
+        con.execute(
+            MIGRATE_SQL.format(
+                created=epoch_iso_sql("created_at", fixes=fixes),
+                updated=epoch_iso_sql("updated_at", fixes=fixes),
+            )
+        )
 
 
 def timed(fn):
@@ -83,7 +97,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         con = open_database(Path(tmp) / "c.duckdb", create=True)
         create_legacy_schema(con)
-        build, _ = timed(lambda: (con.execute(LEGACY_SQL, [n]), con.execute(MIGRATE_SQL)))
+        build, _ = timed(lambda: (con.execute(LEGACY_SQL, [n]), migrate(con)))
         con.execute("CHECKPOINT")
         print(f"setup: {n:,} legacy geoids + {n:,} identities in {build:.1f} s")
 
@@ -142,10 +156,9 @@ def main() -> None:
         )
         con.execute(
             "UPDATE identities SET data = json_merge_patch(data, json_object("
-            "'raw', (data->>'$.raw') || ' (edited)', 'updated_at', "
-            f"{_ISO.format(c='$t')})), updated_at = $t "
+            "'raw', (data->>'$.raw') || ' (edited)', 'updated_at', $iso)), updated_at = $t "
             "WHERE id IN (SELECT gid FROM changed)",
-            {"t": stamp},
+            {"t": stamp, "iso": epoch_to_iso(stamp)},
         )
         t, report = timed(lambda: verify(con, incremental=True, record=False))
         print(

@@ -3,20 +3,45 @@
 The verifier, shadow reads, the gates and the metrics all decide equality here
 (docs/consistency.md): NULL-safe, ``weight`` at a relative tolerance, timestamps at one
 microsecond, JSON fields as parsed values (object key order ignored, ``1 == 1.0``, ``true``
-is not ``1``), text byte-exact.
+is not ``1``), text byte-exact; a geoid's ``related_ids`` NULL equals ``[]`` (legacy_geoids
+has no column for it). ``FIELD_RULES`` names the rule of each field.
+
+The verifier compares millions of rows in DuckDB, so it states the same rules in SQL: the
+``kimera_json_eq`` and ``kimera_float_eq`` macros (``consistency.sources``) and the field-by-
+field query built from ``FIELD_RULES`` (``consistency.rows``), with ``Tolerance`` bound as
+parameters. The Python functions here are the reference those must agree with
+(tests/core/consistency/test_compare.py runs the same pairs through both).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from kimera_core.identity import DOCUMENT_KEYS, Identity
 
 COMPARED_FIELDS: tuple[str, ...] = DOCUMENT_KEYS[1:]  # every field but the key
 JSON_FIELDS = frozenset({"tags", "related_ids", "meta"})
 TIME_FIELDS = frozenset({"created_at", "updated_at"})
+WEIGHT_FIELDS = frozenset({"weight"})
+
+Rule = Literal["exact", "relative", "seconds", "json"]
+# How each compared field is judged: text byte-exact; weight within Tolerance.weight_relative
+# of the legacy value; timestamps within Tolerance.seconds; JSON as parsed values. The
+# verifier's SQL (kimera_core.consistency.rows) is built from this table.
+FIELD_RULES: dict[str, Rule] = {
+    name: (
+        "relative"
+        if name in WEIGHT_FIELDS
+        else "seconds"
+        if name in TIME_FIELDS
+        else "json"
+        if name in JSON_FIELDS
+        else "exact"
+    )
+    for name in COMPARED_FIELDS
+}
 MISSING_IN_NEW = "<missing in new>"
 MISSING_IN_LEGACY = "<missing in legacy>"
 
@@ -29,6 +54,10 @@ class Tolerance:
     weight_relative: float = 1e-9
     # created_at / updated_at, in seconds: microseconds are what the P1 document carries
     seconds: float = 1e-6
+
+    def to_dict(self) -> dict[str, float]:
+        """``{"weight_relative": ..., "seconds": ...}``: echoed in reports, bound in SQL."""
+        return {"weight_relative": self.weight_relative, "seconds": self.seconds}
 
 
 DEFAULT_TOLERANCE = Tolerance()
@@ -69,16 +98,16 @@ def differing_fields(
     if legacy is None:
         return [MISSING_IN_LEGACY]
     out = []
-    for name in COMPARED_FIELDS:
+    for name, rule in FIELD_RULES.items():
         a, b = getattr(legacy, name), getattr(new, name)
-        if name == "weight":
+        if rule == "relative":
             same = _float_equal(a, b, tolerance.weight_relative, relative=True)
-        elif name in TIME_FIELDS:
+        elif rule == "seconds":
             same = _float_equal(a, b, tolerance.seconds, relative=False)
         elif name == "related_ids" and legacy.identity_type == "geoid":
             # legacy_geoids cannot hold related ids: its null stands for the empty list
             same = json_equal([] if a is None else a, [] if b is None else b)
-        elif name in JSON_FIELDS:
+        elif rule == "json":
             same = json_equal(a, b)
         else:
             same = a == b

@@ -1,18 +1,30 @@
 """The consistency gates: the verifier's findings judged with the migration's quarantine.
 
 One blocking check per gate (``CONSISTENCY_GATES``, described in ``GATE_DESCRIPTIONS``);
-``consistency_gates`` runs the verifier once and judges every gate from its report and the
+``judge_gates`` runs the verifier once and judges every gate from its report and the
 standing of each legacy key (in identities, quarantined by a run not rolled back, or
-unexplained). The CLI, the Dagster checks and the rollout all read these results.
+unexplained). Quarantined legacy rows are accounted for, not forgiven.
+
+Each ``Gate`` carries ``offending``, the number of rows or keys that hold it (0 exactly when
+it passes): count_parity the sum over identity types of |legacy - quarantined - identities|;
+key_coverage_legacy_to_new the unexplained legacy keys; key_coverage_new_to_legacy the
+identities keys in no legacy table plus identities rows without a key; field_equality the
+rows whose mapped fields differ; reconciliation |legacy - present - quarantined| (the
+unexplained keys, plus legacy rows without a key). The result is a ``GateReport``: the gates
+and the typed ``VerificationReport`` they were judged from, with ``to_dict``/``from_dict``
+so it travels as one JSON value (Dagster metadata, Prometheus samples) and comes back typed.
+The CLI, the Dagster checks and the rollout all read these results.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import duckdb
 
-from kimera_core.consistency import n_rows, verify
+from kimera_core.consistency import DEFAULT_SAMPLE, VerificationReport, count_of, n_rows, verify
+from kimera_core.identity import IDENTITY_TYPES
 
 CONSISTENCY_GATES: tuple[str, ...] = (
     "count_parity",
@@ -38,15 +50,18 @@ GATE_DESCRIPTIONS: dict[str, str] = {
 }
 
 # Legacy keys by where they stand: in identities, quarantined (by a run not rolled back) and
-# absent from identities, or neither (unexplained).
+# absent from identities, or neither (unexplained). {quarantined}: QUARANTINED_KEYS_SQL, or
+# NO_QUARANTINE_SQL on a database never migrated (no kimera_quarantine table).
+QUARANTINED_KEYS_SQL = """
+    SELECT DISTINCT q.key FROM kimera_quarantine q
+    JOIN kimera_migration_runs r ON r.run_id = q.run_id AND r.status <> 'rolled_back'
+"""
+NO_QUARANTINE_SQL = "SELECT NULL::TEXT AS key WHERE false"
 KEY_STANDING_SQL = """
 WITH legacy AS (
     SELECT gid AS id, 'geoid' AS kind FROM legacy_geoids WHERE gid IS NOT NULL
     UNION ALL SELECT id, 'scar' FROM legacy_scars WHERE id IS NOT NULL
-), q AS (
-    SELECT DISTINCT q.key FROM kimera_quarantine q
-    JOIN kimera_migration_runs r ON r.run_id = q.run_id AND r.status <> 'rolled_back'
-)
+), q AS ({quarantined})
 SELECT l.id, l.kind,
        CASE WHEN i.id IS NOT NULL THEN 'present'
             WHEN l.id IN (SELECT key FROM q) THEN 'quarantined'
@@ -55,30 +70,88 @@ FROM legacy l LEFT JOIN (SELECT DISTINCT id FROM identities) i ON i.id = l.id
 """
 
 
+# Whether this database (not an attached one) was ever migrated.
+QUARANTINE_EXISTS_SQL = """
+SELECT count(*) FROM information_schema.tables
+WHERE table_catalog = current_database() AND table_schema = 'main'
+  AND table_name = 'kimera_quarantine'
+"""
+
+
 @dataclass
 class Gate:
-    """One blocking check's outcome: verdict, one-line reason, counts and offending keys."""
+    """One blocking check's outcome: verdict, one-line reason, counts and offending keys.
+
+    ``offending``: the rows or keys that hold the gate (module docstring), 0 when it passes;
+    ``sample``: a capped sample of them.
+    """
 
     name: str
     passed: bool
     summary: str
-    counts: dict[str, object]
-    sample: list[object]
+    counts: dict[str, Any]
+    sample: list[Any]
+    offending: int
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "passed": self.passed,
+            "summary": self.summary,
+            "counts": self.counts,
+            "sample": self.sample,
+            "offending": self.offending,
+        }
 
-def _key_standing(con: duckdb.DuckDBPyConnection, sample: int) -> tuple[dict, list[str]]:
-    has_quarantine = bool(
-        con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'kimera_quarantine'"
-        ).fetchone()[0]
-    )
-    sql = KEY_STANDING_SQL
-    if not has_quarantine:  # never migrated: nothing is quarantined
-        sql = sql.replace(
-            "SELECT DISTINCT q.key FROM kimera_quarantine q\n    JOIN kimera_migration_runs r "
-            "ON r.run_id = q.run_id AND r.status <> 'rolled_back'",
-            "SELECT NULL::TEXT AS key WHERE false",
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Gate:
+        return cls(
+            d["name"], d["passed"], d["summary"], d["counts"], list(d["sample"]), d["offending"]
         )
+
+
+@dataclass
+class GateReport:
+    """Every gate (in ``CONSISTENCY_GATES`` order) and the verification they were judged from."""
+
+    gates: list[Gate]
+    verification: VerificationReport
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def gate(self, name: str) -> Gate:
+        """The gate called ``name``; KeyError if there is none."""
+        for g in self.gates:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "gates": [g.to_dict() for g in self.gates],
+            "verification": self.verification.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GateReport:
+        """The report ``to_dict`` made (``passed`` is derived from the gates)."""
+        return cls(
+            [Gate.from_dict(g) for g in d["gates"]],
+            VerificationReport.from_dict(d["verification"]),
+        )
+
+
+def _key_standing(
+    con: duckdb.DuckDBPyConnection, sample: int
+) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Legacy keys counted by standing and identity type, and a sample of unexplained keys."""
+    migrated = bool(con.execute(QUARANTINE_EXISTS_SQL).fetchone()[0])
+    sql = KEY_STANDING_SQL.format(
+        quarantined=QUARANTINED_KEYS_SQL if migrated else NO_QUARANTINE_SQL
+    )
     con.execute(f"CREATE OR REPLACE TEMP TABLE kimera_gate_keys AS {sql}")
     counts: dict[str, dict[str, int]] = {}
     for kind, standing, n in con.execute(
@@ -97,41 +170,51 @@ def _key_standing(con: duckdb.DuckDBPyConnection, sample: int) -> tuple[dict, li
     return counts, keys
 
 
-def consistency_gates(
+def judge_gates(
     con: duckdb.DuckDBPyConnection,
     *,
     incremental: bool = False,
-    sample: int = 20,
+    sample: int = DEFAULT_SAMPLE,
     record: bool = True,
-) -> tuple[list[Gate], dict[str, object]]:
-    """Run the consistency verifier and judge each gate; returns the gates and the report.
+) -> GateReport:
+    """Run the consistency verifier and judge each gate.
 
-    Quarantined legacy rows are accounted for, not forgiven: a legacy key missing from
-    identities passes only if a migration run (not rolled back) quarantined it. Counts and
-    key coverage legacy -> new are computed over the whole tables (cheap key joins); field
-    equality and keys only in identities come from the verifier (full or incremental).
+    A legacy key missing from identities passes only if a migration run (not rolled back)
+    quarantined it. Counts and key coverage legacy -> new are computed over the whole tables
+    (cheap key joins); field equality and keys only in identities come from the verifier (full
+    or incremental). ``sample`` caps each gate's offending keys; ``record`` as in
+    ``consistency.verify``.
     """
     report = verify(con, incremental=incremental, sample=sample, record=record)
     standing, unexplained = _key_standing(con, sample)
+    return GateReport(_judge(report, standing, unexplained), report)
 
+
+def _judge(
+    report: VerificationReport, standing: dict[str, dict[str, int]], unexplained: list[str]
+) -> list[Gate]:
     def total(kind_counts: dict[str, int] | None) -> int:
         return sum((kind_counts or {}).values())
 
     present, quarantined = standing.get("present", {}), standing.get("quarantined", {})
     n_unexplained = total(standing.get("unexplained"))
-    new_counts = report.counts["new"]
-    legacy_counts = report.counts["legacy"]
+    legacy_counts, new_counts = report.counts["legacy"], report.counts["new"]
     parity = {
         kind: {
             "legacy": legacy_counts.get(kind, 0),
             "quarantined": quarantined.get(kind, 0),
             "new": new_counts.get(kind, 0),
         }
-        for kind in ("geoid", "scar")
+        for kind in IDENTITY_TYPES
     }
-    parity_off = [k for k, c in parity.items() if c["legacy"] - c["quarantined"] != c["new"]]
+    parity_gap = {k: abs(c["legacy"] - c["quarantined"] - c["new"]) for k, c in parity.items()}
+    parity_off = [k for k, gap in parity_gap.items() if gap]
     legacy_total = legacy_counts.get("total", 0)
-    gates = [
+    accounted = total(present) + total(quarantined)
+    missing_in_legacy = report.missing_in_legacy.total
+    null_new = report.null_keys.get("new", 0)
+    mismatches = report.field_mismatches.total
+    return [
         Gate(
             "count_parity",
             not parity_off,
@@ -147,11 +230,16 @@ def consistency_gates(
             ),
             {"by_type": parity},
             [],
+            sum(parity_gap.values()),
         ),
         Gate(
             "key_coverage_legacy_to_new",
             n_unexplained == 0,
-            f"{n_unexplained:,} legacy keys neither in identities nor quarantined",
+            count_of(
+                n_unexplained,
+                "legacy key neither in identities nor quarantined",
+                "legacy keys neither in identities nor quarantined",
+            ),
             {
                 "legacy_keys": legacy_total,
                 "present": total(present),
@@ -161,29 +249,37 @@ def consistency_gates(
                 "duplicate_keys": report.duplicate_keys.total,
             },
             unexplained,
+            n_unexplained,
         ),
         Gate(
             "key_coverage_new_to_legacy",
-            report.missing_in_legacy.total == 0 and not report.null_keys.get("new"),
-            f"{report.missing_in_legacy.total:,} identities keys in no legacy table",
-            {"missing_in_legacy": report.missing_in_legacy.total, "mode": report.mode},
+            missing_in_legacy == 0 and not null_new,
+            count_of(
+                missing_in_legacy,
+                "identities key in no legacy table",
+                "identities keys in no legacy table",
+            )
+            + (f", {n_rows(null_new)} without a key" if null_new else ""),
+            {"missing_in_legacy": missing_in_legacy, "mode": report.mode},
             report.missing_in_legacy.sample,
+            missing_in_legacy + null_new,
         ),
         Gate(
             "field_equality",
-            report.field_mismatches.total == 0,
-            f"{n_rows(report.field_mismatches.total)} whose mapped fields differ",
+            mismatches == 0,
+            f"{n_rows(mismatches)} whose mapped fields differ",
             {
-                "field_mismatches": report.field_mismatches.total,
+                "field_mismatches": mismatches,
                 "by_field": report.mismatches_by_field,
                 "mode": report.mode,
                 "keys_checked": report.keys_checked,
             },
             report.field_mismatches.sample,
+            mismatches,
         ),
         Gate(
             "reconciliation",
-            legacy_total == total(present) + total(quarantined),
+            legacy_total == accounted,
             (
                 f"legacy {legacy_total:,} = migrated or present {total(present):,} + "
                 f"quarantined {total(quarantined):,}"
@@ -196,6 +292,6 @@ def consistency_gates(
                 "unexplained": n_unexplained,
             },
             unexplained,
+            abs(legacy_total - accounted),
         ),
     ]
-    return gates, report.to_dict()

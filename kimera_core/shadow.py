@@ -1,11 +1,11 @@
 """Shadow reads in the manner of GitHub's Scientist: the legacy answer is served, the new one compared.
 
 While the legacy store stays authoritative, a sampled share of reads is also served from the
-new store. The two answers are compared field by field (the same rules as the consistency
-verifier: NULL-safe, floats at a tolerance, JSON as values); a mismatch is counted and
-recorded in ``kimera_shadow_mismatches`` with the identity id and the differing field names.
-Nothing the new side does reaches the caller: its exceptions are counted and recorded, and a
-failure to record is counted too.
+new store. The two answers are compared field by field by ``kimera_core.compare`` (the rules
+the consistency verifier states in SQL: NULL-safe, floats at a tolerance, JSON as values); a
+mismatch is counted and recorded in ``kimera_shadow_mismatches`` with the identity id and the
+differing field names. Nothing the new side does reaches the caller: its exceptions are
+counted and recorded, and a failure to record is counted too.
 """
 
 from __future__ import annotations

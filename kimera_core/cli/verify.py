@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 
 from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, emit_json
+from kimera_core.consistency import DEFAULT_SAMPLE, VerificationReport
+from kimera_core.consistency import verify as run_verify
 from kimera_core.db import connect
 
 
@@ -17,7 +19,7 @@ from kimera_core.db import connect
 @click.option(
     "--sample",
     type=click.IntRange(min=0),
-    default=20,
+    default=DEFAULT_SAMPLE,
     show_default=True,
     help="Offending keys shown per kind of problem.",
 )
@@ -46,34 +48,32 @@ def verify(
     db_path: Path, as_json: bool, sample: int, incremental: bool, record: bool, cache: bool
 ) -> None:
     """Compare legacy_geoids/legacy_scars with identities; exit 1 when they disagree."""
-    from kimera_core.consistency import verify as run_verify
-
     with connect(db_path, read_only=not record) as con:
         report = run_verify(con, incremental=incremental, sample=sample, record=record, cache=cache)
-    payload = report.to_dict()
     if as_json:
-        emit_json(payload)
+        emit_json(report.to_dict())
     else:
-        _print(payload)
+        _print(report)
     if not report.consistent:
         sys.exit(1)
 
 
-def _print(d: dict) -> None:
-    style = "green" if d["consistent"] else "red"
+def _print(report: VerificationReport) -> None:
+    style = "green" if report.consistent else "red"
     console.print(
-        f"[bold {style}]{d['verdict'].upper()}[/bold {style}] ({d['mode']}, {d['seconds']:.2f} s)"
+        f"[bold {style}]{report.verdict.upper()}[/bold {style}] "
+        f"({report.mode}, {report.seconds:.2f} s)"
     )
-    counts = d["counts"]
+    counts = report.counts
     for kind in sorted(set(counts["legacy"]) | set(counts["new"])):
         console.print(
             f"  {kind:<8} legacy {counts['legacy'].get(kind, 0):>12,}  "
             f"identities {counts['new'].get(kind, 0):>12,}  "
             f"difference {counts['difference'].get(kind, 0):>+10,}"
         )
-    if d["keys_checked"] is not None:
-        console.print(f"  keys changed since the last verification: {d['keys_checked']:,}")
-    checksums = d["checksums"]
+    if report.keys_checked is not None:
+        console.print(f"  keys changed since the last verification: {report.keys_checked:,}")
+    checksums = report.checksums
     if "legacy" in checksums:
         console.print(
             f"  checksum legacy {checksums['legacy']['checksum']}  "
@@ -89,11 +89,11 @@ def _print(d: dict) -> None:
             if cache["enabled"]
             else f"  digest cache off: {cache['rows_digested']:,} rows digested"
         )
-    for reason in d["reasons"]:
+    for reason in report.reasons:
         console.print(f"  - {reason}", markup=False)
     for kind in ("missing_in_new", "missing_in_legacy", "duplicate_keys", "field_mismatches"):
-        finding = d[kind]
-        if finding["total"]:
-            console.print(f"  {kind} ({finding['total']:,}; first {len(finding['sample'])}):")
-            for item in finding["sample"]:
+        finding = getattr(report, kind)
+        if finding.total:
+            console.print(f"  {kind} ({finding.total:,}; first {len(finding.sample)}):")
+            for item in finding.sample:
                 console.print(f"    {item}", markup=False)

@@ -5,37 +5,17 @@ from __future__ import annotations
 import itertools
 import json
 
+import duckdb
 import pytest
+from test_compare import BASE, copy
 
-from kimera_core.compare import MISSING_IN_NEW, Tolerance, differing_fields, json_equal
-from kimera_core.identity import Identity
+from kimera_core.compare import MISSING_IN_NEW
 from kimera_core.shadow import ShadowReads, mismatch_summary
 from kimera_core.storage import Storage
-
-BASE = Identity(
-    id="g1",
-    identity_type="geoid",
-    raw="text",
-    echo="text",
-    lang_axis="en",
-    tags=["a"],
-    weight=0.5,
-    meta={"x": 1, "y": [1, 2]},
-    created_at=10.0,
-    updated_at=20.0,
-)
-
-
-def copy(**kw):
-    fields = {f: getattr(BASE, f) for f in BASE.__slots__}
-    fields.update(kw)
-    return Identity(**fields)
 
 
 @pytest.fixture
 def con(tmp_path):
-    import duckdb
-
     c = duckdb.connect(str(tmp_path / "s.duckdb"))
     yield c
     c.close()
@@ -104,45 +84,6 @@ def test_list_answers_are_compared_by_id(con):
     shadow.run("list", lambda: [BASE, copy(id="g2")], lambda: [BASE])
     row = con.execute("SELECT identity_id, fields FROM kimera_shadow_mismatches").fetchone()
     assert row[0] == "g2" and json.loads(row[1]) == [MISSING_IN_NEW]
-
-
-@pytest.mark.parametrize(
-    ("legacy", "new", "expected"),
-    [
-        ({}, {"weight": 0.5 + 1e-12}, []),
-        ({}, {"weight": 0.5 + 1e-6}, ["weight"]),
-        ({}, {"created_at": 10.0 + 5e-7}, []),
-        ({}, {"created_at": 10.0 + 5e-6}, ["created_at"]),
-        ({}, {"meta": {"y": [1, 2], "x": 1.0}}, []),
-        ({}, {"meta": {"x": 1, "y": [2, 1]}}, ["meta"]),
-        ({}, {"meta": {"x": True, "y": [1, 2]}}, ["meta"]),
-        ({"tags": []}, {"tags": None}, ["tags"]),
-        ({}, {"related_ids": []}, []),
-        ({}, {"related_ids": ["s1"]}, ["related_ids"]),
-        ({}, {"identity_type": "scar"}, ["identity_type"]),
-    ],
-)
-def test_field_rules(legacy, new, expected):
-    assert differing_fields(copy(**legacy), copy(**new)) == expected
-
-
-def test_scar_related_ids_null_and_empty_differ():
-    legacy = Identity(id="s", identity_type="scar", related_ids=None)
-    assert differing_fields(legacy, Identity(id="s", identity_type="scar", related_ids=[])) == [
-        "related_ids"
-    ]
-
-
-def test_tolerance_is_a_parameter():
-    loose = Tolerance(weight_relative=1e-3, seconds=1.0)
-    assert differing_fields(BASE, copy(weight=0.5004, created_at=10.5), loose) == []
-
-
-def test_json_equal_is_by_value():
-    assert json_equal({"a": 1, "b": 2}, {"b": 2, "a": 1.0})
-    assert not json_equal([1, 2], [2, 1])
-    assert not json_equal(1, True)
-    assert not json_equal("1", 1)
 
 
 def test_storage_shadows_reads_in_dual_write_stage(tmp_path):

@@ -5,10 +5,10 @@ entries are not used; a warm verification reports exactly what a cold one does."
 from __future__ import annotations
 
 import pytest
-from test_consistency import migrated_copy
+from test_verify import migrated_copy
 
-from kimera_core import consistency
-from kimera_core.consistency import FINE_BITS, SOURCES, verify
+from kimera_core.checksum import row_hash_sql
+from kimera_core.consistency import FINE_BITS, SOURCES, segments, verify
 from kimera_core.db import open_database
 
 SHIFT = 64 - FINE_BITS
@@ -130,11 +130,11 @@ def test_a_stale_digest_with_a_forged_fingerprint_does_not_hide_a_change(con):
     key = some_geoid(con, 11)
     con.execute("UPDATE legacy_geoids SET weight = weight + 1 WHERE gid = ?", [key])
     geoids = SOURCES[0]
-    fresh = consistency.FINGERPRINTS_SQL.format(
+    fresh = segments.FINGERPRINTS_SQL.format(
         key="gid",
         table="legacy_geoids",
         shift=SHIFT,
-        fingerprint=consistency.row_hash_sql(list(geoids.stored)),
+        fingerprint=row_hash_sql(list(geoids.stored)),
     )
     con.execute(
         "UPDATE kimera_verify_digests d SET rows = f.n, fingerprint_sum = f.fsum "
@@ -174,7 +174,7 @@ def test_duplicated_cache_entries_are_ignored(con):
 
 def test_entries_from_another_recipe_are_not_used(con, monkeypatch):
     verify(con, record=False)
-    monkeypatch.setattr(consistency, "RECIPE", "another normalisation")
+    monkeypatch.setattr(segments, "RECIPE", "another normalisation")
     report = verify(con, record=False)
     assert cache_stats(report)["reused"] == 0
     assert cache_stats(report)["rejected"] == cache_stats(report)["segments"]

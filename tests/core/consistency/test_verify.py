@@ -8,26 +8,22 @@ import shutil
 import duckdb
 import pytest
 
-from kimera_core import consistency
 from kimera_core.compare import Tolerance
-from kimera_core.consistency import verify
+from kimera_core.consistency import rows, verify
 from kimera_core.db import open_database
 from kimera_core.identity import Identity
 from kimera_core.legacy import create_legacy_schema
+from kimera_core.sql import epoch_iso_fixes, epoch_iso_sql, install_epoch_iso_macros
 from kimera_core.storage import Storage
 
-_ISO = (
-    "strftime(make_timestamp(CAST(round({c} * 1000000) AS BIGINT)), "
-    "'%Y-%m-%dT%H:%M:%S.%f') || '+00:00'"
-)
-# A clean migration, set-based: every legacy row as a P1 document in identities.
-MIGRATE_SQL = f"""
+# A clean migration, set-based: every legacy row as a P1 document in identities, its ISO
+# timestamps written by kimera_core.sql's formula (the one every writer of P1 documents uses).
+MIGRATE_SQL = """
 INSERT INTO identities
 SELECT gid, 'geoid',
        json_object('id', gid, 'identity_type', 'geoid', 'raw', raw, 'echo', echo,
                    'lang_axis', lang_axis, 'tags', tags, 'weight', weight, 'related_ids', NULL,
-                   'meta', meta, 'created_at', {_ISO.format(c="created_at")},
-                   'updated_at', {_ISO.format(c="updated_at")}),
+                   'meta', meta, 'created_at', {created}, 'updated_at', {updated}),
        created_at, updated_at, lang_axis, 0
 FROM legacy_geoids
 UNION ALL
@@ -35,11 +31,26 @@ SELECT id, 'scar',
        json_object('id', id, 'identity_type', 'scar', 'raw', NULL, 'echo', NULL,
                    'lang_axis', NULL, 'tags', NULL, 'weight', weight,
                    'related_ids', related_ids, 'meta', meta,
-                   'created_at', {_ISO.format(c="created_at")},
-                   'updated_at', {_ISO.format(c="updated_at")}),
+                   'created_at', {created}, 'updated_at', {updated}),
        created_at, updated_at, NULL, 0
 FROM legacy_scars
 """
+EPOCHS_SQL = (
+    "SELECT created_at FROM legacy_geoids UNION ALL SELECT updated_at FROM legacy_geoids "
+    "UNION ALL SELECT created_at FROM legacy_scars UNION ALL SELECT updated_at FROM legacy_scars"
+)
+
+
+def migrate_clean(con):
+    """Copy every legacy row into identities as its P1 document."""
+    install_epoch_iso_macros(con)
+    with epoch_iso_fixes(con, EPOCHS_SQL) as fixes:
+        con.execute(
+            MIGRATE_SQL.format(
+                created=epoch_iso_sql("created_at", fixes=fixes),
+                updated=epoch_iso_sql("updated_at", fixes=fixes),
+            )
+        )
 
 
 def migrated_copy(demo_path, tmp_path):
@@ -49,7 +60,7 @@ def migrated_copy(demo_path, tmp_path):
     with open_database(path) as c:
         c.execute("DELETE FROM identities")
         c.execute("DELETE FROM legacy_scars WHERE id IN (SELECT gid FROM legacy_geoids)")
-        c.execute(MIGRATE_SQL)
+        migrate_clean(c)
     return path
 
 
@@ -225,7 +236,7 @@ def test_rows_fetched_by_key_list_or_by_join_give_the_same_findings(con, monkeyp
     )
     patch(con, some_geoid(con, 30), {"raw": "changed"})
     by_list = verify(con, record=False).to_dict()
-    monkeypatch.setattr(consistency, "KEY_LIST_MAX", 1)
+    monkeypatch.setattr(rows, "KEY_LIST_MAX", 1)
     by_join = verify(con, record=False).to_dict()
     for kind in ("missing_in_new", "missing_in_legacy", "field_mismatches", "reasons"):
         assert by_list[kind] == by_join[kind]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from kimera_core.identity import Identity
@@ -41,8 +42,6 @@ def test_consistent_database_exits_zero(consistent_db):
 
 
 def test_disagreement_exits_one_with_json_findings(consistent_db):
-    import duckdb
-
     con = duckdb.connect(str(consistent_db))
     con.execute("DELETE FROM identities WHERE id IN ('g1', 'g2', 'g3')")
     con.close()
@@ -56,8 +55,6 @@ def test_disagreement_exits_one_with_json_findings(consistent_db):
 
 
 def test_text_output_names_the_problem(consistent_db):
-    import duckdb
-
     con = duckdb.connect(str(consistent_db))
     con.execute("UPDATE legacy_geoids SET raw = 'edited' WHERE gid = 'g5'")
     con.close()
@@ -99,8 +96,6 @@ def test_second_run_reuses_the_digest_cache(consistent_db):
 
 
 def test_no_cache_digests_everything_and_writes_no_cache(consistent_db):
-    import duckdb
-
     result = kimera("verify", "--db", consistent_db, "--no-cache", "--json")
     assert result.returncode == 0, result.stderr
     cache = json.loads(result.stdout)["checksums"]["digest_cache"]

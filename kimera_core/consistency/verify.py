@@ -1,0 +1,193 @@
+"""The verifier's driver: one verification, full or incremental, from counts to the recorded verdict.
+
+A full verification:
+
+1. counts per store and identity type, NULL keys, duplicate keys (``COUNTS_SQL``,
+   ``DUPLICATES_SQL``);
+2. the checksum pass and bisection (``segments``): every row's digest summed per segment,
+   the digest cache reused where the rows are unchanged, differing segments split down to
+   leaves of about a thousand rows;
+3. the leaves' rows compared row by row (``rows``);
+4. the verdict's reasons (``report``), and a row in ``kimera_verifications``.
+
+An incremental verification skips 2: it compares row by row the keys written since the last
+recorded verification (``CHANGED_KEYS_SQL``: by ``updated_at`` on either side, and by the
+dual-write log, which also names deleted keys). Counts are always checked in full.
+
+Everything a run creates on the connection is a temp table (``TEMP_TABLES`` of each module),
+dropped at the end; the only writes are the digest cache (``segments``) and the record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import duckdb
+
+from kimera_core.compare import DEFAULT_TOLERANCE, Tolerance
+from kimera_core.consistency import rows, segments
+from kimera_core.consistency.report import (
+    Finding,
+    VerificationReport,
+    last_verification,
+    record_verification,
+    verdict_reasons,
+)
+from kimera_core.consistency.sources import SOURCES, Source, install_macros
+from kimera_core.sql import vetted_identifier
+
+DEFAULT_SAMPLE = 20
+
+COUNTS_SQL = """
+SELECT 'legacy', 'geoid', count(*), count(*) - count(gid) FROM legacy_geoids
+UNION ALL SELECT 'legacy', 'scar', count(*), count(*) - count(id) FROM legacy_scars
+UNION ALL SELECT 'new', identity_type, count(*), count(*) - count(id) FROM identities
+          GROUP BY identity_type
+"""
+DUPLICATES_SQL = """
+SELECT 'legacy' AS store, id, count(*) AS n FROM (
+    SELECT gid AS id FROM legacy_geoids {where_gid} UNION ALL SELECT id FROM legacy_scars {where_id}
+) WHERE id IS NOT NULL GROUP BY id HAVING count(*) > 1
+UNION ALL
+SELECT 'new', id, count(*) FROM identities WHERE id IS NOT NULL {and_id}
+GROUP BY id HAVING count(*) > 1
+"""
+PRIMARY_KEY_SQL = """
+SELECT count(*) FROM duckdb_constraints() WHERE database_name = current_database()
+AND schema_name = 'main' AND table_name = ? AND constraint_type = 'PRIMARY KEY'
+AND constraint_column_names = [?]
+"""
+# Keys written since $since: by updated_at on either side, or by the dual-write log (which
+# also names deleted keys: they no longer have an updated_at anywhere).
+CHANGED_KEYS_SQL = """
+SELECT gid AS id FROM legacy_geoids WHERE updated_at > $since
+UNION SELECT id FROM legacy_scars WHERE updated_at > $since
+UNION SELECT id FROM identities WHERE updated_at > $since
+UNION SELECT identity_id FROM dual_write_log WHERE timestamp > $since
+"""
+
+TEMP_TABLES: tuple[str, ...] = (
+    "kimera_verify_dups",
+    "kimera_verify_keys",
+    *segments.TEMP_TABLES,
+    *rows.TEMP_TABLES,
+)
+
+
+def verify(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    incremental: bool = False,
+    sample: int = DEFAULT_SAMPLE,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
+    record: bool = True,
+    cache: bool = True,
+    clock: Callable[[], float] = time.time,
+) -> VerificationReport:
+    """Verify that the legacy tables and identities agree; full, or incremental since the last run.
+
+    ``sample``: offending keys kept per kind of finding (totals are always complete); raises
+    ValueError when negative. ``tolerance``: how far weights and timestamps may differ
+    (``kimera_core.compare``). ``record`` appends the verdict to ``kimera_verifications`` (the
+    base of the next incremental run); pass False on a read-only connection. ``cache`` reuses
+    the digests of rows unchanged since they were cached (kimera_verify_digests) and, when the
+    connection is writable, caches the digests it computes; False computes every digest and
+    writes nothing. ``clock`` gives ``started_at`` (epoch seconds).
+    """
+    if sample < 0:
+        raise ValueError("sample must not be negative")
+    started = clock()
+    t0 = time.perf_counter()
+    install_macros(con)
+    base = last_verification(con) if incremental else None
+    mode = "incremental" if base is not None else "full"
+    report = VerificationReport(mode=mode, started_at=started, tolerance=tolerance.to_dict())
+    _counts(con, report)
+    if base is None:
+        segments.digest_segments(con, report, cache)
+        _duplicates(con, report, sample, keys=None)
+        bits, leaves = segments.bisect(con, report)
+        report.checksums["pass_seconds"] = round(
+            report.checksums["digest_cache"]["seconds"] + report.checksums["levels"][0]["seconds"],
+            4,
+        )
+        compared = 0
+        if leaves:
+            compared = rows.materialise_sides(con, segments.leaf_keys(con, bits, leaves))
+            rows.row_level(con, report, sample, tolerance)
+        report.checksums["rows_compared_row_level"] = compared
+    else:
+        report.since = base["verified_at"]
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE kimera_verify_keys AS {CHANGED_KEYS_SQL}",
+            {"since": report.since},
+        )
+        report.keys_checked = con.execute("SELECT count(*) FROM kimera_verify_keys").fetchone()[0]
+        _duplicates(con, report, sample, keys="kimera_verify_keys")
+        rows.materialise_sides(con, "kimera_verify_keys")
+        rows.row_level(con, report, sample, tolerance)
+    report.reasons = verdict_reasons(report)
+    if base is not None and base["verdict"] != "consistent":
+        report.reasons.append(
+            f"the base verification ({base['mode']}) was {base['verdict']}: "
+            "incremental checks only what changed since; run a full verification"
+        )
+    report.seconds = round(time.perf_counter() - t0, 4)
+    cleanup(con)
+    if record:
+        record_verification(con, report)
+    return report
+
+
+def _counts(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> None:
+    counts: dict[str, dict[str, int]] = {"legacy": {}, "new": {}, "difference": {}}
+    nulls = {"legacy": 0, "new": 0}
+    for store, kind, n, null_keys in con.execute(COUNTS_SQL).fetchall():
+        counts[store][kind] = counts[store].get(kind, 0) + n
+        nulls[store] += null_keys
+    for kind in sorted(set(counts["legacy"]) | set(counts["new"])):
+        counts["difference"][kind] = counts["new"].get(kind, 0) - counts["legacy"].get(kind, 0)
+    counts["legacy"]["total"] = sum(counts["legacy"].values())
+    counts["new"]["total"] = sum(counts["new"].values())
+    counts["difference"]["total"] = counts["new"]["total"] - counts["legacy"]["total"]
+    report.counts, report.null_keys = counts, nulls
+
+
+def _unique_key(con: duckdb.DuckDBPyConnection, source: Source) -> bool:
+    """Whether DuckDB enforces the source's key as unique and not NULL (a primary key)."""
+    return bool(con.execute(PRIMARY_KEY_SQL, [source.table, source.key]).fetchone()[0])
+
+
+def _duplicates(
+    con: duckdb.DuckDBPyConnection, report: VerificationReport, sample: int, keys: str | None
+) -> None:
+    """Duplicate keys among ``keys`` (a temp table of ids), or among every key.
+
+    Over every key, a table whose key is its primary key cannot repeat it, so only the keys
+    it shares with the other legacy table are grouped (the scan of all keys is skipped).
+    """
+    if keys is not None:
+        restrict = "{key} IN (SELECT id FROM " + vetted_identifier(keys) + ")"
+        where_gid, where_id, and_id = (restrict.format(key=k) for k in ("gid", "id", "id"))
+    else:
+        geoids, scars, identities = (_unique_key(con, s) for s in SOURCES)
+        both = geoids and scars
+        where_gid = "gid IN (SELECT id FROM legacy_scars)" if both else "true"
+        where_id = "id IN (SELECT gid FROM legacy_geoids)" if both else "true"
+        and_id = "false" if identities else "true"
+    sql = DUPLICATES_SQL.format(
+        where_gid=f"WHERE {where_gid}", where_id=f"WHERE {where_id}", and_id=f"AND {and_id}"
+    )
+    con.execute(f"CREATE OR REPLACE TEMP TABLE kimera_verify_dups AS {sql}")
+    total = con.execute("SELECT count(*) FROM kimera_verify_dups").fetchone()[0]
+    found = con.execute(
+        "SELECT store, id, n FROM kimera_verify_dups ORDER BY store, id LIMIT ?", [sample]
+    ).fetchall()
+    report.duplicate_keys = Finding(total, [{"store": s, "id": i, "rows": n} for s, i, n in found])
+
+
+def cleanup(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop every temp table a verification creates (also after one that failed midway)."""
+    for name in TEMP_TABLES:
+        con.execute(f"DROP TABLE IF EXISTS {vetted_identifier(name)}")
