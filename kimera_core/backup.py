@@ -35,7 +35,7 @@ from typing import Any
 import duckdb
 
 from kimera_core.checksum import Checksum, table_checksum
-from kimera_core.db import open_database, read_header
+from kimera_core.db import open_database, read_header, transaction
 from kimera_core.errors import KimeraError
 from kimera_core.sql import vetted_identifier
 
@@ -58,7 +58,8 @@ SEQUENCES_SQL = (
 )
 SEQUENCE_COLUMNS_SQL = (
     "SELECT table_name, column_name, column_default FROM information_schema.columns "
-    "WHERE table_schema = 'main' AND column_default LIKE 'nextval(%'"
+    "WHERE table_catalog = current_database() AND table_schema = 'main' "
+    "AND column_default LIKE 'nextval(%'"
 )
 
 
@@ -170,17 +171,18 @@ def backup_database(db_path: str | os.PathLike[str], to_dir: str | os.PathLike[s
     staging = to_dir.parent / f".{to_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         try:
-            con.execute("BEGIN TRANSACTION")
-            tables = {
-                name: _entry(table_checksum(con, name))
-                for (name,) in con.execute(TABLES_SQL).fetchall()
-            }
-            sequences = {
-                name: {"start_value": start, "last_value": last, "increment_by": inc}
-                for name, start, last, inc in con.execute(SEQUENCES_SQL).fetchall()
-            }
-            con.execute(f"EXPORT DATABASE {sql_path_literal(staging.absolute())} (FORMAT PARQUET)")
-            con.execute("COMMIT")
+            with transaction(con):  # one snapshot for the checksums and the export
+                tables = {
+                    name: _entry(table_checksum(con, name))
+                    for (name,) in con.execute(TABLES_SQL).fetchall()
+                }
+                sequences = {
+                    name: {"start_value": start, "last_value": last, "increment_by": inc}
+                    for name, start, last, inc in con.execute(SEQUENCES_SQL).fetchall()
+                }
+                con.execute(
+                    f"EXPORT DATABASE {sql_path_literal(staging.absolute())} (FORMAT PARQUET)"
+                )
         except duckdb.Error as exc:
             raise BackupError(f"{db_path}: export failed ({_first_line(exc)})") from None
         finally:

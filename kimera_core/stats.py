@@ -77,7 +77,12 @@ class LegacySummary:
         return asdict(self)
 
 
-def _distribution(con: duckdb.DuckDBPyConnection, identity_type: str, inner: str) -> Distribution:
+def distribution_of(con: duckdb.DuckDBPyConnection, identity_type: str, inner: str) -> Distribution:
+    """The entropy distribution of ``inner``, a query of (key, entropy) rows of one type.
+
+    Count, unknowns (NULL entropy), mean and quantiles in bits, effective tau in days,
+    and the fixed-bucket histogram (ENTROPY_BUCKETS_BITS, ``le`` labels plus "+Inf").
+    """
     row = con.execute(DISTRIBUTION_SQL.format(inner=inner), [TAU_0_SECONDS, TAU_K]).fetchone()
     n, known, mean, p50, p90, p99, lo, hi, tau_mean, tau_p50, tau_p99 = row
     labels = [f"{b:g}" for b in ENTROPY_BUCKETS_BITS] + ["+Inf"]
@@ -110,7 +115,7 @@ def legacy_summary(con: duckdb.DuckDBPyConnection) -> LegacySummary:
     missing = missing_tables(con)
     distributions = []
     if "legacy_geoids" not in missing:
-        distributions.append(_distribution(con, "geoid", geoid_entropy_sql()))
+        distributions.append(distribution_of(con, "geoid", geoid_entropy_sql()))
     if "legacy_scars" not in missing:
-        distributions.append(_distribution(con, "scar", scar_entropy_sql()))
+        distributions.append(distribution_of(con, "scar", scar_entropy_sql()))
     return LegacySummary(table_counts(con), missing, distributions)

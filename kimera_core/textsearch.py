@@ -10,8 +10,9 @@ it are built for other DuckDB versions), so the index is our own side tables:
 * ``kimera_text_meta``: one row: document count, mean length, the store it was built from
   and that store's signature (geoid count, latest ``updated_at``) at build time.
 
-The index is rebuilt set-based (``build_text_index``, ``kimera search-index``; ``kimera
-serve`` rebuilds it when it is missing or stale). It is not maintained by each write: a
+The index is rebuilt set-based (``build_text_index``, ``kimera search-index``;
+``query.ensure_text_index``, which ``kimera serve`` calls, rebuilds it when it is missing or
+stale). It is not maintained by each write: a
 geoid written after the build is found by id and by entropy at once, by text after the next
 rebuild (``index_status`` says whether the index is stale).
 
@@ -24,6 +25,7 @@ in queries. Ranking is Okapi BM25 with k1 = 1.2 and b = 0.75.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import unicodedata
@@ -34,6 +36,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from kimera_core.db import transaction
 
 K1 = 1.2
 B = 0.75
@@ -209,8 +213,6 @@ def build_text_index(con: duckdb.DuckDBPyConnection, source: str) -> IndexStatus
     """(Re)build the BM25 index from the geoids of ``source``, in one transaction."""
     if source not in SOURCE_SQL:
         raise ValueError(f"source must be 'legacy' or 'new', got {source!r}")
-    import contextlib
-
     with contextlib.suppress(duckdb.InvalidInputException, duckdb.CatalogException):
         con.remove_function("kimera_tokenize")
     con.create_function(
@@ -221,18 +223,13 @@ def build_text_index(con: duckdb.DuckDBPyConnection, source: str) -> IndexStatus
         type="arrow",
         null_handling="special",
     )
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         rows, updated = _signature(con, source)
         con.execute(BUILD_SQL[0].format(source=SOURCE_SQL[source]))
         for sql in BUILD_SQL[1:3]:
             con.execute(sql)
         con.execute(BUILD_SQL[3], [source, rows, updated, time.time()])
         con.execute("DROP TABLE kimera_text_tokens")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return index_status(con, source)
 
 

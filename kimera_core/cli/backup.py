@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from kimera_core.backup import backup_database, restore_database
 from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, emit_json
 
 
@@ -22,8 +23,6 @@ from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, emit_json
 @JSON_OPTION
 def backup(db_path: Path, to_dir: Path, as_json: bool) -> None:
     """Write a consistent backup (Parquet export + manifest of row counts and checksums)."""
-    from kimera_core.backup import backup_database
-
     manifest = backup_database(db_path, to_dir)
     if as_json:
         emit_json(manifest.to_dict() | {"path": manifest.path})
@@ -56,8 +55,6 @@ def backup(db_path: Path, to_dir: Path, as_json: bool) -> None:
 @JSON_OPTION
 def restore(from_dir: Path, db_path: Path, force: bool, as_json: bool) -> None:
     """Restore a backup into --db, verified against its manifest before anything is replaced."""
-    from kimera_core.backup import restore_database
-
     report = restore_database(from_dir, db_path, force=force)
     if as_json:
         emit_json(report.to_dict())

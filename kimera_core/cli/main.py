@@ -10,9 +10,9 @@ import duckdb
 from kimera_core import __version__
 from kimera_core.cli.data import demo_data, summary
 from kimera_core.cli.database import db
-from kimera_core.cli.metrics import metrics_group, workload
+from kimera_core.cli.metrics import lattice_workload, metrics_group, workload
 from kimera_core.cli.migrate import migrate_cmd
-from kimera_core.cli.serve import lattice_workload, search_index, serve
+from kimera_core.cli.serve import search_index, serve
 from kimera_core.cli.verify import verify
 from kimera_core.errors import KimeraError
 

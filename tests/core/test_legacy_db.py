@@ -22,16 +22,26 @@ from kimera_core.db import connect, open_database, read_header
 from kimera_core.errors import DatabaseOpenError, KimeraError
 from kimera_core.identity import Geoid, Identity, Scar
 from kimera_core.legacy import (
+    LEGACY_IDENTITIES_ENTROPY_SQL,
+    LEGACY_IDENTITY_FIELDS,
     P1_READ_IDENTITY_SQL,
     create_legacy_schema,
+    fetch_legacy_identity,
+    geoid_to_row,
+    identity_from_legacy_row,
+    insert_geoids,
+    insert_scars,
     iter_geoids,
     iter_scars,
     missing_tables,
     read_identity_p1,
+    scar_to_row,
+    secondary_indexes,
     store_identity_p1,
     table_counts,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ALL_FIXTURES = sorted(FIXTURES.glob("legacy_duckdb_*.duckdb.gz"))
 TOO_NEW = FIXTURES / "legacy_duckdb_2.0.1.duckdb.gz"
@@ -208,6 +218,80 @@ def test_missing_tables_lists_what_a_database_lacks(tmp_path):
         con.execute("CREATE TABLE legacy_geoids (gid TEXT)")
         assert missing_tables(con) == ["legacy_scars", "echoforms", "identities", "dual_write_log"]
         assert table_counts(con) == {"legacy_geoids": 0}
+
+
+def _own_indexes(con):
+    rows = con.execute(
+        "SELECT table_name, expressions FROM duckdb_indexes() "
+        "WHERE database_name = current_database()"
+    ).fetchall()
+    return {(table, expr.strip("[]").replace("'", "").replace('"', "")) for table, expr in rows}
+
+
+def test_an_attached_database_does_not_pass_for_this_one(tmp_path):
+    # the catalog functions list every attached database, each with its own schema 'main'
+    other = tmp_path / "other.duckdb"
+    with connect(other, create=True) as con:
+        create_legacy_schema(con)
+    with connect(tmp_path / "fresh.duckdb", create=True) as con:
+        con.execute(f"ATTACH '{other}' AS other (READ_ONLY)")
+        assert missing_tables(con) == list(EXPECTED_COLUMNS)
+        assert table_counts(con) == {}
+        create_legacy_schema(con)
+        assert _own_indexes(con) == EXPECTED_INDEXES
+        assert set(secondary_indexes(con, "identities")) == {
+            "idx_identities_updated_at",
+            "idx_identities_type",
+            "idx_identities_entropy",
+        }
+        assert missing_tables(con) == []
+
+
+_CREATE_TABLE = re.compile(r"CREATE (?:OR REPLACE )?TABLE (?:IF NOT EXISTS )?(\w+)\s*(?:\(|AS\b)")
+
+
+def test_docs_schema_lists_every_table_the_code_creates():
+    created = {
+        name
+        for path in (ROOT / "kimera_core").rglob("*.py")
+        for name in _CREATE_TABLE.findall(path.read_text(encoding="utf-8"))
+    }
+    assert {"legacy_geoids", "kimera_text_postings", "kimera_embedding_lists"} <= created
+    documented = set(re.findall(r"`(\w+)`", (ROOT / "docs" / "schema.md").read_text("utf-8")))
+    assert sorted(created - documented) == []
+
+
+# --- the legacy tables read as identities -------------------------------------------------
+def test_the_legacy_read_rebuilds_geoids_and_scars_with_their_entropy(tmp_path):
+    geoid = Geoid(
+        gid="g1",
+        raw="Café",
+        echo="Café",
+        lang_axis="fr",
+        context_layers=["a", "b"],
+        weight=0.5,
+        meta={"terms": [{"intensity": 1}, {"intensity": 1}]},
+        created_at=1.5,
+        updated_at=2.5,
+    )
+    scar = Scar(scar_id="s1", gid_pair=["g1", "g2"], weight=2.0, created_at=3.0, updated_at=4.0)
+    with connect(tmp_path / "legacy.duckdb", create=True) as con:
+        create_legacy_schema(con)
+        insert_geoids(con, [geoid])
+        insert_scars(con, [scar])
+        assert fetch_legacy_identity(con, "g1") == geoid.to_identity()
+        assert fetch_legacy_identity(con, "s1") == scar.to_identity()
+        assert fetch_legacy_identity(con, "nope") is None
+        rows = con.execute(
+            f"SELECT {LEGACY_IDENTITY_FIELDS}, entropy FROM ({LEGACY_IDENTITIES_ENTROPY_SQL}) "
+            "ORDER BY id"
+        ).fetchall()
+    assert [identity_from_legacy_row(r) for r in rows] == [
+        geoid.to_identity(),
+        scar.to_identity(),
+    ]
+    assert [r[-1] for r in rows] == [pytest.approx(1.0), pytest.approx(2.0)]  # bits
+    assert geoid_to_row(geoid)[0] == "g1" and scar_to_row(scar)[0] == "s1"
 
 
 # --- the P1 read path ---------------------------------------------------------------------

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import duckdb
 import pytest
 
 from kimera_core import query, textsearch
+from kimera_core.entropy import identity_entropy
+from kimera_core.errors import DatabaseOpenError
+from kimera_core.identity import Geoid
 from kimera_core.migration import migrate
 from kimera_core.rollout import set_stage
+from kimera_core.storage import Storage
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +263,6 @@ def test_no_writer_can_open_the_file_while_a_snapshot_holds_it(new_db, tmp_path)
 
 
 def test_a_write_through_storage_is_in_the_next_snapshot_and_at_once_without_one(new_db, tmp_path):
-    from kimera_core.entropy import identity_entropy
-    from kimera_core.identity import Geoid
-    from kimera_core.storage import Storage
-
     path = tmp_path / "write.duckdb"
     shutil.copy(new_db, path)
     tags = [f"tag{i}" for i in range(40)]
@@ -283,3 +285,57 @@ def test_a_write_through_storage_is_in_the_next_snapshot_and_at_once_without_one
         assert new.id in {h.identity.id for h in page.items}
         hits = query.search_text(con, "zebra quantum", limit=3, snapshot=snapshot).items
         assert hits[0].identity.id == new.id
+
+
+# --- keeping the text index of the read store current -------------------------------------
+def test_ensure_text_index_builds_a_missing_index_then_leaves_a_current_one(demo_db, tmp_path):
+    path = tmp_path / "index.duckdb"
+    shutil.copy(demo_db[0], path)
+    first = query.ensure_text_index(path)
+    assert first.built and first.status.exists and not first.status.stale
+    assert first.status.source == "legacy" and first.status.documents > 0
+    assert first.to_dict()["built"] is True and first.to_dict()["documents"] > 0
+    second = query.ensure_text_index(path)
+    assert not second.built and second.status.built_at == first.status.built_at
+    forced = query.ensure_text_index(path, force=True)
+    assert forced.built and forced.status.built_at >= first.status.built_at
+
+
+def test_ensure_text_index_rebuilds_a_stale_index_from_the_store_the_stage_reads(new_db, tmp_path):
+    path = tmp_path / "stale.duckdb"
+    shutil.copy(new_db, path)  # read-new, indexed from identities
+    assert not query.ensure_text_index(path).built
+    with Storage.open(str(path)) as storage:
+        storage.store(Geoid.new("a wholly new geoid text", "en").to_identity())
+    rebuilt = query.ensure_text_index(path)
+    assert rebuilt.built and rebuilt.status.source == "new" and not rebuilt.status.stale
+    with duckdb.connect(str(path)) as con:
+        set_stage(con, "dual-write", "test", "reads go back to legacy")
+    moved = query.ensure_text_index(path)
+    assert moved.built and moved.status.source == "legacy"
+
+
+HOLD_READ_ONLY = (
+    "import duckdb, sys; con = duckdb.connect(sys.argv[1], read_only=True); "
+    "print('ready', flush=True); sys.stdin.read()"
+)
+
+
+def test_a_current_index_needs_no_write_access(demo_db, tmp_path):
+    path = tmp_path / "held.duckdb"
+    shutil.copy(demo_db[0], path)
+    query.ensure_text_index(path)
+    # another process reads the file (as `kimera serve` does): no writer may open it now
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_READ_ONLY, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as reader:
+        try:
+            assert reader.stdout.readline().strip() == "ready"
+            assert not query.ensure_text_index(path).built
+            with pytest.raises(DatabaseOpenError, match="another process"):
+                query.ensure_text_index(path, force=True)
+        finally:
+            reader.stdin.close()
