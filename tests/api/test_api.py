@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
+
+import duckdb
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from kimera_core import semantic
+from kimera_core.api import create_app
+from kimera_core.entropy import identity_entropy
+from kimera_core.identity import Geoid
+from kimera_core.storage import Storage
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +130,6 @@ def test_semantic_search_finds_an_embedded_geoid_by_its_own_text(client, api_db)
         body = _json_error(client.get("/search/semantic", params={"q": "river"}), 503)
         assert body["error"] == "semantic_unavailable"
         return
-    import duckdb
-
     with duckdb.connect(str(api_db), read_only=True) as con:
         gid, raw = con.execute(
             "SELECT e.id, i.data->>'$.raw' FROM kimera_embeddings e JOIN identities i "
@@ -153,13 +159,6 @@ def test_semantic_search_parameters_are_bounded(client, params, status):
 
 
 def test_semantic_search_without_embeddings_is_a_503(tmp_path, api_db):
-    import shutil
-
-    import duckdb
-    from fastapi.testclient import TestClient
-
-    from kimera_core.api import create_app
-
     path = tmp_path / "bare.duckdb"
     shutil.copy(api_db, path)
     with duckdb.connect(str(path)) as con:
@@ -171,15 +170,6 @@ def test_semantic_search_without_embeddings_is_a_503(tmp_path, api_db):
 
 
 def test_an_api_on_a_writing_connection_serves_a_write_at_once(tmp_path, api_db):
-    import shutil
-
-    from fastapi.testclient import TestClient
-
-    from kimera_core.api import create_app
-    from kimera_core.entropy import identity_entropy
-    from kimera_core.identity import Geoid
-    from kimera_core.storage import Storage
-
     path = tmp_path / "writer.duckdb"
     shutil.copy(api_db, path)
     new = Geoid.new("a heron over the salt marsh", "en", tags=["a", "b", "c"]).to_identity()

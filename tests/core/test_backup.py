@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+import kimera_core.backup as backup_module
 from kimera_core.backup import (
     MANIFEST_NAME,
     BackupError,
@@ -20,7 +22,10 @@ from kimera_core.backup import (
     verify_backup,
 )
 from kimera_core.checksum import table_checksum
+from kimera_core.db import connect, read_header
+from kimera_core.demo import generate_demo_data
 from kimera_core.errors import DatabaseOpenError, KimeraError
+from kimera_core.legacy import missing_tables, read_identity_p1
 
 KIMERA = Path(sys.executable).parent / "kimera"
 
@@ -77,8 +82,6 @@ def index_names(path):
 @pytest.fixture(scope="module")
 def source_template(tmp_path_factory):
     """A demo database plus a kimera_* table of hard-to-round-trip values (do not write to it)."""
-    from kimera_core.demo import generate_demo_data
-
     path = tmp_path_factory.mktemp("backup-src") / "source.duckdb"
     generate_demo_data(path, geoids=2000, scars=1000, seed=11)
     with duckdb.connect(str(path)) as con:
@@ -190,8 +193,6 @@ def test_backup_of_a_file_that_is_not_a_database_is_refused(tmp_path):
 
 
 def test_a_failed_backup_leaves_no_directory(source, tmp_path, monkeypatch):
-    import kimera_core.backup as backup_module
-
     def boom(directory):
         raise OSError("disk full")
 
@@ -372,8 +373,6 @@ def test_a_tampered_parquet_file_is_detected_before_import(source, backup_dir):
 
 def test_changed_data_with_a_consistent_file_digest_fails_the_table_check(source, backup_dir):
     """Someone rewrote a Parquet file and its file digest: the table checksum still catches it."""
-    import hashlib
-
     parquet = backup_dir / "legacy_geoids.parquet"
     rewritten = backup_dir / "rewritten.parquet"
     with duckdb.connect() as con:
@@ -491,9 +490,6 @@ def test_the_sequence_is_not_reissued_in_the_normal_case(source, tmp_path):
 
 
 def test_a_restored_file_is_a_normal_kimera_database(backup_dir, tmp_path):
-    from kimera_core.db import connect, read_header
-    from kimera_core.legacy import missing_tables, read_identity_p1
-
     target = tmp_path / "r.duckdb"
     restore_database(backup_dir, target)
     assert read_header(target).library_version == f"v{duckdb.__version__}"

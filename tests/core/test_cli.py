@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pytest
 
 KIMERA = Path(sys.executable).parent / "kimera"
@@ -149,3 +150,96 @@ def test_summary_does_not_change_the_file(cli_demo):
     assert kimera("summary", "--db", path, "--json").returncode == 0
     assert path.read_bytes() == before
     assert not Path(f"{path}.wal").exists()
+
+
+def test_top_level_help_lists_every_command_group():
+    listed = kimera("--help").stdout
+    for command in (
+        "db",
+        "demo-data",
+        "lattice-workload",
+        "metrics",
+        "migrate",
+        "search-index",
+        "serve",
+        "summary",
+        "verify",
+        "workload",
+    ):
+        assert f"  {command} " in listed, command
+
+
+# --- kimera db ----------------------------------------------------------------------------
+def test_db_init_then_info_shows_the_empty_legacy_layout(tmp_path):
+    path = tmp_path / "new.duckdb"
+    result = kimera("db", "init", "--db", path)
+    assert result.returncode == 0, result.stderr
+    assert "legacy layout ready" in result.stdout
+    info = json.loads(kimera("db", "info", "--db", path, "--json").stdout)
+    assert info["path"] == str(path) and info["written_by"].startswith("DuckDB v")
+    assert info["tables"] == dict.fromkeys(
+        ["legacy_geoids", "legacy_scars", "echoforms", "identities", "dual_write_log"], 0
+    )
+    assert info["missing_legacy_tables"] == []
+    text = kimera("db", "info", "--db", path)
+    assert text.returncode == 0 and "legacy_geoids" in text.stdout
+
+
+def test_db_info_names_missing_tables_without_touching_the_file(tmp_path):
+    path = tmp_path / "partial.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE legacy_geoids (gid TEXT)")
+    before = path.read_bytes()
+    info = json.loads(kimera("db", "info", "--db", path, "--json").stdout)
+    assert info["tables"] == {"legacy_geoids": 0}
+    assert info["missing_legacy_tables"] == [
+        "legacy_scars",
+        "echoforms",
+        "identities",
+        "dual_write_log",
+    ]
+    text = kimera("db", "info", "--db", path)
+    assert text.returncode == 0 and "missing" in text.stdout
+    assert path.read_bytes() == before
+    assert not Path(f"{path}.wal").exists()
+
+
+# --- kimera search-index and serve --------------------------------------------------------
+def test_search_index_builds_once_then_only_when_stale(cli_demo, tmp_path):
+    path = tmp_path / "index.duckdb"
+    path.write_bytes(cli_demo[0].read_bytes())
+    first = kimera("search-index", "--db", path)
+    assert first.returncode == 0, first.stderr
+    built = json.loads(first.stdout)
+    assert built["built"] is True and built["source"] == "legacy" and not built["stale"]
+    assert built["documents"] > 0
+    again = json.loads(kimera("search-index", "--db", path, "--if-stale").stdout)
+    assert again["built"] is False and again["built_at"] == built["built_at"]
+    forced = json.loads(kimera("search-index", "--db", path).stdout)
+    assert forced["built"] is True
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["search-index", "--db", "{tmp}/missing.duckdb"],
+        ["serve", "--db", "{tmp}/missing.duckdb"],
+        ["lattice-workload", "--db", "{text}"],
+    ],
+)
+def test_read_path_commands_refuse_a_bad_file_in_one_line(tmp_path, text_file, args):
+    result = kimera(*[a.format(tmp=tmp_path, text=text_file) for a in args])
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("kimera: error:")
+    assert not (tmp_path / "missing.duckdb").exists()
+
+
+def test_lattice_workload_resolves_pairs_and_prints_counts(cli_demo, tmp_path):
+    path = tmp_path / "lattice.duckdb"
+    path.write_bytes(cli_demo[0].read_bytes())
+    result = kimera("lattice-workload", "--db", path, "--pairs", 5, "--repeat-share", 1)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["first"] == 5 and report["failures"] == 0
+    assert report["resolutions"] == report["first"] + report["repeats"]

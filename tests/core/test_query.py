@@ -245,9 +245,6 @@ def test_a_snapshot_needs_a_read_only_connection(new_db, tmp_path):
 
 
 def test_no_writer_can_open_the_file_while_a_snapshot_holds_it(new_db, tmp_path):
-    import subprocess
-    import sys
-
     path = tmp_path / "held.duckdb"
     shutil.copy(new_db, path)  # before opening: any close of the file drops the lock
     with duckdb.connect(str(path), read_only=True) as con:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import duckdb
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
-from kimera_core import semantic
+from kimera_core import query, semantic
+from kimera_core.cli.main import cli
 
 
 def _encoder() -> semantic.Encoder:
@@ -123,8 +127,6 @@ class _FixedEncoder:
 
 
 def test_semantic_query_validates_and_returns_documents_best_first():
-    from kimera_core import query
-
     con = duckdb.connect()
     con.execute(
         "CREATE TABLE identities (id TEXT PRIMARY KEY, identity_type TEXT, data JSON, "
@@ -153,13 +155,6 @@ def test_semantic_query_validates_and_returns_documents_best_first():
 
 
 def test_search_index_embeds_geoids_and_builds_the_index(encoder, demo_db, tmp_path):
-    import json
-    import shutil
-
-    from click.testing import CliRunner
-
-    from kimera_core.cli.main import cli
-
     path = tmp_path / "embed.duckdb"
     shutil.copy(demo_db[0], path)
     result = CliRunner().invoke(cli, ["search-index", "--db", str(path), "--embed", "6"])

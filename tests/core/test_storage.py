@@ -8,6 +8,7 @@ import math
 import pytest
 
 from kimera_core.checksum import table_checksum
+from kimera_core.db import connect
 from kimera_core.entropy import identity_entropy
 from kimera_core.identity import Identity
 from kimera_core.legacy import read_identity_p1
@@ -334,8 +335,6 @@ def test_stats_cover_the_whole_log(tmp_path):
 
 
 def test_stats_read_p1_rows(demo_db):
-    from kimera_core.db import connect
-
     path, _ = demo_db
     with connect(path, read_only=True) as con:
         stats = get_dual_write_stats(con)
