@@ -1,4 +1,4 @@
-"""``kimera metrics serve``, ``kimera workload`` and ``kimera lattice-workload``: the write path's /metrics.
+"""``kimera metrics serve``, ``workload`` and ``lattice-workload``: the write path's /metrics.
 
 ``metrics serve`` exposes ``kimera_core.metrics.REGISTRY`` over HTTP for an application that
 embeds the storage API in this process; ``workload`` (``kimera_core.workload``) and
