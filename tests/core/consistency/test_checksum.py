@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import duckdb
 import pytest
 from hypothesis import given, settings
@@ -118,8 +120,6 @@ def test_any_single_changed_value_changes_the_checksum(demo_con, table, key):
 
 
 def test_changed_double_by_one_ulp_changes_the_checksum():
-    import math
-
     assert _checksum([("a", 1, 0.1)]) != _checksum([("a", 1, math.nextafter(0.1, 1))])
 
 
