@@ -28,7 +28,7 @@ from pathlib import Path
 
 import duckdb
 
-from kimera_core.db import connect
+from kimera_core.db import connect, transaction
 from kimera_core.demo import generate_demo_data
 from kimera_core.legacy import create_legacy_schema
 from kimera_core.migration import migrate
@@ -50,10 +50,9 @@ def floor_copy(source: Path, target: Path) -> float:
     con.execute("CREATE TABLE g AS SELECT * FROM src.legacy_geoids WHERE false")
     con.execute("CREATE TABLE s AS SELECT * FROM src.legacy_scars WHERE false")
     start = time.perf_counter()
-    con.execute("BEGIN")
-    con.execute("INSERT INTO g SELECT * FROM src.legacy_geoids")
-    con.execute("INSERT INTO s SELECT * FROM src.legacy_scars")
-    con.execute("COMMIT")
+    with transaction(con):
+        con.execute("INSERT INTO g SELECT * FROM src.legacy_geoids")
+        con.execute("INSERT INTO s SELECT * FROM src.legacy_scars")
     con.execute("CHECKPOINT")
     elapsed = time.perf_counter() - start
     con.close()
@@ -73,9 +72,8 @@ def write_floor(migrated: Path, target: Path) -> tuple[float, int]:
     con.execute(f"ATTACH '{migrated}' AS src (READ_ONLY)")
     rows = con.execute("SELECT count(*) FROM src.identities").fetchone()[0]
     start = time.perf_counter()
-    con.execute("BEGIN")
-    con.execute("INSERT INTO identities SELECT * FROM src.identities")
-    con.execute("COMMIT")
+    with transaction(con):
+        con.execute("INSERT INTO identities SELECT * FROM src.identities")
     create_legacy_schema(con)  # the missing P1 indexes, as the migration rebuilds them
     con.execute("CHECKPOINT")
     elapsed = time.perf_counter() - start
