@@ -1,6 +1,7 @@
 """SQL helpers: vetted identifiers, and the one epoch -> ISO-8601 formula in SQL.
 
-Values are always bound parameters; identifiers pass through ``vetted_identifier``.
+Values are always bound parameters; identifiers pass through ``vetted_identifier``;
+``table_exists`` asks the catalog about this connection's own database only.
 
 ``EPOCH_ISO_MACROS`` is the only SQL that turns epoch seconds into the P1 document's
 ISO-8601 text; ``identity.epoch_to_iso`` is the Python reference and both write the same
@@ -29,6 +30,18 @@ def vetted_identifier(name: str) -> str:
     if not isinstance(name, str) or not _IDENT_RE.match(name):
         raise ValueError(f"not a plain SQL identifier: {name!r}")
     return f'"{name}"'
+
+
+# Catalog views list attached databases too: only this connection's own main schema counts.
+TABLE_EXISTS_SQL = """
+SELECT count(*) > 0 FROM information_schema.tables
+WHERE table_catalog = current_database() AND table_schema = 'main' AND table_name = ?
+"""
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    """Whether this database's main schema holds ``table`` (attached databases do not count)."""
+    return bool(con.execute(TABLE_EXISTS_SQL, [table]).fetchone()[0])
 
 
 # --- epoch seconds -> the P1 ISO-8601 text, in SQL -----------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 import duckdb
 
-from kimera_core.migration.schema import has_table
+from kimera_core.sql import table_exists
 
 COUNT_NAMES: tuple[str, ...] = ("read", "inserted", "updated", "unchanged", "kept", "quarantined")
 
@@ -188,7 +188,7 @@ def reason_counts(
 
 def run_history(con: duckdb.DuckDBPyConnection, limit: int = 20) -> list[dict[str, Any]]:
     """Recent runs, newest first, with their progress (partitions done of total)."""
-    if not has_table(con, "kimera_migration_runs"):
+    if not table_exists(con, "kimera_migration_runs"):
         return []
     return [
         {

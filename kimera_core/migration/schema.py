@@ -89,17 +89,6 @@ SCHEMA_SQL: tuple[str, ...] = (
     )""",
 )
 
-# Catalog functions list attached databases too: only this connection's own main schema.
-HAS_TABLE_SQL = """
-SELECT count(*) > 0 FROM information_schema.tables
-WHERE table_catalog = current_database() AND table_schema = 'main' AND table_name = ?
-"""
-
-
-def has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    """Whether this database's main schema holds ``table`` (attached databases do not count)."""
-    return bool(con.execute(HAS_TABLE_SQL, [table]).fetchone()[0])
-
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create the migration's own tables (idempotent); the legacy tables must exist.

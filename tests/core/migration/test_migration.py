@@ -30,7 +30,13 @@ from kimera_core.legacy import (
     secondary_indexes,
     store_identity_p1,
 )
-from kimera_core.migration import IDENTITY_COLUMNS, migrate, quarantine_summary, rollback
+from kimera_core.migration import (
+    IDENTITY_COLUMNS,
+    migrate,
+    quarantine_summary,
+    rollback,
+    run_history,
+)
 
 KIMERA = str(Path(sys.executable).parent / "kimera")
 T0 = 1_790_000_000.0
@@ -559,3 +565,25 @@ def test_cli_migrate_errors_are_one_line(demo_copy, args, message):
 
 def test_geoid_ids_of_demo_data_are_deterministic():
     assert geoid_id(" x ", "en") == geoid_id("x", "en")
+
+
+# --- catalog lookups see this database only --------------------------------------------
+def test_catalog_lookups_ignore_attached_databases(tmp_path):
+    other = tmp_path / "other.duckdb"
+    with duckdb.connect(str(other)) as con:
+        create_legacy_schema(con)  # keyed tables, JSON columns, migration tables below
+        migrate(con)
+    old = tmp_path / "old.duckdb"
+    _raw_legacy_db(old, json_type="TEXT")  # no primary keys, TEXT columns
+    with connect(old) as con:
+        con.execute(f"ATTACH '{other}' AS other (READ_ONLY)")
+        assert run_history(con) == []  # other's runs are not this database's
+        _add_geoid(con, "g_dup", raw="one")
+        _add_geoid(con, "g_dup", raw="two")
+        _add_geoid(con, "g_bad", meta="{bad")
+        report = migrate(con)
+    # other's primary key and JSON columns did not switch off this file's checks
+    assert report.quarantine_reasons == {
+        "legacy_geoids:duplicate_key": 2,
+        "legacy_geoids:invalid_json_meta": 1,
+    }
