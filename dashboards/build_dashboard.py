@@ -1,7 +1,8 @@
 """Writes dashboards/kimera.json: the Grafana dashboard, generated so panels stay uniform.
 
 Run ``python dashboards/build_dashboard.py`` after editing; tests check the JSON it writes
-(structure) and evaluate every expression in it against a real Prometheus.
+(structure) and evaluate every expression in it against a real Prometheus. The stage names
+of the rollout panel are ``kimera_core.rollout.STAGES``, the one stage list.
 """
 
 from __future__ import annotations
@@ -10,18 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kimera_core.rollout import STAGES
+
 DS = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"
-
-STAGE_NAMES = (
-    "legacy-only",
-    "dual-write",
-    "backfilled",
-    "verified",
-    "read-new",
-    "write-new",
-    "legacy-retired",
-)
 
 
 def _mappings(values: dict[int, tuple[str, str]]) -> list[dict[str, Any]]:
@@ -133,7 +126,7 @@ def build() -> dict[str, Any]:
         h=5,
         description="The stage the application's storage routes by (kimera_rollout_stage).",
         options=stat,
-        mappings=_mappings({i: (name, "blue") for i, name in enumerate(STAGE_NAMES)}),
+        mappings=_mappings({i: (name, "blue") for i, name in enumerate(STAGES)}),
     )
     b.panel(
         "stat",

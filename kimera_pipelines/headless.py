@@ -13,9 +13,10 @@ from typing import Any
 
 import dagster as dg
 
-from kimera_pipelines.assets import bucket_partitions
+from kimera_core.migration import MigrationReport
 from kimera_pipelines.definitions import defs
-from kimera_pipelines.resources import KimeraDatabase, database_from_env
+from kimera_pipelines.metadata import MIGRATION_REPORT
+from kimera_pipelines.resources import ALL_BUCKETS_TAGS, KimeraDatabase, database_from_env
 
 
 def _execute(instance: dg.DagsterInstance, name: str, database: KimeraDatabase, **kwargs: Any):
@@ -34,20 +35,11 @@ def _meta(result: Any, node: str) -> dict[str, Any]:
 def run_pipeline(
     instance: dg.DagsterInstance, database: KimeraDatabase, target: str = "legacy-retired"
 ) -> dict[str, Any]:
-    """Run every step; returns what happened (report path, stage, what held the rollout)."""
-    keys = bucket_partitions.get_partition_keys()
+    """Run every step; returns what happened (the MigrationReport, report path, stage, holds)."""
     out: dict[str, Any] = {"ok": True}
     steps = [
         ("observe_legacy_job", {}),
-        (
-            "migration_job",
-            {
-                "tags": {
-                    "dagster/asset_partition_range_start": keys[0],
-                    "dagster/asset_partition_range_end": keys[-1],
-                }
-            },
-        ),
+        ("migration_job", {"tags": ALL_BUCKETS_TAGS}),
         ("consistency_check_job", {}),
         ("entropy_report_job", {}),
     ]
@@ -55,8 +47,8 @@ def run_pipeline(
         result = _execute(instance, name, database, **kwargs)
         out[name] = result.success
         out["ok"] = out["ok"] and result.success
-        if name == "migration_job":
-            out["migration"] = _meta(result, "identities")
+        if name == "migration_job" and MIGRATION_REPORT in (meta := _meta(result, "identities")):
+            out["migration"] = MigrationReport.from_dict(meta[MIGRATION_REPORT])
         if name == "entropy_report_job":
             out["report"] = _meta(result, "entropy_distribution_report").get("report_path")
     result = _execute(
@@ -81,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     database = database_from_env()
     with dg.DagsterInstance.get() as instance:
         out = run_pipeline(instance, database, args.target)
-    migration = out.get("migration", {})
-    if migration:
+    migration = out.get("migration")
+    if migration is not None:
+        c = migration.counts
         print(
-            f"migration: {migration.get('read', 0):,} legacy rows read, "
-            f"{migration.get('inserted', 0):,} inserted, {migration.get('unchanged', 0):,} "
-            f"unchanged, {migration.get('quarantined', 0):,} quarantined, "
-            f"{migration.get('rows_per_second', 0):,.0f} rows/s"
+            f"migration: {c.read:,} legacy rows read, {c.inserted:,} inserted, "
+            f"{c.unchanged:,} unchanged, {c.quarantined:,} quarantined, "
+            f"{migration.rows_per_second:,.0f} rows/s"
         )
     print(f"rollout stage: {out.get('stage') or 'unchanged (advance refused)'}")
     for reason in out["held_by"]:

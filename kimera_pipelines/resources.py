@@ -1,45 +1,90 @@
-"""Resources: the one Kimera DuckDB database, opened through kimera_core's safe open.
+"""What every domain of the code location shares: the DuckDB resource, the pool, tags, partitions.
+
+``KimeraDatabase`` is dagster-duckdb's ``DuckDBResource`` with two overrides: a connection is
+opened through ``kimera_core.db`` (the file header is checked first, and a file that is not a
+DuckDB database this DuckDB reads is refused untouched, never turned into a new database),
+and a connection that meets another process's lock waits and retries instead of failing.
 
 DuckDB allows one writer process per file. Runs are queued one at a time (dagster.yaml),
-execute in-process, and hold a connection only for one step; the webserver and the daemon
-never open the file (sensors read Dagster's event log). A connection that meets the lock
-of another process (a ``kimera`` CLI command, a test) waits and retries instead of failing.
+execute in-process, and hold a connection only for one step; every step that opens the file
+is in the ``kimera_duckdb`` pool (``POOL``, limit 1). The webserver and the daemon never open
+the file: sensors read Dagster's event log.
+
+The Pushgateway is dagster-prometheus's ``PrometheusResource`` (``pushgateway_from_env``):
+the observability sensors register one snapshot at a time on its registry and push it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import duckdb
+from dagster_duckdb import DuckDBResource
+from dagster_prometheus import PrometheusResource
 
-from kimera_core.db import connect
+from kimera_core.db import open_database
 from kimera_core.errors import DatabaseOpenError
+from kimera_core.metrics.pushed import pushgateway_address
+from kimera_core.sql import vetted_identifier
 
 DEFAULT_DB_PATH = "var/kimera.duckdb"
 DB_ENV = "KIMERA_DB"
 
+OWNERS = ["team:kimera-migration"]
+POOL = "kimera_duckdb"  # dagster.yaml: one DuckDB step at a time
+IN_PROCESS = dg.in_process_executor  # every job: a run's steps share the one writer process
+KIND_TAG = "kimera/kind"  # migration | consistency | rollout: what a run does to the database
+NEVER_RETRY = {"dagster/max_retries": "0"}  # resumed or rolled back by an operator instead
+IDENTITIES = dg.AssetKey("identities")
 
-class KimeraDatabase(dg.ConfigurableResource):
+# The migration's hash buckets; each is a partition of identities. Fixed: buckets of one run
+# and of its resume must agree, and so must the partitions the UI shows.
+MIGRATION_BUCKETS = 8
+bucket_partitions = dg.StaticPartitionsDefinition([str(b) for b in range(MIGRATION_BUCKETS)])
+ALL_BUCKETS_TAGS = {
+    "dagster/asset_partition_range_start": bucket_partitions.get_partition_keys()[0],
+    "dagster/asset_partition_range_end": bucket_partitions.get_partition_keys()[-1],
+}
+
+PUSH_TIMEOUT_SECONDS = 5
+# PrometheusResource is marked beta; the code location builds one per sensor tick.
+warnings.filterwarnings("ignore", message=".*PrometheusResource.*", category=dg.BetaWarning)
+
+
+class KimeraDatabase(DuckDBResource):
     """The Kimera DuckDB file, with folders for reports and backups next to it by default."""
 
-    path: str = DEFAULT_DB_PATH
+    database: str = DEFAULT_DB_PATH
     reports_dir: str = ""  # default: <db folder>/reports
     backups_dir: str = ""  # default: <db folder>/backups
     lock_timeout_seconds: float = 120.0
 
+    @classmethod
+    def _is_dagster_maintained(cls) -> bool:
+        return False
+
+    @property
+    def path(self) -> str:
+        """The database file (``database``, the stock resource's name for it)."""
+        return self.database
+
     @contextlib.contextmanager
-    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short connection; waits up to ``lock_timeout_seconds`` for another writer."""
+    def get_connection(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short connection; waits up to ``lock_timeout_seconds`` for another writer.
+
+        Raises DatabaseOpenError when the file is missing, not a readable DuckDB file, or
+        still locked at the deadline. ``connection_config`` entries are applied with SET.
+        """
         deadline = time.monotonic() + self.lock_timeout_seconds
         delay = 0.2
         while True:
             try:
-                cm = connect(self.path, read_only=read_only)
-                con = cm.__enter__()
+                con = open_database(self.database, read_only=read_only)
                 break
             except DatabaseOpenError as exc:
                 if "lock" not in str(exc).lower() or time.monotonic() >= deadline:
@@ -47,17 +92,23 @@ class KimeraDatabase(dg.ConfigurableResource):
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
         try:
+            for key, value in self.connection_config.items():
+                con.execute(f"SET {vetted_identifier(key)} = ?", [value])
             yield con
         finally:
-            cm.__exit__(None, None, None)
+            con.close()
 
     @property
     def reports_path(self) -> Path:
-        return Path(self.reports_dir) if self.reports_dir else Path(self.path).parent / "reports"
+        return (
+            Path(self.reports_dir) if self.reports_dir else Path(self.database).parent / "reports"
+        )
 
     @property
     def backups_path(self) -> Path:
-        return Path(self.backups_dir) if self.backups_dir else Path(self.path).parent / "backups"
+        return (
+            Path(self.backups_dir) if self.backups_dir else Path(self.database).parent / "backups"
+        )
 
     def new_backup_path(self, run_id: str, suffix: str = "") -> Path:
         """A fresh backup folder: UTC time to the second, then the Dagster run id.
@@ -70,5 +121,10 @@ class KimeraDatabase(dg.ConfigurableResource):
 
 
 def database_from_env() -> KimeraDatabase:
-    """The database named by KIMERA_DB (read when a run starts), else var/kimera.duckdb."""
-    return KimeraDatabase(path=dg.EnvVar(DB_ENV).get_value(DEFAULT_DB_PATH) or DEFAULT_DB_PATH)
+    """The database named by KIMERA_DB where the code location loads, else var/kimera.duckdb."""
+    return KimeraDatabase(database=dg.EnvVar(DB_ENV).get_value(DEFAULT_DB_PATH) or DEFAULT_DB_PATH)
+
+
+def pushgateway_from_env() -> PrometheusResource:
+    """The Pushgateway named by KIMERA_PUSHGATEWAY where the code location loads."""
+    return PrometheusResource(gateway=pushgateway_address(), timeout=PUSH_TIMEOUT_SECONDS)

@@ -16,9 +16,14 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import dagster as dg
 import pytest
+from dagster_prometheus import PrometheusResource
 from support.servers import free_port, require_binary, stop_process_group, wait_until
 
+from kimera_pipelines.definitions import defs
+from kimera_pipelines.defs import observability as obs
+from kimera_pipelines.resources import ALL_BUCKETS_TAGS, KimeraDatabase
 from observability.exprs import ALERTS, alert_rules, alert_signals, dashboard_exprs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -52,26 +57,11 @@ def _promtool_metrics(promtool: str, text: str) -> None:
 
 
 def _run_jobs(instance, db_path: Path) -> list:
-    import dagster as dg
-
-    from kimera_pipelines.assets import bucket_partitions
-    from kimera_pipelines.definitions import defs
-    from kimera_pipelines.resources import KimeraDatabase
-
-    keys = bucket_partitions.get_partition_keys()
-    database = KimeraDatabase(path=str(db_path))
+    database = KimeraDatabase(database=str(db_path))
     results = []
     for name, kwargs in (
         ("observe_legacy_job", {}),
-        (
-            "migration_job",
-            {
-                "tags": {
-                    "dagster/asset_partition_range_start": keys[0],
-                    "dagster/asset_partition_range_end": keys[-1],
-                }
-            },
-        ),
+        ("migration_job", {"tags": ALL_BUCKETS_TAGS}),
         ("consistency_check_job", {}),
         ("entropy_report_job", {}),
     ):
@@ -79,21 +69,16 @@ def _run_jobs(instance, db_path: Path) -> list:
             instance=instance, resources={"database": database}, raise_on_error=False, **kwargs
         )
         results.append(result)
-    assert isinstance(instance, dg.DagsterInstance)
     return results
 
 
-def test_every_dashboard_and_alert_expression_returns_data(tmp_path, monkeypatch):
+def test_every_dashboard_and_alert_expression_returns_data(tmp_path):
     prometheus = require_binary("prometheus", "prometheus")
     pushgateway = require_binary("prometheus-pushgateway", "prometheus-pushgateway")
     promtool = require_binary("promtool", "prometheus")
-    import dagster as dg
-
-    from kimera_pipelines import observability as obs
-
     pg_port, app_port, prom_port = free_port(), free_port(), free_port()
     gateway = f"127.0.0.1:{pg_port}"
-    monkeypatch.setenv("KIMERA_PUSHGATEWAY", gateway)
+    prometheus = PrometheusResource(gateway=gateway, timeout=5)
     procs: list[subprocess.Popen] = []
     try:
         procs.append(
@@ -161,9 +146,12 @@ scrape_configs:
                     dagster_instance=instance,
                     dagster_run=instance.get_run_by_id(result.run_id),
                     dagster_event=result.get_run_success_event(),
+                    resources={"prometheus": prometheus},
                 )
                 obs.kimera_push_on_success(context)
-            obs.kimera_metrics_sensor(dg.build_sensor_context(instance=instance))
+            obs.kimera_metrics_sensor(
+                dg.build_sensor_context(instance=instance, resources={"prometheus": prometheus})
+            )
             assert obs.push_failures(instance) == 0
 
         pushed = _get(f"http://{gateway}/metrics")

@@ -10,7 +10,12 @@ from prometheus_client import generate_latest
 from support.servers import require_binary
 
 from kimera_core import metrics
+from kimera_core.gates import Gate
 from kimera_core.identity import Identity
+from kimera_core.metrics import pushed
+from kimera_core.migration import MigrationCounts, MigrationReport
+from kimera_core.report import EntropyStatistics
+from kimera_core.stats import Distribution
 from kimera_core.storage import Storage
 from observability.exprs import ALERTS, ROOT
 
@@ -63,31 +68,23 @@ def test_app_exposition_is_clean(storage):
 
 def test_pushed_snapshot_expositions_are_clean():
     now = time.time()
-    registries = [
-        metrics.job_registry(
-            {"runs": {"success": 3, "failure": 1}, "last_outcome": "success",
-             "last_duration_seconds": 2.5, "last_success_timestamp": now,
-             "last_finished_timestamp": now}
-        ),
-        metrics.entropy_registry(
-            {"geoid": {"count": 3, "mean": 1.0, "p50": 1.0, "p90": 2.0, "p99": 2.0,
-                       "histogram": {"0": 1, "1": 1, "2": 1}}},
-            now,
-        ),
-        metrics.migration_registry(
-            {"rows": {"inserted": 5}, "read": 5, "partitions_done": 2, "partitions_total": 4,
-             "running": 1, "progress_timestamp": now},
-            now,
-        ),
-        metrics.consistency_registry(
-            {"verdict": "consistent", "findings": {"count_parity": 0}, "checked_at": now,
-             "last_success_at": now},
-            now,
-        ),
-        metrics.rollout_registry("dual-write", now),
-        metrics.heartbeat_registry(2, now),
+    distribution = Distribution(
+        "geoid", 4, 1, 1.0, 1.0, 2.0, 2.0, 0.0, 2.0, 15.4, 15.4, 16.8, {"0": 1, "1": 1, "2": 1}
+    )
+    counts = MigrationCounts(read=5, inserted=5)
+    report = MigrationReport("run", False, False, 8, counts, 5)
+    gate = Gate("count_parity", True, "per type, legacy rows - quarantined = identities rows",
+                {}, [], 0)  # fmt: skip
+    snapshots = [
+        pushed.job_snapshot("migration_job", pushed.JobRuns(
+            {"success": 3, "failure": 1}, "success", 2.5, now, now)),
+        pushed.entropy_snapshot(EntropyStatistics([distribution], [], now)),
+        pushed.migration_snapshot(pushed.MigrationProgress(report, 2, 4, True, now), now),
+        pushed.consistency_snapshot([gate], now, now),
+        pushed.rollout_snapshot("dual-write", now),
+        pushed.heartbeat_snapshot(2, now),
     ]  # fmt: skip
-    for registry in registries:
-        text = generate_latest(registry).decode()
+    for snapshot in snapshots:
+        text = generate_latest(snapshot.registry()).decode()
         done = _promtool("check", "metrics", stdin=text)
         assert done.returncode == 0, text + done.stdout + done.stderr

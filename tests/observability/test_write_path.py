@@ -1,19 +1,16 @@
-"""The storage API records its metrics and log lines; the sensors count failed pushes."""
+"""The storage API records its metrics and log lines."""
 
 from __future__ import annotations
 
 import json
 import logging
 
-import dagster as dg
 import pytest
-from support.servers import free_port
 
 from kimera_core import metrics
 from kimera_core.identity import Identity
 from kimera_core.shadow import ShadowReads
 from kimera_core.storage import Storage, StorageError
-from kimera_pipelines import observability as obs
 
 
 def value(name: str, **labels: str) -> float:
@@ -105,32 +102,3 @@ def test_ids_are_never_labels(storage):
     for family in metrics.REGISTRY.collect():
         for sample in family.samples:
             assert "g1" not in sample.labels.values(), sample
-
-
-def test_a_failed_push_is_counted_and_the_sensor_goes_on(monkeypatch):
-    monkeypatch.setenv("KIMERA_PUSHGATEWAY", f"127.0.0.1:{free_port()}")  # nothing listens
-    instance = dg.DagsterInstance.ephemeral()
-    result = obs.kimera_metrics_sensor(dg.build_sensor_context(instance=instance))
-    assert "heartbeat failed" in result.skip_message
-    assert obs.push_failures(instance) == 1
-
-
-def test_consistency_gates_make_one_verdict():
-    failing = {"counts": {"unexplained": 7}}
-    assert obs._offending(failing, passed=False) == 7
-    assert obs._offending({}, passed=False) == 1
-    assert obs._offending(failing, passed=True) == 0
-
-
-def test_entropy_metadata_of_both_shapes_is_read():
-    new = obs.entropy_from_metadata(
-        {
-            "geoid/count": 3,
-            "geoid/p50": 1.0,
-            "geoid/histogram": {"1": 3},
-            "geoid/tau_p50_days": 15.4,
-        }
-    )
-    old = obs.entropy_from_metadata({"entropy/scar/p99": 2.0, "rows/legacy_scars": 5})
-    assert new == {"geoid": {"count": 3, "p50": 1.0, "histogram": {"1": 3}, "tau_p50_days": 15.4}}
-    assert old == {"scar": {"p99": 2.0}}

@@ -27,7 +27,7 @@ def db_path(tmp_path, demo_template):
 
 @pytest.fixture
 def database(db_path):
-    return KimeraDatabase(path=str(db_path), lock_timeout_seconds=5)
+    return KimeraDatabase(database=str(db_path), lock_timeout_seconds=5)
 
 
 @pytest.fixture

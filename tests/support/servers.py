@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,6 +61,37 @@ def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "co
             last_error = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out waiting for {what}: {last_error!r}")
+
+
+@contextlib.contextmanager
+def recording_pushgateway() -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
+    """A stand-in Pushgateway on a free port: (address, [(method, path, body), ...]).
+
+    Answers every PUT and POST with 200 and records it, so a test sees exactly what a push
+    sent without the Debian binary (the e2e test runs the real one).
+    """
+    pushes: list[tuple[str, str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _record(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+            pushes.append((self.command, self.path, body))
+            self.send_response(200)
+            self.end_headers()
+
+        do_PUT = do_POST = _record  # noqa: N815 - http.server's naming
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", pushes
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # --- a real `dagster dev`, shared by the e2e and browser tests -----------------------------------

@@ -7,13 +7,10 @@ from typing import Any
 import dagster as dg
 
 from kimera_core.db import connect
-from kimera_pipelines.assets import bucket_partitions
 from kimera_pipelines.definitions import defs
+from kimera_pipelines.resources import ALL_BUCKETS_TAGS
 
-ALL_BUCKETS = {
-    "dagster/asset_partition_range_start": bucket_partitions.get_partition_keys()[0],
-    "dagster/asset_partition_range_end": bucket_partitions.get_partition_keys()[-1],
-}
+ALL_BUCKETS = ALL_BUCKETS_TAGS
 
 
 def run_job(name: str, instance, database, **kwargs: Any) -> dg.ExecuteInProcessResult:
@@ -30,15 +27,24 @@ def check_results(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
     return {e.check_name: e for e in result.get_asset_check_evaluations()}
 
 
-def plant_divergence(db_path) -> str:
-    """Change one migrated geoid's raw text in identities only; returns its id."""
+def plant_divergences(db_path, rows: int = 1) -> list[str]:
+    """Change the raw text of ``rows`` migrated geoids in identities only; returns their ids."""
     with connect(db_path) as con:
-        key = con.execute(
-            "SELECT min(id) FROM identities WHERE identity_type = 'geoid'"
-        ).fetchone()[0]
+        keys = [
+            r[0]
+            for r in con.execute(
+                "SELECT id FROM identities WHERE identity_type = 'geoid' ORDER BY id LIMIT ?",
+                [rows],
+            ).fetchall()
+        ]
         con.execute(
             'UPDATE identities SET data = json_merge_patch(data, \'{"raw": "planted"}\'), '
-            "updated_at = updated_at + 1 WHERE id = ?",
-            [key],
+            "updated_at = updated_at + 1 WHERE list_contains(?, id)",
+            [keys],
         )
-    return key
+    return keys
+
+
+def plant_divergence(db_path) -> str:
+    """Change one migrated geoid's raw text in identities only; returns its id."""
+    return plant_divergences(db_path, 1)[0]
