@@ -344,23 +344,33 @@ def iter_scars(con: duckdb.DuckDBPyConnection, batch_size: int = 10_000) -> Iter
         yield from map(scar_from_row, rows)
 
 
+# The columns of an identities row, in the order identities_row gives their values.
+IDENTITY_ROW_COLUMNS = "id, identity_type, data, created_at, updated_at, lang_axis, entropy_score"
+
+
+def identities_row(identity: Identity, entropy: float | None) -> list[Any]:
+    """The identities row P1 writes for an identity: its document and the indexed columns.
+
+    In ``IDENTITY_ROW_COLUMNS`` order; ``entropy`` in bits (None when unknown).
+    """
+    return [
+        identity.id,
+        identity.identity_type,
+        identity.to_json(),
+        identity.created_at,
+        identity.updated_at,
+        identity.lang_axis,
+        entropy,
+    ]
+
+
 def store_identity_p1(
     con: duckdb.DuckDBPyConnection, identity: Identity, entropy: float | None
 ) -> None:
     """Write an identity the way P1 does: the JSON document plus its indexed columns."""
     con.execute(
-        "INSERT OR REPLACE INTO identities "
-        "(id, identity_type, data, created_at, updated_at, lang_axis, entropy_score) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [
-            identity.id,
-            identity.identity_type,
-            identity.to_json(),
-            identity.created_at,
-            identity.updated_at,
-            identity.lang_axis,
-            entropy,
-        ],
+        f"INSERT OR REPLACE INTO identities ({IDENTITY_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        identities_row(identity, entropy),
     )
 
 

@@ -57,6 +57,7 @@ from kimera_core.identity import (
 )
 from kimera_core.legacy import (
     GEOID_COLUMNS,
+    IDENTITY_ROW_COLUMNS,
     LEGACY_IDENTITIES_ENTROPY_SQL,
     LEGACY_IDENTITIES_SQL,
     LEGACY_IDENTITY_FIELDS,
@@ -64,6 +65,7 @@ from kimera_core.legacy import (
     create_legacy_schema,
     fetch_legacy_identity,
     geoid_to_row,
+    identities_row,
     identity_from_legacy_row,
     read_identity_p1,
     scar_to_row,
@@ -84,10 +86,7 @@ WRITE_STEPS: tuple[str, ...] = (
 NEW_STORE = "identities"
 LEGACY_STORE = "legacy"
 
-IDENTITY_INSERT = (
-    "INSERT INTO identities (id, identity_type, data, created_at, updated_at, lang_axis, "
-    "entropy_score) VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
+IDENTITY_INSERT = f"INSERT INTO identities ({IDENTITY_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 GEOID_INSERT = f"INSERT INTO legacy_geoids ({GEOID_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 SCAR_INSERT = f"INSERT INTO legacy_scars ({SCAR_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
 IDENTITY_DELETE = "DELETE FROM identities WHERE id = ?"
@@ -158,7 +157,7 @@ def _batch_identity_insert(python_iso: bool) -> str:
     # a new identity's two timestamps are equal: the text is formatted once (the optimizer
     # computes the repeated expression once)
     return f"""
-INSERT INTO identities (id, identity_type, data, created_at, updated_at, lang_axis, entropy_score)
+INSERT INTO identities ({IDENTITY_ROW_COLUMNS})
 WITH {_BATCH_SRC},
 kimera_batch_geoids AS (SELECT id, meta, tags FROM kimera_src WHERE identity_type = 'geoid'),
 kimera_batch_scars AS (
@@ -422,15 +421,7 @@ class Storage:
         slow: Steps = []
         try:
             if route.writes_new:
-                row = [
-                    identity.id,
-                    identity.identity_type,
-                    identity.to_json(),
-                    identity.created_at,
-                    identity.updated_at,
-                    identity.lang_axis,
-                    entropy,
-                ]
+                row = identities_row(identity, entropy)
                 fast.append(("after_new_store", [(IDENTITY_INSERT, row)]))
                 slow.append(
                     ("after_new_store", [(IDENTITY_DELETE, [identity.id]), (IDENTITY_INSERT, row)])
