@@ -168,3 +168,15 @@ def test_search_index_embeds_geoids_and_builds_the_index(encoder, demo_db, tmp_p
             "ORDER BY e.id LIMIT 1"
         ).fetchone()
         assert semantic.search_text(con, encoder, raw, k=1)[0][0] == gid  # through the index
+
+
+def test_an_attached_database_with_an_index_does_not_pass_for_this_one(tmp_path):
+    # information_schema lists attached databases too: 'auto' must look at this one only
+    vectors = np.eye(semantic.DIM, dtype=np.float32)[:3]
+    with duckdb.connect(str(tmp_path / "indexed.duckdb")) as other:
+        semantic.store_embeddings(other, ["a", "b", "c"], vectors)
+        semantic.build_ivf_index(other, lists=1)
+    con = duckdb.connect(str(tmp_path / "plain.duckdb"))
+    semantic.store_embeddings(con, ["x", "y"], vectors[:2])
+    con.execute(f"ATTACH '{tmp_path / 'indexed.duckdb'}' AS other (READ_ONLY)")
+    assert semantic.search_vector(con, vectors[1], k=1) == [("y", pytest.approx(1.0))]
