@@ -23,10 +23,11 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_FLOOR, Context, Decimal, localcontext
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 IdentityType = Literal["geoid", "scar"]
-IDENTITY_TYPES: tuple[str, ...] = ("geoid", "scar")
+# The one list of identity types (the type hint's values): import it, never restate it.
+IDENTITY_TYPES: tuple[str, ...] = get_args(IdentityType)
 
 # Key order of the P1 JSON document in identities.data.
 DOCUMENT_KEYS: tuple[str, ...] = (
