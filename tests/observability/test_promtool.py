@@ -6,6 +6,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 from prometheus_client import generate_latest
 from support.servers import require_binary
 
@@ -39,8 +40,6 @@ def test_rule_unit_tests_pass():
 
 
 def test_every_alert_is_tested_firing_and_not_firing():
-    import yaml
-
     tests = yaml.safe_load((ROOT / "dashboards" / "alerts_test.yml").read_text())["tests"]
     firing, quiet = set(), set()
     for test in tests:

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dagster_graphql import DagsterGraphQLClient
+
+from kimera_core.demo import generate_demo_data
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,9 +107,6 @@ _DAGSTER_DEV: dict[str, object] = {}
 
 def graphql(port: int, query: str, variables: dict | None = None) -> dict:
     """POST a GraphQL query to the webserver; errors fail the caller."""
-    import json
-    import urllib.request
-
     body = json.dumps({"query": query, "variables": variables or {}}).encode()
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/graphql",
@@ -123,11 +126,6 @@ def shared_dagster_dev(request, tmp_path_factory):
     """
     if "port" in _DAGSTER_DEV:
         return _DAGSTER_DEV["port"], _DAGSTER_DEV["db"], _DAGSTER_DEV["log"]
-    import sys
-    import urllib.request
-
-    from kimera_core.demo import generate_demo_data
-
     tmp = tmp_path_factory.mktemp("dagster_dev")
     home = tmp / "dagster_home"
     home.mkdir()
@@ -184,8 +182,6 @@ def shared_dagster_dev(request, tmp_path_factory):
 
 def launch_run(port: int, job: str, tags: dict[str, str] | None = None, run_config=None) -> str:
     """Launch a job through Dagster's GraphQL Python client; returns the run id."""
-    from dagster_graphql import DagsterGraphQLClient
-
     client = DagsterGraphQLClient("127.0.0.1", port_number=port)
     return client.submit_job_execution(
         job,
@@ -198,8 +194,6 @@ def launch_run(port: int, job: str, tags: dict[str, str] | None = None, run_conf
 
 def wait_for_run(port: int, run_id: str, timeout: float = 240) -> str:
     """The final status of a run (SUCCESS, FAILURE or CANCELED)."""
-    from dagster_graphql import DagsterGraphQLClient
-
     client = DagsterGraphQLClient("127.0.0.1", port_number=port)
 
     def finished():
