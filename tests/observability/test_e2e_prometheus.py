@@ -78,7 +78,7 @@ def test_every_dashboard_and_alert_expression_returns_data(tmp_path):
     promtool = require_binary("promtool", "prometheus")
     pg_port, app_port, prom_port = free_port(), free_port(), free_port()
     gateway = f"127.0.0.1:{pg_port}"
-    prometheus = PrometheusResource(gateway=gateway, timeout=5)
+    pushing = {"prometheus": PrometheusResource(gateway=gateway, timeout=5)}
     procs: list[subprocess.Popen] = []
     try:
         procs.append(
@@ -146,12 +146,10 @@ scrape_configs:
                     dagster_instance=instance,
                     dagster_run=instance.get_run_by_id(result.run_id),
                     dagster_event=result.get_run_success_event(),
-                    resources={"prometheus": prometheus},
+                    resources=pushing,
                 )
                 obs.kimera_push_on_success(context)
-            obs.kimera_metrics_sensor(
-                dg.build_sensor_context(instance=instance, resources={"prometheus": prometheus})
-            )
+            obs.kimera_metrics_sensor(dg.build_sensor_context(instance=instance, resources=pushing))
             assert obs.push_failures(instance) == 0
 
         pushed = _get(f"http://{gateway}/metrics")
