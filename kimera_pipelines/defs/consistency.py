@@ -2,8 +2,9 @@
 
 ``consistency_checks`` runs the verifier once (``kimera_core.gates.judge_gates``) and reports
 one blocking check per gate. Each check's metadata carries its ``Gate`` whole (``GATE``) beside
-readable entries: the one-line summary, counts, a capped sample of offending keys and the
-verifier's mode and verdict. ``consistency_check_job`` runs them with ``entropy_sanity``:
+readable entries: the one-line summary, the number of offending rows or keys (which the UI
+plots over time), counts, a capped sample of offending keys and the verifier's mode and
+verdict. ``consistency_check_job`` runs them with ``entropy_sanity``:
 together they are ``REQUIRED_CHECKS``, what a rollout advance requires.
 """
 
@@ -55,6 +56,7 @@ def consistency_checks(
             metadata={
                 GATE: dg.MetadataValue.json(gate.to_dict()),
                 "summary": dg.MetadataValue.text(gate.summary),
+                "offending": dg.MetadataValue.int(gate.offending),  # plotted by the UI
                 "counts": dg.MetadataValue.json(gate.counts),
                 "offending_keys_sample": dg.MetadataValue.json(gate.sample),
                 "verifier_mode": dg.MetadataValue.text(verification.mode),

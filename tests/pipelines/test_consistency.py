@@ -39,6 +39,7 @@ def test_each_gate_is_published_whole_beside_its_readable_entries(instance, data
         assert gate.counts == results[name].metadata["counts"].data
     field = Gate.from_dict(results["field_equality"].metadata[GATE].data)
     assert not field.passed and field.offending == 3
+    assert results["field_equality"].metadata["offending"].value == 3
     assert sorted(s["id"] for s in field.sample) == sorted(planted)
     assert results["field_equality"].metadata["verifier_verdict"].value == "inconsistent"
 
