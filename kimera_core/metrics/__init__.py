@@ -11,15 +11,12 @@
   not re-exported here: it depends on the engines' report types, and the write path that
   imports this package must not load them.
 
-This package re-exports the scraped and log names the write path uses (``metrics.X``).
+This package re-exports the scraped and log names the write path uses (``metrics.X``);
+anything else is imported from its module.
 """
 
 from kimera_core.metrics.logs import (
-    ENTROPY_LOG,
-    STORAGE_LOG,
-    JsonLineFormatter,
     enable_json_logs,
-    log_entropy,
     log_storage_write,
 )
 from kimera_core.metrics.scraped import (
@@ -27,31 +24,17 @@ from kimera_core.metrics.scraped import (
     DEFAULT_METRICS_HOST,
     DEFAULT_METRICS_PORT,
     DUAL_WRITES,
-    ENTROPY_BUCKETS,
-    IDENTITY_EFFECTIVE_TAU_SECONDS,
-    IDENTITY_ENTROPY_BITS,
     IDENTITY_OPERATION_ERRORS,
     IDENTITY_OPERATION_SECONDS,
-    IDENTITY_OPERATIONS,
-    IDENTITY_TYPES,
     LATENCY_BUCKETS_SECONDS,
-    OUTCOMES,
     REGISTRY,
-    ROLLOUT_STAGE,
-    ROLLOUT_STAGE_NUMBER,
     SHADOW_MISMATCHED_FIELDS,
-    SHADOW_OPERATIONS,
-    SHADOW_OUTCOMES,
     SHADOW_READS,
     SHADOW_RECORD_FAILURES,
     STORAGE_OPERATION_SECONDS,
-    STORAGE_OPERATIONS,
-    STORES,
-    TAU_BUCKETS_SECONDS,
     init_write_path_metrics,
     observe_entropy,
     serve,
-    set_rollout_stage,
 )
 
 __all__ = [
@@ -59,35 +42,17 @@ __all__ = [
     "DEFAULT_METRICS_HOST",
     "DEFAULT_METRICS_PORT",
     "DUAL_WRITES",
-    "ENTROPY_BUCKETS",
-    "ENTROPY_LOG",
-    "IDENTITY_EFFECTIVE_TAU_SECONDS",
-    "IDENTITY_ENTROPY_BITS",
-    "IDENTITY_OPERATIONS",
     "IDENTITY_OPERATION_ERRORS",
     "IDENTITY_OPERATION_SECONDS",
-    "IDENTITY_TYPES",
     "LATENCY_BUCKETS_SECONDS",
-    "OUTCOMES",
     "REGISTRY",
-    "ROLLOUT_STAGE",
-    "ROLLOUT_STAGE_NUMBER",
     "SHADOW_MISMATCHED_FIELDS",
-    "SHADOW_OPERATIONS",
-    "SHADOW_OUTCOMES",
     "SHADOW_READS",
     "SHADOW_RECORD_FAILURES",
-    "STORAGE_LOG",
-    "STORAGE_OPERATIONS",
     "STORAGE_OPERATION_SECONDS",
-    "STORES",
-    "TAU_BUCKETS_SECONDS",
-    "JsonLineFormatter",
     "enable_json_logs",
     "init_write_path_metrics",
-    "log_entropy",
     "log_storage_write",
     "observe_entropy",
     "serve",
-    "set_rollout_stage",
 ]
