@@ -11,6 +11,15 @@ from kimera_pipelines.definitions import defs
 from kimera_pipelines.resources import ALL_BUCKETS_TAGS
 
 ALL_BUCKETS = ALL_BUCKETS_TAGS
+# The checks on identities a rollout advance requires, by the names the UI and runbook use.
+REQUIRED_CHECKS = {
+    "count_parity",
+    "key_coverage_legacy_to_new",
+    "key_coverage_new_to_legacy",
+    "field_equality",
+    "reconciliation",
+    "entropy_sanity",
+}
 
 
 def run_job(name: str, instance, database, **kwargs: Any) -> dg.ExecuteInProcessResult:

@@ -5,7 +5,13 @@ import dagster as dg
 from kimera_core.gates import CONSISTENCY_GATES, Gate
 from kimera_pipelines.defs.consistency import consistency_daily_full, consistency_hourly
 from kimera_pipelines.metadata import GATE
-from pipelines.helpers import ALL_BUCKETS, check_results, plant_divergences, run_job
+from pipelines.helpers import (
+    ALL_BUCKETS,
+    REQUIRED_CHECKS,
+    check_results,
+    plant_divergences,
+    run_job,
+)
 
 
 def test_full_backfill_then_the_consistency_job_passes(instance, database):
@@ -13,14 +19,7 @@ def test_full_backfill_then_the_consistency_job_passes(instance, database):
     checks = run_job("consistency_check_job", instance, database)
     assert checks.success
     results = check_results(checks)
-    assert set(results) == {
-        "count_parity",
-        "key_coverage_legacy_to_new",
-        "key_coverage_new_to_legacy",
-        "field_equality",
-        "reconciliation",
-        "entropy_sanity",
-    }
+    assert set(results) == REQUIRED_CHECKS
     assert all(r.passed for r in results.values())
     recon = results["reconciliation"].metadata["counts"].data
     assert recon["legacy"] == recon["present"] + recon["quarantined"]

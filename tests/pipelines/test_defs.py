@@ -4,16 +4,9 @@ import dagster as dg
 
 from kimera_pipelines.definitions import defs
 from kimera_pipelines.resources import IDENTITIES
+from pipelines.helpers import REQUIRED_CHECKS
 
 GROUPS = {"legacy", "identities", "entropy", "rollout"}
-REQUIRED = {
-    "count_parity",
-    "key_coverage_legacy_to_new",
-    "key_coverage_new_to_legacy",
-    "field_equality",
-    "reconciliation",
-    "entropy_sanity",
-}
 
 
 def test_definitions_are_loadable():
@@ -61,7 +54,9 @@ def test_every_domain_contributes_and_names_are_kept():
         "database_backup",
         "rollout_stage",
     }
-    assert {k.name for k in graph.asset_check_keys} == REQUIRED | {"migration_reconciliation"}
+    assert {k.name for k in graph.asset_check_keys} == REQUIRED_CHECKS | {
+        "migration_reconciliation"
+    }
 
 
 def test_every_asset_and_check_has_a_description_kinds_and_owners():
@@ -99,8 +94,8 @@ def _checks(job_name: str) -> set[str]:
 def test_job_selections():
     """Each job runs exactly the checks its description promises."""
     assert _checks("migration_job") == {"migration_reconciliation"}
-    assert _checks("consistency_check_job") == REQUIRED
-    assert _checks("advance_rollout_job") == REQUIRED
+    assert _checks("consistency_check_job") == REQUIRED_CHECKS
+    assert _checks("advance_rollout_job") == REQUIRED_CHECKS
     assert _checks("step_back_rollout_job") == set()
 
 
