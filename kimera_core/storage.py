@@ -15,8 +15,8 @@ recorded as ``failed`` in its own transaction, and raised as ``DualWriteError``.
 A batch (``store_arrow``) is checked in one query, then written set-based straight from the
 registered Arrow table, one ``INSERT ... SELECT`` per table and one for its log rows (one per
 identity, as P1 writes them), all in one transaction. The document's ISO timestamps are
-formatted in SQL by ``kimera_core.sql.EPOCH_ISO_MACROS``; only those the macros cannot
-write exactly go through ``identity.epoch_to_iso``.
+formatted in SQL by ``kimera_core.sql``'s macros; the few those cannot write exactly go
+through ``identity.epoch_to_iso`` by way of ``sql.epoch_iso_fixes`` (as the migration's do).
 
 Reads in the legacy stages read the legacy tables as identities through ``kimera_core.legacy``
 (the same read ``kimera_core.query`` serves); from ``read-new`` on they read P1 documents.
@@ -53,7 +53,6 @@ from kimera_core.identity import (
     IDENTITY_TYPES,
     ConversionError,
     Identity,
-    epoch_to_iso,
 )
 from kimera_core.legacy import (
     GEOID_COLUMNS,
@@ -72,7 +71,12 @@ from kimera_core.legacy import (
 )
 from kimera_core.rollout import Routing, get_stage, routing
 from kimera_core.shadow import ShadowReads
-from kimera_core.sql import EPOCH_ISO_MACROS
+from kimera_core.sql import (
+    EPOCH_ISO_FIXES,
+    epoch_iso_fixes,
+    epoch_iso_sql,
+    install_epoch_iso_macros,
+)
 
 # The fault-injection points of a write, in the order a write passes them.
 WRITE_STEPS: tuple[str, ...] = (
@@ -105,8 +109,6 @@ LOG_INSERT = (
 # in memory once, measured cheaper than three scans (NOT MATERIALIZED).
 BATCH_VIEW = "kimera_storage_batch"
 BATCH_COLUMNS: tuple[str, ...] = DOCUMENT_KEYS
-# registered only when some timestamps need Python's epoch_to_iso (see kimera_core.sql)
-BATCH_ISO_VIEW = "kimera_storage_batch_iso"
 
 _BATCH_SRC = f"""kimera_src AS (
     SELECT id::VARCHAR AS id, identity_type::VARCHAR AS identity_type, raw::VARCHAR AS raw,
@@ -117,9 +119,6 @@ _BATCH_SRC = f"""kimera_src AS (
     FROM {BATCH_VIEW}
 )"""
 _TYPE_LIST = ", ".join(f"'{t}'" for t in IDENTITY_TYPES)  # constants, never input
-_NEEDS_PYTHON_ISO = (
-    "(NOT kimera_epoch_iso_exact(created_at) OR NOT kimera_epoch_iso_exact(updated_at))"
-)
 BATCH_CHECK_SQL = f"""
 WITH {_BATCH_SRC}
 SELECT count(*) - count(DISTINCT id),
@@ -129,31 +128,25 @@ SELECT count(*) - count(DISTINCT id),
        count(*) FILTER (WHERE identity_type = 'scar' AND (raw IS NOT NULL OR echo IS NOT NULL
                         OR lang_axis IS NOT NULL OR (tags IS NOT NULL AND tags <> '[]'))),
        count(*) FILTER (WHERE NOT (isfinite(created_at) AND isfinite(updated_at))),
-       min(id) FILTER (WHERE identity_type = 'geoid' AND raw IS NULL),
-       count(*) FILTER (WHERE {_NEEDS_PYTHON_ISO})
+       min(id) FILTER (WHERE identity_type = 'geoid' AND raw IS NULL)
 FROM kimera_src
 """
-BATCH_PYTHON_ISO_SQL = f"""
+# The batch's timestamps, for sql.epoch_iso_fixes (the few the ISO macros cannot write).
+BATCH_EPOCHS_SQL = f"""
 WITH {_BATCH_SRC}
-SELECT id, created_at, updated_at FROM kimera_src WHERE {_NEEDS_PYTHON_ISO}
+SELECT created_at FROM kimera_src UNION ALL SELECT updated_at FROM kimera_src
 """
+# Timestamps whose ISO-8601 text does not exist (outside the years 1 to 9999).
+UNWRITABLE_EPOCHS_SQL = f"SELECT count(*) FROM {EPOCH_ISO_FIXES} WHERE kimera_iso IS NULL"
 
 
-def _batch_identity_insert(python_iso: bool) -> str:
+def _batch_identity_insert(fixes: bool) -> str:
     entropy = entropy_union_sql(
         geoid_entropy_sql("kimera_batch_geoids", "id", "meta", "tags"),
         scar_entropy_sql("kimera_batch_scars", "id", "related_ids", "weight"),
     )
-    if python_iso:
-        created = "coalesce(kimera_epoch_iso(p.created_at), f.created_iso)"
-        updated = "coalesce(kimera_epoch_iso(p.updated_at), f.updated_iso)"
-        join = f"LEFT JOIN {BATCH_ISO_VIEW} f ON f.id = p.id"
-    else:
-        created, updated, join = (
-            "kimera_epoch_iso(p.created_at)",
-            "kimera_epoch_iso(p.updated_at)",
-            "",
-        )
+    created = epoch_iso_sql("p.created_at", fixes=fixes)
+    updated = epoch_iso_sql("p.updated_at", fixes=fixes)
     # a new identity's two timestamps are equal: the text is formatted once (the optimizer
     # computes the repeated expression once)
     return f"""
@@ -172,12 +165,13 @@ SELECT p.id, p.identity_type,
                    'updated_at', CASE WHEN p.updated_at = p.created_at THEN {created}
                                       ELSE {updated} END),
        p.created_at, p.updated_at, p.lang_axis, e.entropy
-FROM kimera_src p LEFT JOIN kimera_batch_entropy e ON e.key = p.id {join}
+FROM kimera_src p LEFT JOIN kimera_batch_entropy e ON e.key = p.id
 """
 
 
-BATCH_IDENTITY_INSERT = _batch_identity_insert(python_iso=False)
-BATCH_IDENTITY_INSERT_PYTHON_ISO = _batch_identity_insert(python_iso=True)
+BATCH_IDENTITY_INSERT = _batch_identity_insert(fixes=False)
+# with the epoch_iso_fixes view registered: every timestamp gets identity.epoch_to_iso's text
+BATCH_IDENTITY_INSERT_WITH_FIXES = _batch_identity_insert(fixes=True)
 BATCH_GEOID_INSERT = f"""
 INSERT INTO legacy_geoids ({GEOID_COLUMNS})
 WITH {_BATCH_SRC}
@@ -304,8 +298,7 @@ class Storage:
     ) -> None:
         self.con = con
         create_legacy_schema(con)
-        for macro in EPOCH_ISO_MACROS:
-            con.execute(macro)
+        install_epoch_iso_macros(con)
         self._clock = clock
         self._fault = fault or _no_fault
         self.stage = stage or get_stage(con)
@@ -434,7 +427,8 @@ class Storage:
                     insert, delete, row = SCAR_INSERT, SCAR_DELETE, scar_to_row(record)  # type: ignore[arg-type]
                 fast.append(("after_legacy_store", [(insert, row)]))
                 slow.append(("after_legacy_store", [(delete, [identity.id]), (insert, row)]))
-        except (ConversionError, ValueError) as exc:
+        except (ConversionError, ValueError, OverflowError) as exc:
+            # OverflowError: a timestamp outside the years 1 to 9999 has no ISO-8601 text
             self._record_failure(identity.id, identity.identity_type, "store", "validate", exc)
             raise StorageError(f"identity {identity.id!r} refused: {exc}") from exc
         details = self._details(identity.identity_type)
@@ -587,51 +581,53 @@ class Storage:
             raise StorageError(f"batch lacks columns: {', '.join(missing)}")
         if batch.num_rows == 0:
             return 0
-        con, route, now = self.con, self.routing, self._clock()
+        con, now = self.con, self._clock()
         con.register(BATCH_VIEW, batch)
         try:
-            python_iso = self._check_batch(now)
-            if python_iso:
-                self._register_python_iso(now)
-            fast: Steps = []
-            slow: Steps = []
-            at = {"now": now}
-            if route.writes_new:
-                insert = BATCH_IDENTITY_INSERT_PYTHON_ISO if python_iso else BATCH_IDENTITY_INSERT
-                fast.append(("after_new_store", [(insert, at)]))
-                slow.append(
-                    ("after_new_store", [(BATCH_DELETES["identities"], None), (insert, at)])
-                )
-            if route.writes_legacy:
-                inserts = [(BATCH_GEOID_INSERT, at), (BATCH_SCAR_INSERT, at)]
-                fast.append(("after_legacy_store", inserts))
-                deletes = [(BATCH_DELETES[t], None) for t in ("legacy_geoids", "legacy_scars")]
-                slow.append(("after_legacy_store", deletes + inserts))
-            log = {
-                "now": now,
-                "scar": self._details("scar"),
-                "geoid": self._details("geoid"),
-            }
-            try:
-                self._attempt_or_replace("batch_transaction", fast, slow, BATCH_LOG_INSERT, log)
-            except Exception as exc:
-                step = self._step
-                self._record_batch_failure(now, step, exc)
-                raise DualWriteError(
-                    f"batch of {batch.num_rows} identities failed at {step or 'begin'} and was "
-                    f"rolled back ({type(exc).__name__}: {exc})"
-                ) from exc
+            self._check_batch(now)
+            # only the documents in identities carry ISO text
+            iso = (
+                epoch_iso_fixes(con, BATCH_EPOCHS_SQL, {"now": now})
+                if self.routing.writes_new
+                else contextlib.nullcontext(False)
+            )
+            with iso as fixes:
+                if fixes:
+                    self._check_epochs(now)
+                self._write_batch(batch.num_rows, now, fixes)
             return batch.num_rows
         finally:
             con.unregister(BATCH_VIEW)
-            with contextlib.suppress(duckdb.Error):
-                con.unregister(BATCH_ISO_VIEW)
 
-    def _check_batch(self, now: float) -> bool:
-        """Refuse a bad batch before touching either store; True if some timestamps need Python."""
-        (dup, null_ids, bad_type, no_raw, scar_fields, bad_time, example, python_iso) = (
-            self.con.execute(BATCH_CHECK_SQL, {"now": now}).fetchone()
-        )
+    def _write_batch(self, rows: int, now: float, fixes: bool) -> None:
+        route, at = self.routing, {"now": now}
+        fast: Steps = []
+        slow: Steps = []
+        if route.writes_new:
+            insert = BATCH_IDENTITY_INSERT_WITH_FIXES if fixes else BATCH_IDENTITY_INSERT
+            fast.append(("after_new_store", [(insert, at)]))
+            slow.append(("after_new_store", [(BATCH_DELETES["identities"], None), (insert, at)]))
+        if route.writes_legacy:
+            inserts = [(BATCH_GEOID_INSERT, at), (BATCH_SCAR_INSERT, at)]
+            fast.append(("after_legacy_store", inserts))
+            deletes = [(BATCH_DELETES[t], None) for t in ("legacy_geoids", "legacy_scars")]
+            slow.append(("after_legacy_store", deletes + inserts))
+        log = {"now": now, "scar": self._details("scar"), "geoid": self._details("geoid")}
+        try:
+            self._attempt_or_replace("batch_transaction", fast, slow, BATCH_LOG_INSERT, log)
+        except Exception as exc:
+            step = self._step
+            self._record_batch_failure(now, step, exc)
+            raise DualWriteError(
+                f"batch of {rows} identities failed at {step or 'begin'} and was "
+                f"rolled back ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def _check_batch(self, now: float) -> None:
+        """Refuse a bad batch before touching either store."""
+        (dup, null_ids, bad_type, no_raw, scar_fields, bad_time, example) = self.con.execute(
+            BATCH_CHECK_SQL, {"now": now}
+        ).fetchone()
         problems = [
             f"{n} {what}"
             for n, what in (
@@ -648,22 +644,22 @@ class Storage:
             if n
         ]
         if problems:
-            error = StorageError(f"batch refused: {'; '.join(problems)}")
-            self._record_batch_failure(now, "validate", error)
-            raise error
-        return python_iso > 0
+            self._refuse_batch(now, f"batch refused: {'; '.join(problems)}")
 
-    def _register_python_iso(self, now: float) -> None:
-        # the few timestamps kimera_epoch_iso cannot write exactly (see kimera_core.sql)
-        rows = self.con.execute(BATCH_PYTHON_ISO_SQL, {"now": now}).fetchall()
-        fixes = pa.table(
-            {
-                "id": pa.array([r[0] for r in rows], pa.string()),
-                "created_iso": pa.array([epoch_to_iso(r[1]) for r in rows], pa.string()),
-                "updated_iso": pa.array([epoch_to_iso(r[2]) for r in rows], pa.string()),
-            }
-        )
-        self.con.register(BATCH_ISO_VIEW, fixes)
+    def _check_epochs(self, now: float) -> None:
+        """Refuse a batch holding a timestamp no ISO-8601 text can carry (years 1 to 9999)."""
+        (unwritable,) = self.con.execute(UNWRITABLE_EPOCHS_SQL).fetchone()
+        if unwritable:
+            self._refuse_batch(
+                now,
+                f"batch refused: {unwritable} timestamps outside the years 1 to 9999, which "
+                "the document's ISO-8601 text cannot hold",
+            )
+
+    def _refuse_batch(self, now: float, message: str) -> None:
+        error = StorageError(message)
+        self._record_batch_failure(now, "validate", error)
+        raise error
 
     def _record_batch_failure(self, now: float, step: str, exc: BaseException) -> None:
         details = json.dumps(

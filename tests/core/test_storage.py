@@ -222,6 +222,46 @@ def test_batch_with_a_non_finite_timestamp_is_refused(storage, bad):
     assert [r[2] for r in log_rows(storage.con)] == ["success", "failed", "failed"]
 
 
+def test_batch_fallback_timestamps_match_single_writes(tmp_path):
+    # epochs the SQL macros cannot write (pre-1970 with 7 digits, >= 1e11 s, an exponent)
+    odd = [-0.1234567, -86_400.000000123, 1e11 + 0.5, 1e-7]
+    items = [geoid(i, created_at=t, updated_at=odd[0]) for i, t in enumerate(odd)]
+    with (
+        Storage.open(str(tmp_path / "a.duckdb"), stage="dual-write") as single,
+        Storage.open(str(tmp_path / "b.duckdb"), stage="dual-write") as batch,
+    ):
+        for item in items:
+            single.store(item)
+        batch.store_batch(items)
+        query = "SELECT id, data FROM identities ORDER BY id"
+        written = batch.con.execute(query).fetchall()
+        assert len(written) == len(items)
+        for (key, doc), (key_1, doc_1) in zip(
+            written, single.con.execute(query).fetchall(), strict=True
+        ):
+            assert key == key_1 and json.loads(doc) == json.loads(doc_1)
+
+
+@pytest.mark.parametrize("late", [1e13, -1e12])
+def test_a_timestamp_without_iso_text_is_refused_in_batches_and_single_writes(storage, late):
+    storage.store_batch([geoid(1)])
+    before = checksums(storage.con)
+    with pytest.raises(StorageError, match="outside the years 1 to 9999"):
+        storage.store_batch([geoid(2), geoid(3, created_at=late)])
+    with pytest.raises(StorageError, match="refused"):
+        storage.store(geoid(4, updated_at=late))
+    assert checksums(storage.con) == before
+    # one failed row per identity of the refused batch, then the single write's
+    assert [r[2] for r in log_rows(storage.con)] == ["success", "failed", "failed", "failed"]
+
+
+def test_legacy_only_batches_need_no_iso_text(tmp_path):
+    with Storage.open(str(tmp_path / "l.duckdb"), stage="legacy-only") as storage:
+        assert storage.store_batch([geoid(1, created_at=1e13, updated_at=1e13)]) == 1
+        row = storage.con.execute("SELECT created_at FROM legacy_geoids").fetchone()
+        assert row == (1e13,)
+
+
 def test_batch_replaces_existing_rows(storage):
     storage.store_batch([geoid(i) for i in range(3)])
     storage.store_batch([geoid(i, raw="again") for i in range(2, 5)])
