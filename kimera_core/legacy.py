@@ -10,7 +10,7 @@ once, for ``storage`` and ``query``: ``LEGACY_IDENTITIES_SQL`` (both tables in o
 entropy by the migration's bulk formulas), ``fetch_legacy_identity`` (one id) and
 ``identity_from_legacy_row`` (a row of that shape as an ``Identity``).
 
-Catalog lookups (``duckdb_indexes()``, ``information_schema.tables``) are restricted to the
+Catalog lookups (``duckdb_indexes()``, ``sql.table_exists``) are restricted to the
 connection's own database: they list every attached database too, whose ``main`` schema
 would otherwise pass for this one's.
 """
@@ -26,6 +26,7 @@ import duckdb
 
 from kimera_core.entropy import entropy_union_sql, geoid_entropy_sql, scar_entropy_sql
 from kimera_core.identity import Geoid, Identity, Scar
+from kimera_core.sql import table_exists
 
 LEGACY_TABLES: tuple[str, ...] = (
     "legacy_geoids",
@@ -129,10 +130,6 @@ SECONDARY_INDEXES_SQL = (
     f"SELECT index_name, sql FROM {_OWN_INDEXES} "
     "AND table_name = ? AND NOT is_unique AND NOT is_primary ORDER BY index_name"
 )
-TABLES_SQL = (
-    "SELECT table_name FROM information_schema.tables "
-    "WHERE table_catalog = current_database() AND table_schema = 'main'"
-)
 
 
 def create_legacy_schema(con: duckdb.DuckDBPyConnection, *, indexes: bool = True) -> None:
@@ -183,8 +180,7 @@ def restore_index(con: duckdb.DuckDBPyConnection, table: str, name: str, ddl: st
 
 def missing_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
     """The legacy tables this database lacks."""
-    present = {row[0] for row in con.execute(TABLES_SQL).fetchall()}
-    return [name for name in LEGACY_TABLES if name not in present]
+    return [name for name in LEGACY_TABLES if not table_exists(con, name)]
 
 
 def table_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kimera_core.db import transaction
+from kimera_core.sql import table_exists
 from kimera_core.textsearch import SOURCE_SQL
 
 DIM = 384
@@ -66,11 +67,6 @@ LISTS_SQL = "SELECT ids, vecs FROM kimera_embedding_lists WHERE list_id IN ({mar
 # Vectors stored (or replaced) after the last build have no list yet (list_id NULL): every
 # query scans them too, and ignores any older copy of theirs in the lists.
 UNASSIGNED_SQL = "SELECT id, vec FROM kimera_embeddings WHERE list_id IS NULL"
-# Whether this database (not one attached to the connection) holds an IVF index.
-IVF_BUILT_SQL = (
-    "SELECT count(*) FROM information_schema.tables WHERE table_catalog = current_database() "
-    "AND table_schema = 'main' AND table_name = 'kimera_embedding_lists'"
-)
 
 
 class SemanticUnavailable(RuntimeError):
@@ -431,8 +427,8 @@ def search_vector(
     ``method``: 'exact' (scan), 'ivf' (the index), or 'auto' (the index if built).
     """
     if method == "auto":
-        built = con.execute(IVF_BUILT_SQL).fetchone()[0]
-        method = "ivf" if built else "exact"
+        # this database's index: one in an attached database does not count
+        method = "ivf" if table_exists(con, "kimera_embedding_lists") else "exact"
     q = [float(x) for x in np.asarray(vector, np.float32).reshape(DIM)]
     if method not in ("exact", "ivf"):
         raise ValueError(f"method must be auto, exact or ivf, got {method!r}")
