@@ -13,6 +13,13 @@ In the legacy stages entropy is computed from ``meta`` / ``tags`` / ``related_id
 same set-based SQL the migration uses (``kimera_core.entropy``): correct but a full scan, so
 entropy queries are fast only once reads come from ``identities`` (its ``entropy_score``).
 An identity whose entropy is unknown (a scar without a weight) is never in an entropy range.
+The legacy tables are read as identities by ``kimera_core.legacy`` (the read ``storage``
+serves too).
+
+The search indexes follow the store the stage reads: ``ensure_text_index`` builds the BM25
+index when it is missing or stale (looking read-only first, so a current index needs no
+write access), ``embed_read_store`` embeds geoids without a vector; ``kimera search-index``
+and ``kimera serve`` call them.
 """
 
 from __future__ import annotations
