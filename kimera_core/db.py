@@ -4,9 +4,22 @@ A DuckDB file starts with an 8-byte checksum, the magic ``DUCK`` at offset 8 and
 storage format version (uint64, little endian) at offset 12. DuckDB 0.10 and later also
 write the library version that created the file (e.g. ``v1.1.3``) at offset 52.
 
+Two database headers follow at 4096 and 8192 (8 x uint64: checksum, iteration, meta block,
+free list, block count, block alloc size, vector size, serialization compatibility); the
+one with the higher iteration is live, rewritten at every checkpoint, whereas the main
+header names the release that *created* the file and never changes. DuckDB 0.9 wrote only
+the first five fields, so a live header with a block alloc size of 0 means the catalog and
+index metadata are still in the 0.9 layout (``FileHeader.metadata_from_duckdb_09``).
+DuckDB >= 1.5 cannot read that layout when an index is empty (an empty table, or a column
+that is NULL in every row): ``INTERNAL Error: ExtractIndexStorageInfo``. DuckDB 1.1 to 1.4
+read it, and one write + CHECKPOINT by 1.4 rewrites it (``kimera db upgrade``,
+kimera_core/upgrade.py; docs/files.md).
+
 DuckDB itself would happily turn an empty file into a new database, and a file opened
 read-write is rewritten at checkpoint. ``open_database`` therefore refuses, before DuckDB
-sees the file, anything that is not a readable DuckDB file in a format this DuckDB reads.
+sees the file, anything that is not a readable DuckDB file in a format this DuckDB reads;
+when DuckDB refuses a file an older DuckDB can read, the error names the release that
+wrote it and the command that upgrades a copy.
 """
 
 from __future__ import annotations
@@ -40,12 +53,29 @@ STORAGE_VERSIONS: dict[int, str] = {
 }
 
 
+# The command that repairs a file DuckDB refuses but DuckDB 1.4 reads (kimera_core.upgrade).
+UPGRADE_COMMAND = "kimera db upgrade --db {path}"
+
+
 @dataclass(frozen=True)
 class FileHeader:
-    """What the first bytes of a DuckDB file say about it."""
+    """What the first bytes of a DuckDB file say about it.
+
+    ``library_version`` is the release that created the file (``v0.9.2``; None before 0.9),
+    ``source_id`` its git hash; ``iteration`` and ``block_alloc_size`` come from the live
+    database header (the last checkpoint): a ``block_alloc_size`` of 0 is DuckDB 0.9's.
+    """
 
     storage_version: int
     library_version: str | None
+    source_id: str | None = None
+    iteration: int | None = None
+    block_alloc_size: int | None = None
+
+    @property
+    def metadata_from_duckdb_09(self) -> bool:
+        """True when the last checkpoint wrote DuckDB 0.9's catalog and index layout."""
+        return self.storage_version == 64 and self.block_alloc_size == 0
 
     @property
     def written_by(self) -> str:
@@ -77,47 +107,95 @@ def read_header(path: str | os.PathLike[str]) -> FileHeader:
             f"truncated copy?)"
         )
     (storage_version,) = struct.unpack_from("<Q", head, 12)
-    if storage_version == VERSION_IN_DATABASE_HEADER:
-        storage_version = _database_header_version(head) or storage_version
-    library = None
-    if len(head) >= 84:
-        raw = head[52:84].split(b"\x00", 1)[0]
-        if raw.startswith(b"v") and raw.isascii():
-            library = raw.decode("ascii")
-    return FileHeader(storage_version=storage_version, library_version=library)
+    live = _live_database_header(head)
+    if storage_version == VERSION_IN_DATABASE_HEADER and live is not None:
+        storage_version = live[3] or storage_version
+    return FileHeader(
+        storage_version=storage_version,
+        library_version=_text(head, 52, 84, prefix=b"v"),
+        source_id=_text(head, 84, 116),
+        iteration=None if live is None else live[0],
+        block_alloc_size=None if live is None else live[1],
+    )
 
 
-def _database_header_version(head: bytes) -> int | None:
-    """serialization_compatibility of the active database header (the higher iteration)."""
-    best: tuple[int, int] | None = None
+def _text(head: bytes, start: int, end: int, prefix: bytes = b"") -> str | None:
+    """A NUL-padded ASCII field of the main header; None when absent or not printable."""
+    raw = head[start:end].split(b"\x00", 1)[0]
+    if not raw.startswith(prefix) or not raw.isascii() or not raw.decode("ascii").isprintable():
+        return None
+    return raw.decode("ascii") or None
+
+
+def _live_database_header(head: bytes) -> tuple[int, int, int, int] | None:
+    """(iteration, block_alloc_size, vector_size, serialization_compatibility) of the live
+    database header (the one with the higher iteration), None if the file is too short."""
+    best: tuple[int, int, int, int] | None = None
     for offset in (4096, 8192):
         if len(head) < offset + 64:
             continue
-        iteration, compat = (
-            struct.unpack_from("<Q", head, offset + 8)[0],
-            struct.unpack_from("<Q", head, offset + 56)[0],
+        _checksum, iteration, _meta, _free, _count, alloc, vector, compat = struct.unpack_from(
+            "<8Q", head, offset
         )
         if best is None or iteration > best[0]:
-            best = (iteration, compat)
-    return None if best is None else best[1]
+            best = (iteration, alloc, vector, compat)
+    return best
 
 
-def _hint_for(message: str) -> str:
+def _hint_for(message: str, header: FileHeader | None, path: Path) -> str:
     lower = message.lower()
     if "lock" in lower:
         return (
             "another process holds the database (DuckDB allows one writer per file): stop the "
             "other kimera/dagster process or open read-only"
         )
-    if "version" in lower or "serializ" in lower or "storage" in lower:
+    if header is not None and _older_duckdb_reads_it(message, header):
+        layout = ""
+        if header.metadata_from_duckdb_09:
+            layout = " (its index metadata is still in DuckDB 0.9's layout)"
         return (
-            "the file was written in a format this DuckDB "
-            f"({duckdb.__version__}) cannot read: open it with the DuckDB that wrote it and "
-            "EXPORT DATABASE, or upgrade kimera's duckdb"
+            f"written by {header.written_by}{layout}, which DuckDB {duckdb.__version__} "
+            f"cannot read but DuckDB 1.4 can: run `{UPGRADE_COMMAND.format(path=path)}` "
+            "(it upgrades a copy and leaves this file as it is; docs/files.md)"
+        )
+    if "version" in lower or "serializ" in lower or "storage" in lower:
+        written = f"written by {header.written_by}, " if header is not None else ""
+        return (
+            f"{written}a format this DuckDB ({duckdb.__version__}) cannot read: open it with "
+            "the DuckDB that wrote it and EXPORT DATABASE, or upgrade kimera's duckdb"
         )
     if "wal" in lower:
         return "its write-ahead log (.wal) is damaged: restore from a backup"
     return "the file may be damaged or truncated: restore it from a backup"
+
+
+def _older_duckdb_reads_it(message: str, header: FileHeader) -> bool:
+    """Whether DuckDB's refusal is one an older release's rewrite cures (not damage, not a
+    lock): the 0.9 index metadata, or an internal or deserialization error on a file whose
+    format DuckDB 1.4 reads (storage 64-67) and that an older release created."""
+    lower = message.lower()
+    if "could not read" in lower or "checksum" in lower or "not a valid duckdb" in lower:
+        return False
+    if header.metadata_from_duckdb_09:
+        return True
+    created_older = header.library_version is not None and _release(
+        header.library_version
+    ) < _release(duckdb.__version__)
+    return (
+        created_older
+        and header.storage_version in range(64, 68)
+        and ("internal error" in lower or "deserializ" in lower)
+    )
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"v1.4.4"`` -> (1, 4, 4); non-numeric parts (``dev12``) end the tuple."""
+    parts: list[int] = []
+    for part in version.lstrip("v").split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
 
 
 def open_database(
@@ -136,12 +214,13 @@ def open_database(
             raise DatabaseOpenError(f"{path}: no such file (cannot create it read-only)")
         if not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-    else:
+    header = None
+    if path.exists():
         header = read_header(path)
         if header.storage_version < READABLE_STORAGE_VERSIONS.start:
             raise DatabaseOpenError(
                 f"{path}: written by {header.written_by}, older than DuckDB 0.9; open it "
-                "with DuckDB 0.9 or 0.10 once (which upgrades it) and try again"
+                "with DuckDB 0.8, EXPORT DATABASE, and IMPORT DATABASE into a new file"
             )
         if header.storage_version not in READABLE_STORAGE_VERSIONS:
             raise DatabaseOpenError(
@@ -160,7 +239,8 @@ def open_database(
         )
     except duckdb.Error as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DatabaseOpenError(f"{path}: cannot open ({message}); {_hint_for(message)}") from None
+        hint = _hint_for(message, header, path)
+        raise DatabaseOpenError(f"{path}: cannot open ({message}); {hint}") from None
     con.execute("SET enable_progress_bar = false")  # output is ours to format
     return con
 

@@ -1,4 +1,4 @@
-"""``kimera db``: inspect and prepare database files, back them up and restore them."""
+"""``kimera db``: inspect, prepare and upgrade database files, back them up and restore them."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import click
 
 from kimera_core.cli.backup import backup, restore
 from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, emit_json
-from kimera_core.db import connect, read_header
-from kimera_core.legacy import create_legacy_schema, missing_tables, table_counts
+from kimera_core.db import connect
+from kimera_core.legacy import create_legacy_schema
+from kimera_core.upgrade import UpgradeReport, inspect_file, upgrade_file
 
 
 @click.group()
@@ -21,25 +22,28 @@ def db() -> None:
 @DB_OPTION
 @JSON_OPTION
 def db_info(db_path: Path, as_json: bool) -> None:
-    """Which DuckDB wrote the file, and its tables with row counts."""
-    header = read_header(db_path)
-    with connect(db_path, read_only=True) as con:
-        counts = table_counts(con)
-        missing = missing_tables(con)
-    payload = {
-        "path": str(db_path),
-        "written_by": header.written_by,
-        "storage_version": header.storage_version,
-        "tables": counts,
-        "missing_legacy_tables": missing,
-    }
+    """Which DuckDB wrote the file, and its tables with row counts when it opens.
+
+    Reads the header without opening the database; a DuckDB file that does not open is
+    described (why, and the command that repairs it), not refused.
+    """
+    info = inspect_file(db_path)
     if as_json:
-        emit_json(payload)
+        emit_json(info.to_dict())
         return
-    console.print(f"[bold]{db_path}[/bold]: written by {header.written_by}")
-    for name, count in counts.items():
+    console.print(f"[bold]{db_path}[/bold]: written by {info.written_by}")
+    if info.header.metadata_from_duckdb_09:
+        console.print("  last checkpoint: DuckDB 0.9 (its catalog and index layout)")
+    if info.wal_bytes is not None:
+        console.print(f"  write-ahead log: {info.wal_bytes:,} bytes pending in {db_path}.wal")
+    if not info.opens:
+        console.print(f"  [red]does not open[/red]: {info.problem}", soft_wrap=True)
+        if info.next_command:
+            console.print(f"  next: {info.next_command}", soft_wrap=True)
+        return
+    for name, count in (info.tables or {}).items():
         console.print(f"  {name:<16} {count:>12,}")
-    for name in missing:
+    for name in info.missing_legacy_tables or []:
         console.print(f"  {name:<16} [red]missing[/red]")
 
 
@@ -50,6 +54,53 @@ def db_init(db_path: Path) -> None:
     with connect(db_path, create=True) as con:
         create_legacy_schema(con)
     console.print(f"{db_path}: legacy layout ready")
+
+
+@db.command("upgrade")
+@DB_OPTION
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="After the checks pass, keep the original as NAME.pre-upgrade.duckdb and put the "
+    "upgraded copy in its place.",
+)
+@JSON_OPTION
+def db_upgrade(db_path: Path, replace: bool, as_json: bool) -> None:
+    """Rewrite a copy of a file this DuckDB refuses with DuckDB 1.4, and check it.
+
+    The copy (NAME.upgraded.duckdb) must hold every table with the same row count and
+    checksum as the original read by DuckDB 1.4, and open with this DuckDB. The original
+    stays byte-identical unless --replace is given (docs/files.md).
+    """
+    report = upgrade_file(db_path, replace=replace)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    _print_upgrade(report)
+
+
+def _print_upgrade(report: UpgradeReport) -> None:
+    path = report.path
+    if not report.needed:
+        console.print(
+            f"{path}: opens with DuckDB {report.opened_with} already; nothing to upgrade",
+            soft_wrap=True,
+        )
+        return
+    console.print(
+        f"[bold]{path}[/bold] (written by {report.written_by}) rewritten by DuckDB "
+        f"{report.upgraded_with}, checked with DuckDB {report.opened_with} "
+        f"in {report.seconds:.1f} s",
+        soft_wrap=True,
+    )
+    for name, digest in report.tables.items():
+        console.print(f"  {name:<22} {digest['rows']:>12,} rows  checksum {digest['checksum']}")
+    console.print(f"  original sha256 {report.original_sha256} (unchanged)")
+    if report.replaced:
+        console.print(f"Replaced: {path} is the upgraded file; the original is {report.backup}")
+        return
+    console.print(f"Upgraded copy: {report.copy} (the original is untouched)", soft_wrap=True)
+    console.print(f"next: kimera db upgrade --db {path} --replace", soft_wrap=True)
 
 
 db.add_command(backup)
