@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,15 @@ class EntropyStatistics:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EntropyStatistics:
+        """The inverse of ``to_dict`` (JSON round trip: ``from_dict(to_dict(s)) == s``)."""
+        return cls(
+            distributions=[Distribution(**d) for d in data["distributions"]],
+            daily=[dict(d) for d in data.get("daily", [])],
+            computed_at=float(data["computed_at"]),
+        )
 
 
 def entropy_distributions(con: duckdb.DuckDBPyConnection) -> list[Distribution]:

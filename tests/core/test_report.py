@@ -1,5 +1,6 @@
 """Entropy statistics of identities, the sanity check, and the written report."""
 
+import json
 import shutil
 
 import pytest
@@ -9,6 +10,7 @@ from kimera_core.entropy import identity_entropy
 from kimera_core.identity import Identity
 from kimera_core.migration import migrate
 from kimera_core.report import (
+    EntropyStatistics,
     entropy_sanity,
     entropy_statistics,
     write_entropy_report,
@@ -83,3 +85,11 @@ def test_report_is_written_with_tables_and_a_png(migrated, tmp_path):
     assert "![entropy histogram](entropy_histogram.png)" in text
     assert files.image.read_bytes()[:4] == b"\x89PNG"
     assert not list((tmp_path / "reports").glob(".*.tmp"))
+
+
+def test_entropy_statistics_survive_a_json_round_trip(migrated):
+    with connect(migrated, read_only=True) as con:
+        stats = entropy_statistics(con)
+    assert stats.distributions and stats.daily
+    again = EntropyStatistics.from_dict(json.loads(json.dumps(stats.to_dict())))
+    assert again == stats
