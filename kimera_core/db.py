@@ -146,8 +146,8 @@ def _hint_for(message: str, header: FileHeader | None, path: Path) -> str:
     lower = message.lower()
     if "lock" in lower:
         return (
-            "another process holds the database (DuckDB allows one writer per file): stop the "
-            "other kimera/dagster process or open read-only"
+            "another process holds the database (DuckDB allows one writer per file, and no "
+            "reader while it writes): stop the other kimera/dagster process and try again"
         )
     if header is not None and _older_duckdb_reads_it(message, header):
         layout = ""

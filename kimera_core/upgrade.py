@@ -16,8 +16,8 @@ digest them with one function. Steps:
 1. sha256 of the original (and its ``.wal``); a byte copy of both beside it
    (``NAME.upgraded.duckdb``, same folder so that ``--replace`` is a rename);
 2. DuckDB 1.4.4 reads the original read-only (row count and checksum of every table, the
-   names of its indexes, views and sequences), rewrites the copy (one write + CHECKPOINT)
-   and reads the copy back;
+   names of its indexes, views and sequences) and rewrites the copy (one write +
+   CHECKPOINT);
 3. the current DuckDB opens the copy read-only and digests it again: every table's count
    and checksum, and the catalog names, must equal the original's as DuckDB 1.4.4 read
    them, and the original's sha256 must not have changed;
@@ -286,8 +286,10 @@ def _needs_upgrade(path: Path, header: FileHeader) -> bool:
     try:
         open_database(path, read_only=True).close()
     except DatabaseOpenError as exc:
+        if "another process holds" in str(exc):
+            raise
         if UPGRADE_COMMAND.format(path=path) not in str(exc):
-            raise UpgradeError(f"{exc} (an upgrade with DuckDB 1.4 cannot help)") from None
+            raise UpgradeError(f"{exc} (an upgrade with DuckDB 1.4 cannot repair this)") from None
     else:
         return False
     if header.storage_version not in UPGRADE_READS:
@@ -328,9 +330,8 @@ def upgrade_file(path: str | os.PathLike[str], *, replace: bool = False) -> Upgr
             shutil.copyfile(wal_of(path), wal_of(copy))
         result = _run_worker(release, path, copy)
         report.upgraded_with = result["duckdb"]
-        problems = _differences(result["original"], result["upgraded"], "the rewritten copy")
         current = _read_with_current_duckdb(copy)
-        problems += _differences(
+        problems = _differences(
             result["original"], current, f"the copy read by DuckDB {duckdb.__version__}"
         )
         if problems:
