@@ -226,7 +226,7 @@ def _run_worker(release: Path, original: Path, copy: Path) -> dict[str, Any]:
     # -P: not the worker's folder first on sys.path; -s: no user site. duckdb = the release.
     command = [sys.executable, "-P", "-s", str(WORKER), "upgrade", str(original), str(copy)]
     try:
-        done = subprocess.run(  # noqa: S603 (our interpreter, our script, paths as arguments)
+        done = subprocess.run(
             command, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S
         )
     except subprocess.TimeoutExpired:

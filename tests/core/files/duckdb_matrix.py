@@ -169,7 +169,8 @@ def release_or_skip(version: str) -> Path:
     folder = duckdb_release(version)
     if folder is None:
         reason = (
-            f"DuckDB {version} is not installed for the file matrix: `{install_command(version)}`"
+            f"DuckDB {version} is not installed for the file matrix: run `make setup` or "
+            f"`{install_command(version)}`"
         )
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
