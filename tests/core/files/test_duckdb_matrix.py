@@ -23,7 +23,7 @@ from duckdb_matrix import (
 )
 
 import kimera_core.upgrade as upgrade_module
-from kimera_core.db import open_database, read_header
+from kimera_core.db import connect, open_database, read_header
 from kimera_core.errors import DatabaseOpenError
 from kimera_core.legacy import LEGACY_TABLES
 from kimera_core.upgrade import (
@@ -81,11 +81,8 @@ def test_the_file_opens_and_reads_back_exactly(matrix_file, case):
     version, variant = case
     path = matrix_file(version, variant)
     before = fingerprint(path)
-    con = open_database(path, read_only=True)
-    try:
+    with connect(path, read_only=True) as con:
         assert_reads_back(con, variant)
-    finally:
-        con.close()
     assert fingerprint(path) == before
 
 
@@ -176,7 +173,7 @@ def test_replace_keeps_the_original_as_a_backup(matrix_file):
     assert backup.name == "0.9.2-no_lattice_wal.pre-upgrade.duckdb"
     assert fingerprint(backup) == before  # the original and its .wal, byte-identical
     assert not wal_of(path).exists() and not upgraded_copy_path(path).exists()
-    with open_database(path, read_only=True) as con:
+    with connect(path, read_only=True) as con:
         assert_reads_back(con, "no_lattice_wal")
     assert not upgrade_file(path).needed  # a second upgrade finds nothing to do
 
