@@ -33,7 +33,23 @@ $(BIN)/.installed: pyproject.toml Makefile
 		> var/logs/install.log 2>&1 || { tail -n 40 var/logs/install.log; exit 1; }
 	@touch $@
 
-setup: $(BIN)/.installed
+# Old DuckDB releases, each in its own folder (pip --target, pinned): `kimera db upgrade`
+# runs 1.4.4 in a subprocess; tests/core/files generate their file matrix with all of them
+# (the list is OLD_DUCKDB_VERSIONS in tests/core/files/duckdb_matrix.py).
+DUCKDB_VERSIONS ?= 0.9.2 0.10.3 1.0.0 1.1.3 1.2.2 1.3.2 1.4.4
+DUCKDB_VERSIONS_DIR ?= var/duckdb-versions
+
+$(DUCKDB_VERSIONS_DIR)/.installed: Makefile | $(BIN)/.installed
+	@mkdir -p var/logs
+	@for v in $(DUCKDB_VERSIONS); do \
+		test -f $(DUCKDB_VERSIONS_DIR)/$$v/duckdb/__init__.py \
+		|| $(BIN)/python -m pip install --no-deps --target $(DUCKDB_VERSIONS_DIR)/$$v duckdb==$$v \
+			>> var/logs/install.log 2>&1 \
+		|| { tail -n 20 var/logs/install.log; exit 1; }; \
+	done
+	@touch $@
+
+setup: $(BIN)/.installed $(DUCKDB_VERSIONS_DIR)/.installed
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
