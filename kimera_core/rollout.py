@@ -361,13 +361,16 @@ def advance_to(
     *,
     soak: float | None = None,
     clock: Callable[[], float] = time.time,
+    dry_run: bool = False,
 ) -> AdvanceResult:
     """Advance one stage at a time up to ``target`` (None: the next stage) until a gate holds.
 
     Each step is ``advance`` on the same evidence, recorded in the history. A gate that
     holds stops the loop (its reasons are in ``held_by``); it is not an error. Raises
     RolloutError for an unknown target or one behind the live stage (moving back is
-    ``step_back``'s job, never an advance's).
+    ``step_back``'s job, never an advance's). ``dry_run`` records nothing and returns what
+    the same call would do now (a stage it would move to counts as live from now): the
+    rollout step backs the database up only when ``moved_through`` is not empty.
     """
     start = get_stage(con)
     if target is None:
@@ -378,11 +381,18 @@ def advance_to(
             f"target {target} is behind the live stage {start}: an advance only moves forward "
             "(step back instead)"
         )
+    soak = soak_seconds() if soak is None else soak
     current, moved, held = start, [], ()
     while current != target:
         step = STAGES[STAGES.index(current) + 1]
         try:
-            advance(con, step, evidence, actor, reason, soak=soak, clock=clock)
+            if dry_run:
+                since = stage_since(con) if not moved else clock()
+                reasons = gate_reasons(current, step, evidence, since=since, now=clock(), soak=soak)
+                if reasons:
+                    raise RolloutGateError(reasons)
+            else:
+                advance(con, step, evidence, actor, reason, soak=soak, clock=clock)
         except RolloutGateError as exc:
             held = tuple(exc.reasons)
             break
@@ -399,6 +409,14 @@ def step_back(con: duckdb.DuckDBPyConnection, actor: str, reason: str) -> str:
         raise RolloutError(f"{current} is the first stage: there is nothing to step back to")
     set_stage(con, target, actor, reason or "step back")
     return target
+
+
+def authoritative_store(stage: str) -> ReadSource:
+    """The store whose copy wins at ``stage``: the one reads come from (legacy before read-new).
+
+    A repair re-syncs the other store from it (``kimera_core.repair``).
+    """
+    return routing(stage).read
 
 
 def reads_can_fall_back(stage: str) -> bool:

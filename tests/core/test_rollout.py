@@ -185,7 +185,7 @@ def test_rollback_reads_only_while_legacy_still_receives_writes(con):
 
 
 # --- advance_to: the loop both front ends use ----------------------------------------------------
-from kimera_core.rollout import AdvanceResult, advance_to  # noqa: E402
+from kimera_core.rollout import AdvanceResult, advance_to, authoritative_store  # noqa: E402
 
 
 def test_advance_to_moves_through_every_stage_up_to_the_target(con):
@@ -240,3 +240,32 @@ def test_advance_to_the_last_stage_holds_on_the_soak(con):
     assert result.moved_through == ("read-new",)
     assert any("soak" in reason for reason in result.held_by)
     assert result.to_dict()["stage"] == "read-new"
+
+
+@pytest.mark.parametrize(
+    ("stage", "target", "evidence"),
+    [
+        ("legacy-only", "verified", _evidence()),
+        ("legacy-only", "verified", _evidence(run_ok=False)),
+        ("backfilled", "read-new", _evidence(scheduled_ok=False)),
+        ("verified", "legacy-retired", _evidence(at=2e9)),
+    ],
+)
+def test_a_dry_run_says_what_the_advance_would_do_and_records_nothing(con, stage, target, evidence):
+    set_stage(con, stage, actor="ops")
+    history = stage_history(con)
+    planned = advance_to(con, target, evidence, actor="ops", soak=3600, dry_run=True)
+    assert get_stage(con) == stage and stage_history(con) == history
+    assert advance_to(con, target, evidence, actor="ops", soak=3600) == planned
+
+
+def test_the_store_that_reads_come_from_is_authoritative():
+    assert [authoritative_store(s) for s in STAGES] == [
+        "legacy",
+        "legacy",
+        "legacy",
+        "legacy",
+        "new",
+        "new",
+        "new",
+    ]
