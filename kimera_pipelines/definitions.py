@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from kimera_pipelines.defs import consistency, entropy, legacy, migration, observability, rollout
+from kimera_pipelines.defs import (
+    consistency,
+    entropy,
+    legacy,
+    migration,
+    observability,
+    repair,
+    rollout,
+)
 from kimera_pipelines.resources import database_from_env, pushgateway_from_env
 
 defs = dg.Definitions.merge(
@@ -18,6 +26,7 @@ defs = dg.Definitions.merge(
     consistency.defs,
     entropy.defs,
     rollout.defs,
+    repair.defs,
     observability.defs,
     dg.Definitions(
         resources={"database": database_from_env(), "prometheus": pushgateway_from_env()}

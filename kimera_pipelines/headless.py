@@ -55,9 +55,9 @@ def run_pipeline(
         instance,
         "advance_rollout_job",
         database,
-        run_config={"ops": {"rollout_stage": {"config": {"target": target, "actor": "make run"}}}},
+        run_config={"ops": {"rollout": {"config": {"target": target, "actor": "make run"}}}},
     )
-    stage = _meta(result, "rollout_stage")
+    stage = _meta(result, "rollout")
     out["stage"] = stage.get("stage")
     out["held_by"] = stage.get("held_by") or []
     if not result.success:

@@ -12,6 +12,8 @@ key                             value (``to_dict`` of)                  on
 ``MIGRATION_PARTITION``         ``migration.PartitionCounts``           identities (observation, per partition)
 ``GATE``                        ``gates.Gate``                          each consistency check
 ``ENTROPY_STATISTICS``          ``report.EntropyStatistics``            entropy_distribution
+``ADVANCE``                     ``rollout.AdvanceResult``               rollout_stage (an advance)
+``REPAIR_REPORT``               ``repair.RepairReport``                 repair
 ==============================  ======================================  =================
 """
 
@@ -27,6 +29,8 @@ PARTITIONS_DONE = "partitions_done"  # beside MIGRATION_PARTITION: n of the run'
 PARTITIONS_PLANNED = "partitions_planned"
 GATE = "gate"
 ENTROPY_STATISTICS = "entropy_statistics"
+ADVANCE = "advance"
+REPAIR_REPORT = "repair_report"
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> dg.MetadataValue:

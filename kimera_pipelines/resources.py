@@ -17,6 +17,7 @@ the observability sensors register one snapshot at a time on its registry and pu
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -41,6 +42,11 @@ IN_PROCESS = dg.in_process_executor  # every job: a run's steps share the one wr
 KIND_TAG = "kimera/kind"  # migration | consistency | rollout: what a run does to the database
 NEVER_RETRY = {"dagster/max_retries": "0"}  # resumed or rolled back by an operator instead
 IDENTITIES = dg.AssetKey("identities")
+LEGACY_TABLES = [dg.AssetKey("legacy_geoids"), dg.AssetKey("legacy_scars")]
+ROLLOUT_STAGE = dg.AssetKey("rollout_stage")
+DATABASE_BACKUP = dg.AssetKey("database_backup")
+REPAIR = dg.AssetKey("repair")
+ROLLOUT_BACKUP_SUFFIX = "-rollout"  # the rollout's backups, the ones retention prunes
 
 # The migration's hash buckets; each is a partition of identities. Fixed: buckets of one run
 # and of its resume must agree, and so must the partitions the UI shows.
@@ -63,6 +69,7 @@ class KimeraDatabase(DuckDBResource):
     reports_dir: str = ""  # default: <db folder>/reports
     backups_dir: str = ""  # default: <db folder>/backups
     lock_timeout_seconds: float = 120.0
+    backups_kept: int = 5  # the rollout's backups kept (oldest pruned first); >= 1
 
     @classmethod
     def _is_dagster_maintained(cls) -> bool:
@@ -118,6 +125,31 @@ class KimeraDatabase(DuckDBResource):
         """
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         return self.backups_path / f"{stamp}-{run_id[:8]}{suffix}"
+
+    def prune_rollout_backups(self) -> list[Path]:
+        """Delete the rollout's backups beyond the newest ``backups_kept``; returns those deleted.
+
+        Only folders named by ``new_backup_path`` with ``ROLLOUT_BACKUP_SUFFIX`` are counted
+        (a pre-rollback backup of the migration is never pruned); names sort by time.
+        """
+        if self.backups_kept < 1:
+            raise ValueError("backups_kept must be at least 1")
+        if not self.backups_path.is_dir():
+            return []
+        ours = sorted(
+            p
+            for p in self.backups_path.iterdir()
+            if p.is_dir() and p.name.endswith(ROLLOUT_BACKUP_SUFFIX)
+        )
+        doomed = ours[: -self.backups_kept]
+        for path in doomed:
+            shutil.rmtree(path)
+        return doomed
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (a backup's size on disk, without directories)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def database_from_env() -> KimeraDatabase:

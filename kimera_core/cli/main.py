@@ -12,6 +12,7 @@ from kimera_core.cli.data import demo_data, summary
 from kimera_core.cli.database import db
 from kimera_core.cli.metrics import lattice_workload, metrics_group, workload
 from kimera_core.cli.migrate import migrate_cmd
+from kimera_core.cli.repair import repair_cmd
 from kimera_core.cli.serve import search_index, serve
 from kimera_core.cli.verify import verify
 from kimera_core.errors import KimeraError
@@ -40,6 +41,7 @@ for command in (
 ):
     cli.add_command(command)
 cli.add_command(migrate_cmd, name="migrate")
+cli.add_command(repair_cmd, name="repair")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,77 +1,176 @@
-"""The consistency gates as blocking checks on identities, their job and their schedules.
+"""The rollout's gates as checks of rollout_stage, their results, the consistency job and schedules.
 
-``consistency_checks`` runs the verifier once (``kimera_core.gates.judge_gates``) and reports
-one blocking check per gate. Each check's metadata carries its ``Gate`` whole (``GATE``) beside
-readable entries: the one-line summary, the number of offending rows or keys (which the UI
-plots over time), counts, a capped sample of offending keys and the verifier's mode and
-verdict. ``consistency_check_job`` runs them with ``entropy_sanity``:
-together they are ``REQUIRED_CHECKS``, what a rollout advance requires.
+The gates are the consistency gates of ``kimera_core.gates`` (``CONSISTENCY_GATES``) and
+``entropy_sanity``: together ``REQUIRED_CHECKS``. They are checks of ``rollout_stage``, not of
+``identities``, and they are evaluated by the rollout step itself (``defs/rollout.py``), in
+the same step that moves the stage:
+
+* any launch that materializes ``rollout_stage`` (the job page's Materialize button, the
+  asset page, the launchpad, a schedule, a sensor, ``make run``) evaluates the gates before
+  the core decides whether the stage moves: the evidence cannot be missing from the run;
+* a migration (an ``identities`` backfill of all, some or one partition, from any page)
+  never runs them: Dagster runs the checks of the assets it materializes, and these are not
+  checks of ``identities``;
+* ``consistency_check_job`` runs them alone (the checks-only subset of the rollout step),
+  and so do its schedules and the repair job after a repair.
+
+Each check's metadata carries its ``Gate`` whole (``GATE``) beside readable entries: the
+one-line summary, the number of offending rows or keys (which the UI plots over time),
+counts, a capped sample of offending keys, the verifier's mode and verdict, and whether a
+repair applies (``repair_job``, ``kimera repair``) and from which store.
 """
 
+from collections.abc import Iterable, Set
+
 import dagster as dg
+from pydantic import Field
 
-from kimera_core.gates import CONSISTENCY_GATES, GATE_DESCRIPTIONS, judge_gates
-from kimera_pipelines.defs.entropy import ENTROPY_SANITY
+from kimera_core.gates import CONSISTENCY_GATES, GATE_DESCRIPTIONS, Gate, GateReport
+from kimera_core.report import EntropySanity
+from kimera_core.rollout import CheckEvidence
+from kimera_pipelines.defs.entropy import (
+    ENTROPY_SANITY,
+    ENTROPY_SANITY_DESCRIPTION,
+    entropy_sanity_result,
+)
 from kimera_pipelines.metadata import GATE
-from kimera_pipelines.resources import IDENTITIES, IN_PROCESS, KIND_TAG, POOL, KimeraDatabase
+from kimera_pipelines.resources import (
+    IDENTITIES,
+    IN_PROCESS,
+    KIND_TAG,
+    LEGACY_TABLES,
+    ROLLOUT_STAGE,
+)
 
+GATES_OP = "rollout"  # the step that evaluates the gates (and moves the stage)
 CONSISTENCY_JOB = "consistency_check_job"
-# The checks a rollout advance requires, in its own run and (past verified) in this job.
+REPAIR_JOB = "repair_job"
+# Jobs whose gate evaluations are the across-runs evidence an advance past verified needs.
+VERIFYING_JOBS: tuple[str, ...] = (CONSISTENCY_JOB, REPAIR_JOB)
 REQUIRED_CHECKS: tuple[str, ...] = (*CONSISTENCY_GATES, ENTROPY_SANITY)
-REQUIRED_CHECK_KEYS = [dg.AssetCheckKey(IDENTITIES, name) for name in REQUIRED_CHECKS]
+REQUIRED_CHECK_KEYS = [dg.AssetCheckKey(ROLLOUT_STAGE, name) for name in REQUIRED_CHECKS]
 REQUIRED_CHECK_SELECTION = dg.AssetSelection.checks(*REQUIRED_CHECK_KEYS)
+# Gates whose offending items are keys a repair re-syncs (count_parity's gap is made of them).
+REPAIRABLE: frozenset[str] = frozenset(CONSISTENCY_GATES)
+REPAIR_HINT = (
+    " Repair applies: launch repair_job (or `kimera repair --db PATH`) to re-sync the "
+    "offending keys from the authoritative store (legacy before read-new, identities from it "
+    "on), journaled so it can be undone."
+)
+STORE_NAMES = {"legacy": "the legacy tables", "new": "identities"}
 
 
 class ConsistencyConfig(dg.Config):
-    """incremental: only keys written since the last recorded verification (hourly)."""
+    """How the gates are evaluated."""
 
-    incremental: bool = False
-    sample: int = 20
+    incremental: bool = Field(
+        default=False,
+        description=(
+            "Verify only the keys written since the last recorded verification (the hourly "
+            "schedule); false: every key (the daily schedule, and an advance by default)."
+        ),
+    )
+    sample: int = Field(
+        default=20, description="Offending keys kept per gate in the check's metadata."
+    )
 
 
-@dg.multi_asset_check(
-    specs=[
-        dg.AssetCheckSpec(name, asset=IDENTITIES, blocking=True, description=text)
-        for name, text in GATE_DESCRIPTIONS.items()
-    ],
-    name="consistency_checks",
-    description="Run the consistency verifier once and judge each rollout gate.",
-    pool=POOL,
-)
-def consistency_checks(
-    context: dg.AssetCheckExecutionContext, config: ConsistencyConfig, database: KimeraDatabase
-):
-    with database.get_connection() as con:
-        judged = judge_gates(con, incremental=config.incremental, sample=config.sample)
-    verification = judged.verification
-    verdict = "consistent" if verification.consistent else "inconsistent"
-    context.log.info(f"verifier: {verdict} ({verification.mode}) {verification.reasons}")
-    for gate in judged.gates:
-        yield dg.AssetCheckResult(
-            check_name=gate.name,
-            asset_key=IDENTITIES,
-            passed=gate.passed,
-            severity=dg.AssetCheckSeverity.ERROR,
-            description=gate.summary,
-            metadata={
-                GATE: dg.MetadataValue.json(gate.to_dict()),
-                "summary": dg.MetadataValue.text(gate.summary),
-                "offending": dg.MetadataValue.int(gate.offending),  # plotted by the UI
-                "counts": dg.MetadataValue.json(gate.counts),
-                "offending_keys_sample": dg.MetadataValue.json(gate.sample),
-                "verifier_mode": dg.MetadataValue.text(verification.mode),
-                "verifier_verdict": dg.MetadataValue.text(verdict),
-            },
+def _description(name: str) -> str:
+    return GATE_DESCRIPTIONS[name] + (REPAIR_HINT if name in REPAIRABLE else "")
+
+
+GATE_CHECK_SPECS: list[dg.AssetCheckSpec] = [
+    *(
+        dg.AssetCheckSpec(
+            name,
+            asset=ROLLOUT_STAGE,
+            description=_description(name),
+            additional_deps=[IDENTITIES, *LEGACY_TABLES],
         )
+        for name in CONSISTENCY_GATES
+    ),
+    dg.AssetCheckSpec(
+        ENTROPY_SANITY,
+        asset=ROLLOUT_STAGE,
+        description=ENTROPY_SANITY_DESCRIPTION,
+        additional_deps=[IDENTITIES],
+    ),
+]
+
+
+def _repair_entry(gate: Gate, authority: str) -> dg.MetadataValue:
+    if gate.passed:
+        return dg.MetadataValue.text("not needed: the gate passed")
+    if gate.name not in REPAIRABLE:
+        return dg.MetadataValue.text("does not apply to this gate")
+    return dg.MetadataValue.md(
+        f"**Applies.** Launch `repair_job` (Materialize on its page) or run "
+        f"`kimera repair --db PATH`: the offending keys are re-synced from "
+        f"{STORE_NAMES[authority]}, the authoritative store at this stage, through the "
+        "dual-write path, journaled (`kimera repair --undo ID` puts them back), then verified."
+    )
+
+
+def gate_result(gate: Gate, judged: GateReport, authority: str) -> dg.AssetCheckResult:
+    """One gate's check result: its ``Gate`` whole beside the entries an operator reads."""
+    verification = judged.verification
+    return dg.AssetCheckResult(
+        check_name=gate.name,
+        asset_key=ROLLOUT_STAGE,
+        passed=gate.passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=gate.summary,
+        metadata={
+            GATE: dg.MetadataValue.json(gate.to_dict()),
+            "summary": dg.MetadataValue.text(gate.summary),
+            "offending": dg.MetadataValue.int(gate.offending),  # plotted by the UI
+            "counts": dg.MetadataValue.json(gate.counts),
+            "offending_keys_sample": dg.MetadataValue.json(gate.sample),
+            "verifier_mode": dg.MetadataValue.text(verification.mode),
+            "verifier_verdict": dg.MetadataValue.text(verification.verdict),
+            "repair": _repair_entry(gate, authority),
+        },
+    )
+
+
+def gate_results(
+    judged: GateReport,
+    sanity: EntropySanity,
+    authority: str,
+    selected: Set[dg.AssetCheckKey],
+) -> Iterable[dg.AssetCheckResult]:
+    """The selected gates' check results (a step may only report the checks it was given)."""
+    for gate in judged.gates:
+        if dg.AssetCheckKey(ROLLOUT_STAGE, gate.name) in selected:
+            yield gate_result(gate, judged, authority)
+    if dg.AssetCheckKey(ROLLOUT_STAGE, ENTROPY_SANITY) in selected:
+        yield entropy_sanity_result(sanity, ROLLOUT_STAGE)
+
+
+def run_evidence(
+    judged: GateReport, sanity: EntropySanity, run_id: str, at: float
+) -> tuple[CheckEvidence, ...]:
+    """Every gate as evaluated in this step: the evidence the core's advance reads."""
+    return (
+        *(CheckEvidence(g.name, g.passed, run_id, at) for g in judged.gates),
+        CheckEvidence(ENTROPY_SANITY, sanity.passed, run_id, at),
+    )
+
+
+def failed_gates(judged: GateReport, sanity: EntropySanity) -> list[str]:
+    """The names of the gates that failed, in ``REQUIRED_CHECKS`` order."""
+    failed = [g.name for g in judged.gates if not g.passed]
+    return failed + ([] if sanity.passed else [ENTROPY_SANITY])
 
 
 consistency_check_job = dg.define_asset_job(
     name=CONSISTENCY_JOB,
     selection=REQUIRED_CHECK_SELECTION,
     description=(
-        "Run the blocking consistency checks and the entropy sanity check on identities, alone "
-        "(no materialization). Config consistency_checks.incremental: only keys written since "
-        "the last verification."
+        "Evaluate the rollout's gates (the consistency checks and entropy_sanity, checks of "
+        "rollout_stage) alone: nothing is materialized and the stage does not move. The run "
+        "fails when a gate fails. Config rollout.incremental: only keys written since the "
+        "last verification."
     ),
     executor_def=IN_PROCESS,
     tags={KIND_TAG: "consistency"},
@@ -79,7 +178,7 @@ consistency_check_job = dg.define_asset_job(
 
 
 def _consistency_config(incremental: bool) -> dict:
-    return {"ops": {"consistency_checks": {"config": {"incremental": incremental}}}}
+    return {"ops": {GATES_OP: {"config": {"incremental": incremental}}}}
 
 
 consistency_hourly = dg.ScheduleDefinition(
@@ -108,7 +207,6 @@ consistency_daily_full = dg.ScheduleDefinition(
 )
 
 defs = dg.Definitions(
-    asset_checks=[consistency_checks],
     jobs=[consistency_check_job],
     schedules=[consistency_hourly, consistency_daily_full],
 )

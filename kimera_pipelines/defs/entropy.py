@@ -2,8 +2,9 @@
 
 ``entropy_distribution`` publishes the core's ``EntropyStatistics`` whole
 (``ENTROPY_STATISTICS``) beside a readable entry per identity type and statistic; the
-metrics sensor pushes its snapshot from that report. ``entropy_sanity`` is a blocking check
-on identities that the rollout requires with the consistency gates.
+metrics sensor pushes its snapshot from that report. ``entropy_sanity`` is one of the
+rollout's gates: its spec and result are built here, and it is evaluated with the consistency
+gates by the rollout step (``defs/consistency.py``).
 """
 
 import base64
@@ -11,12 +12,12 @@ import base64
 import dagster as dg
 
 from kimera_core.report import (
+    EntropySanity,
     daily_series,
     entropy_distributions,
     entropy_statistics,
     write_entropy_report,
 )
-from kimera_core.report import entropy_sanity as core_entropy_sanity
 from kimera_pipelines.metadata import ENTROPY_STATISTICS, md_table
 from kimera_pipelines.resources import IDENTITIES, IN_PROCESS, OWNERS, POOL, KimeraDatabase
 
@@ -94,8 +95,9 @@ def entropy_daily_series(database: KimeraDatabase) -> dg.MaterializeResult:
     deps=[entropy_distribution, effective_tau_distribution, entropy_daily_series],
     description=(
         "A readable entropy report: markdown tables and a histogram plot, attached to the "
-        "materialization and written to <reports folder>/entropy_report.md and "
-        "entropy_histogram.png."
+        "materialization and written as entropy_report.md and entropy_histogram.png to the "
+        "reports folder (reports/ beside the database file unless the database resource's "
+        "reports_dir says otherwise)."
     ),
     **ENTROPY,
 )
@@ -117,20 +119,19 @@ def entropy_distribution_report(database: KimeraDatabase) -> dg.MaterializeResul
     )
 
 
-@dg.asset_check(
-    asset=IDENTITIES,
-    name=ENTROPY_SANITY,
-    blocking=True,
-    pool=POOL,
-    description=(
-        "Every entropy score is finite, 0 <= H <= its bound (log2 of the distribution's "
-        "members; times |weight| for a scar), and tau_eff >= tau_0."
-    ),
+ENTROPY_SANITY_DESCRIPTION = (
+    "Every entropy score in identities is finite, 0 <= H <= its bound (log2 of the "
+    "distribution's members; times |weight| for a scar), and tau_eff >= tau_0. When it fails: "
+    "the sample names the identities; re-migrate them (a pattern means a writer computes "
+    "entropy wrongly). Repair does not apply: both stores would carry the same score."
 )
-def entropy_sanity(database: KimeraDatabase) -> dg.AssetCheckResult:
-    with database.get_connection(read_only=True) as con:
-        sanity = core_entropy_sanity(con)
+
+
+def entropy_sanity_result(sanity: EntropySanity, asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+    """The entropy_sanity check's result on ``asset_key`` from the core's ``EntropySanity``."""
     return dg.AssetCheckResult(
+        check_name=ENTROPY_SANITY,
+        asset_key=asset_key,
         passed=sanity.passed,
         severity=dg.AssetCheckSeverity.ERROR,
         description=(
@@ -139,6 +140,7 @@ def entropy_sanity(database: KimeraDatabase) -> dg.AssetCheckResult:
         ),
         metadata={
             "checked": dg.MetadataValue.int(sanity.checked),
+            "offending": dg.MetadataValue.int(sum(sanity.problems.values())),
             "counts": dg.MetadataValue.json(sanity.problems),
             "offending_keys_sample": dg.MetadataValue.json(sanity.sample),
         },
@@ -175,7 +177,6 @@ defs = dg.Definitions(
         entropy_daily_series,
         entropy_distribution_report,
     ],
-    asset_checks=[entropy_sanity],
     jobs=[entropy_report_job],
     schedules=[entropy_report_daily],
 )

@@ -11,7 +11,7 @@ from kimera_pipelines.definitions import defs
 from kimera_pipelines.resources import ALL_BUCKETS_TAGS
 
 ALL_BUCKETS = ALL_BUCKETS_TAGS
-# The checks on identities a rollout advance requires, by the names the UI and runbook use.
+# The gates (checks of rollout_stage) a rollout advance requires, by the names the UI and runbook use.
 REQUIRED_CHECKS = {
     "count_parity",
     "key_coverage_legacy_to_new",
@@ -28,8 +28,22 @@ def run_job(name: str, instance, database, **kwargs: Any) -> dg.ExecuteInProcess
     )
 
 
+def rollout_config(**config: Any) -> dict:
+    """Run config of the rollout step (op ``rollout``)."""
+    return {"ops": {"rollout": {"config": config}}}
+
+
 def advance_config(target: str = "", **extra: Any) -> dict:
-    return {"ops": {"rollout_stage": {"config": {"target": target, **extra}}}}
+    return rollout_config(target=target, **extra)
+
+
+def materialized(result: dg.ExecuteInProcessResult, asset: str) -> list[dict[str, Any]]:
+    """The metadata of each materialization of ``asset`` in the run, in order."""
+    return [
+        e.event_specific_data.materialization.metadata
+        for e in result.get_asset_materialization_events()
+        if e.event_specific_data.materialization.asset_key == dg.AssetKey(asset)
+    ]
 
 
 def check_results(result: dg.ExecuteInProcessResult) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The consistency gates as blocking checks: each publishes its typed Gate; the schedules."""
+"""The gates as checks of rollout_stage: each publishes its typed Gate; the schedules."""
 
 import dagster as dg
 
@@ -46,7 +46,7 @@ def test_each_gate_is_published_whole_beside_its_readable_entries(instance, data
 def test_consistency_schedules_run_incremental_hourly_and_full_daily():
     hourly = consistency_hourly.evaluate_tick(dg.build_schedule_context())
     daily = consistency_daily_full.evaluate_tick(dg.build_schedule_context())
-    config = "ops", "consistency_checks", "config", "incremental"
+    config = "ops", "rollout", "config", "incremental"
 
     def incremental(data):
         value = data.run_requests[0].run_config

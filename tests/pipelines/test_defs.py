@@ -3,7 +3,7 @@
 import dagster as dg
 
 from kimera_pipelines.definitions import defs
-from kimera_pipelines.resources import IDENTITIES
+from kimera_pipelines.resources import IDENTITIES, ROLLOUT_STAGE
 from pipelines.helpers import REQUIRED_CHECKS
 
 GROUPS = {"legacy", "identities", "entropy", "rollout"}
@@ -24,6 +24,7 @@ def test_every_domain_contributes_and_names_are_kept():
         "advance_rollout_job",
         "step_back_rollout_job",
         "rollback_reads_job",
+        "repair_job",
     }
     assert {s.name for s in repo.schedule_defs} == {
         "observe_legacy_hourly",
@@ -53,8 +54,12 @@ def test_every_domain_contributes_and_names_are_kept():
         "entropy_distribution_report",
         "database_backup",
         "rollout_stage",
+        "repair",
     }
-    assert {k.name for k in graph.asset_check_keys} == REQUIRED_CHECKS | {
+    assert {k.name for k in graph.asset_check_keys if k.asset_key == ROLLOUT_STAGE} == (
+        REQUIRED_CHECKS
+    )
+    assert {k.name for k in graph.asset_check_keys if k.asset_key == IDENTITIES} == {
         "migration_reconciliation"
     }
 
@@ -67,7 +72,7 @@ def test_every_asset_and_check_has_a_description_kinds_and_owners():
         assert node.owners == ["team:kimera-migration"], key
         assert "duckdb" in node.kinds, key
     checks = list(graph.asset_check_keys)
-    assert len(checks) == 7
+    assert len(checks) == len(REQUIRED_CHECKS) + 1
     for check_key in checks:
         assert graph.get_check_spec(check_key).description, check_key
 
@@ -86,17 +91,30 @@ def test_every_job_runs_in_process_and_is_described():
         assert job.description, job.name
 
 
-def _checks(job_name: str) -> set[str]:
+def _checks(job_name: str) -> dict[str, set[str]]:
     graph = defs.resolve_job_def(job_name).asset_layer.asset_graph
-    return {key.name for key in graph.asset_check_keys if key.asset_key == IDENTITIES}
+    found: dict[str, set[str]] = {}
+    for key in graph.asset_check_keys:
+        found.setdefault(key.asset_key.to_user_string(), set()).add(key.name)
+    return found
 
 
 def test_job_selections():
     """Each job runs exactly the checks its description promises."""
-    assert _checks("migration_job") == {"migration_reconciliation"}
-    assert _checks("consistency_check_job") == REQUIRED_CHECKS
-    assert _checks("advance_rollout_job") == REQUIRED_CHECKS
-    assert _checks("step_back_rollout_job") == set()
+    assert _checks("migration_job") == {"identities": {"migration_reconciliation"}}
+    for job in ("consistency_check_job", "advance_rollout_job", "repair_job"):
+        assert _checks(job) == {"rollout_stage": REQUIRED_CHECKS}, job
+    assert _checks("step_back_rollout_job") == {}
+    assert _checks("rollback_reads_job") == {}
+
+
+def test_a_migration_from_any_page_runs_no_gate():
+    """Dagster runs the checks of the assets it materializes: none of the gates is on identities
+    (an asset backfill of identities, from the asset page, runs every check of identities)."""
+    graph = defs.resolve_asset_graph()
+    assert {k.name for k in graph.get_check_keys_for_assets({IDENTITIES})} == {
+        "migration_reconciliation"
+    }
 
 
 def test_migration_job_is_never_retried():
