@@ -2,17 +2,23 @@
 
 The scalar functions are the reference. The bulk form (``bulk_*``) computes the same
 values for a whole table or batch in one set-based DuckDB statement; migration and
-statistics use it. Both follow these rules (docs/entropy.md):
+statistics use it. Both follow the existing Kimera's Python (KIMERA_LEGACY.md; where and why
+they still differ: docs/entropy.md):
 
 * Geoid: if ``meta`` is an object whose ``terms`` is a list, H is the Shannon entropy in
-  bits of the terms' intensities that are finite JSON numbers > 0, normalised to sum 1.
-  Intensities that are missing, null, strings, booleans, zero, negative, NaN or infinite
-  are ignored (NaN and infinity are not valid intensities: they carry no share of the
-  distribution). No usable term gives H = 0. Otherwise, with n = the length of ``tags``
-  when it is a list: log2(n) if n > 1, else 0.
+  bits of the terms' intensities that pass Python's ``isinstance(v, (int, float))`` and
+  ``v > 0``, normalised to sum 1: ``true`` counts as 1 (a bool is an int), ``false``, zero,
+  negatives, NaN, strings such as ``"0.5"`` and null do not. Infinite intensities and
+  integers beyond the double range are ignored too: the existing Python would turn the
+  whole entropy into NaN with them, and the migration and the storage API refuse such rows
+  (``non_finite_intensity``). No usable term gives H = 0. Otherwise, with n = the length of
+  ``tags`` when it is a list: log2(n) if n > 1, else 0. ``meta or {}``, ``tags or []``: a
+  null, empty or otherwise false value is the default.
 * Scar: 0 when related_ids is not a list of at least two items; else
-  log2(len(related_ids)) * weight. A missing or non-finite weight makes H unknown (None /
-  SQL NULL); such a scar decays with tau_0, as if H were 0.
+  log2(len(related_ids)) * weight, where a missing weight (None / SQL NULL) is 1.0 and a
+  bool is 0 or 1. A non-finite or non-numeric weight makes H unknown (None / SQL NULL);
+  such a scar decays with tau_0, as if H were 0 (the migration and the storage API refuse
+  a non-finite weight: ``non_finite_weight``).
 * tau_eff = tau_0 * (1 + k * H); decay(age) = exp(-age / tau_eff), 0 when tau_eff <= 0.
 """
 
@@ -37,7 +43,7 @@ def _usable_intensity(term: Any) -> float | None:
     if not isinstance(term, dict):
         return None
     value = term.get("intensity")
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not isinstance(value, int | float):  # a bool is an int: True counts as 1
         return None
     try:
         value = float(value)
@@ -78,12 +84,22 @@ def geoid_entropy(meta: Any, tags: Any) -> float:
     return math.log2(n) if n > 1 else 0.0
 
 
+# A scar's weight when it has none, as the existing Identity model reads it.
+DEFAULT_SCAR_WEIGHT = 1.0
+
+
 def scar_entropy(related_ids: Any, weight: Any) -> float | None:
-    """Entropy of a scar; None when the weight needed by the formula is unknown."""
+    """Entropy of a scar; a missing weight is 1.0; None when the weight is not a finite number."""
     n = len(related_ids) if isinstance(related_ids, list) else 0
     if n <= 1:
         return 0.0
-    if isinstance(weight, bool) or not isinstance(weight, int | float):
+    if weight is None:
+        weight = DEFAULT_SCAR_WEIGHT
+    if not isinstance(weight, int | float):  # a bool is an int: 0 or 1
+        return None
+    try:
+        weight = float(weight)
+    except OverflowError:  # an integer beyond the double range
         return None
     weight = float(weight)
     if not math.isfinite(weight):
@@ -133,8 +149,9 @@ def decay_factor(age_seconds: float, tau_eff: float) -> float:
 
 
 # --- bulk form (DuckDB, set-based) ------------------------------------------------------
-# Numeric JSON types DuckDB reports for a JSON number.
-_NUMERIC_JSON_TYPES = "('BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'UHUGEINT')"
+# JSON types that pass Python's isinstance(v, (int, float)): the numbers, and booleans
+# (a bool is an int; true casts to 1.0).
+_NUMERIC_JSON_TYPES = "('BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'UHUGEINT', 'BOOLEAN')"
 
 # The first stage parses meta once; TRY turns text that is not JSON (old files, VARCHAR
 # batches) into NULL. Migration reuses the later stages over columns it parsed itself.
@@ -176,17 +193,18 @@ SELECT key,
 FROM kimera_summed
 """
 
-SCAR_ENTROPY_SQL = """
+# A NULL weight is DEFAULT_SCAR_WEIGHT (1.0), as the existing Identity model reads it.
+SCAR_ENTROPY_SQL = f"""
 WITH src AS (
-    SELECT {key} AS key,
-           coalesce(TRY(CASE WHEN json_type({related}) = 'ARRAY'
-                             THEN json_array_length({related}) END), 0) AS n,
-           {weight} AS w
-    FROM {source}
+    SELECT {{key}} AS key,
+           coalesce(TRY(CASE WHEN json_type({{related}}) = 'ARRAY'
+                             THEN json_array_length({{related}}) END), 0) AS n,
+           coalesce({{weight}}, {DEFAULT_SCAR_WEIGHT!r}) AS w
+    FROM {{source}}
 )
 SELECT key,
        CASE WHEN n <= 1 THEN 0.0
-            WHEN w IS NULL OR NOT isfinite(w) THEN NULL
+            WHEN NOT isfinite(w) THEN NULL
             ELSE log2(n) * w
        END::DOUBLE AS entropy
 FROM src

@@ -11,7 +11,12 @@ Field mapping (ADR-001):
 
 Timestamps are Unix epoch seconds as floats everywhere in the model, exactly as the DOUBLE
 columns hold them. The P1 JSON document carries them as ISO-8601 strings written so that
-they parse back to the very same float (see ``epoch_to_iso``).
+they parse back to the very same float (see ``epoch_to_iso``); that text exists for the
+epochs of the years 1 to 9999 (``EPOCH_MIN`` <= t < ``EPOCH_END``), what Python's
+``datetime`` can represent.
+
+Text follows Python's ``str.strip``: ``PY_WHITESPACE`` lists the characters it strips (every
+``str.isspace`` character), which the SQL rules (``kimera_core.sql``) strip too.
 """
 
 from __future__ import annotations
@@ -45,6 +50,18 @@ DOCUMENT_KEYS: tuple[str, ...] = (
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The epochs ISO-8601 text can carry: 0001-01-01T00:00:00 <= t < 10000-01-01T00:00:00 (UTC).
+EPOCH_MIN = -62135596800.0
+EPOCH_END = 253402300800.0
+
+# The characters Python's str.strip() removes (str.isspace, Unicode 15): tab, LF, VT, FF, CR,
+# the information separators 0x1C-0x1F, space, NEL, NBSP, and the Unicode spaces and line
+# and paragraph separators. tests/core/test_identity.py checks it against str.isspace.
+PY_WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680"
+    "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000"
+)
 _ISO_RE = re.compile(
     r"^(?P<date>\d{4}-\d{2}-\d{2})[T ](?P<time>\d{2}:\d{2}:\d{2})"
     r"(?:\.(?P<frac>\d+))?(?P<tz>Z|[+-]\d{2}:?\d{2})?$"
@@ -61,12 +78,18 @@ def geoid_id(raw: str, lang_axis: str | None) -> str:
     return hashlib.sha256(f"{lang_axis}:{echo}".encode()).hexdigest()[:16]
 
 
+def epoch_in_range(ts: float) -> bool:
+    """Whether epoch seconds ``ts`` has ISO-8601 text (years 1 to 9999); False for NaN/inf."""
+    return EPOCH_MIN <= ts < EPOCH_END
+
+
 def epoch_to_iso(ts: float | None) -> str | None:
     """ISO-8601 (UTC) text for an epoch-seconds float that parses back to the same float.
 
     Whole seconds come from the calendar; the fraction is the exact decimal digits of the
     float's shortest repr, padded to at least six digits (the form ``datetime.isoformat``
-    writes, which the P1 application reads), longer only when the float needs it.
+    writes, which the P1 application reads), longer only when the float needs it. Raises
+    ValueError for NaN or infinity and OverflowError outside the years 1 to 9999.
     """
     if ts is None:
         return None
@@ -144,8 +167,8 @@ class Identity:
         }
 
     def to_json(self) -> str:
-        """identities.data as text."""
-        return json.dumps(self.to_document(), ensure_ascii=False)
+        """identities.data as text; ValueError for NaN or infinity, which JSON cannot carry."""
+        return json.dumps(self.to_document(), ensure_ascii=False, allow_nan=False)
 
     @classmethod
     def from_document(cls, doc: dict[str, Any] | str) -> Identity:
@@ -295,3 +318,98 @@ class Scar:
             created_at=self.created_at,
             updated_at=self.updated_at,
         )
+
+
+# --- values the write path refuses, by the migration's quarantine reasons -----------------
+# One rule per reason, the same on both paths: the migration quarantines a legacy row for it
+# (kimera_core.migration.statements), the storage API refuses an identity for it (StorageError
+# and a failed dual_write_log row). docs/migration.md, "Values carried exactly or refused".
+VALUE_RULES: dict[str, str] = {
+    "empty_raw": "a geoid's raw text is missing, empty or only whitespace (Python's str.strip)",
+    "invalid_text": "a text holds a lone surrogate (U+D800-U+DFFF), which UTF-8 cannot encode",
+    "non_finite_weight": "weight is NaN or infinite",
+    "non_finite_intensity": "a meta.terms intensity is NaN, infinite or beyond the double range",
+    "non_finite_number": (
+        "meta, tags or related_ids hold NaN, Infinity or a float beyond the double range, "
+        "which JSON cannot carry"
+    ),
+    "non_finite_timestamp": "created_at or updated_at is NaN or infinite",
+    "timestamp_out_of_range": (
+        "created_at or updated_at lies outside the years 1 to 9999, which ISO-8601 text "
+        "cannot carry (an epoch in milliseconds?)"
+    ),
+}
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def value_refusals(identity: Identity) -> list[str]:
+    """The ``VALUE_RULES`` reasons an identity breaks, in the migration's order ([] if none).
+
+    Timestamps are judged as given (None passes: the storage API stamps it).
+    """
+    reasons: list[str] = []
+    raw = identity.raw
+    if identity.identity_type == "geoid" and (
+        raw is None or (isinstance(raw, str) and not raw.strip())
+    ):
+        reasons.append("empty_raw")
+    texts = (identity.id, raw, identity.echo, identity.lang_axis)
+    non_finite, bad_text = _scan_json((identity.tags, identity.related_ids, identity.meta))
+    if bad_text or any(isinstance(t, str) and _SURROGATE.search(t) for t in texts):
+        reasons.append("invalid_text")
+    if _non_finite_float(identity.weight):
+        reasons.append("non_finite_weight")
+    if _non_finite_intensity(identity.meta):
+        reasons.append("non_finite_intensity")
+    if non_finite:
+        reasons.append("non_finite_number")
+    times = [t for t in (identity.created_at, identity.updated_at) if t is not None]
+    if any(_non_finite_float(t) for t in times):
+        reasons.append("non_finite_timestamp")
+    elif not all(epoch_in_range(t) for t in times):
+        reasons.append("timestamp_out_of_range")
+    return reasons
+
+
+def _non_finite_float(value: Any) -> bool:
+    """A float that is NaN or infinite, or an integer beyond the double range."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:
+            return True
+    return False
+
+
+def _non_finite_intensity(meta: Any) -> bool:
+    terms = meta.get("terms") if isinstance(meta, dict) else None
+    if not isinstance(terms, list):
+        return False
+    return any(
+        isinstance(t, dict) and "intensity" in t and _non_finite_float(t["intensity"])
+        for t in terms
+    )
+
+
+def _scan_json(value: Any) -> tuple[bool, bool]:
+    """(a float JSON cannot carry, a string with a lone surrogate) anywhere in ``value``.
+
+    Integers of any size are JSON numbers and pass; only floats (NaN, infinities) fail.
+    """
+    non_finite = bad_text = False
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            bad_text = bad_text or _SURROGATE.search(item) is not None
+        elif isinstance(item, float):
+            non_finite = non_finite or not math.isfinite(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return non_finite, bad_text

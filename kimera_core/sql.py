@@ -8,6 +8,13 @@ ISO-8601 text; ``identity.epoch_to_iso`` is the Python reference and both write 
 text. The macros give NULL where SQL cannot write that text exactly (below); a caller
 formats those few epochs with ``epoch_to_iso`` through ``epoch_iso_fixes`` and writes
 ``epoch_iso_sql(column, fixes=True)``, so every epoch gets the reference text.
+
+``VALUE_MACROS`` are the value rules the migration and the batch write path share, each the
+SQL twin of a Python rule: ``kimera_py_strip`` is ``str.strip`` (``identity.PY_WHITESPACE``;
+DuckDB's ``trim`` strips only spaces and ``\\s`` misses most Unicode spaces),
+``kimera_epoch_in_range`` is ``identity.epoch_in_range``, ``kimera_json_non_finite`` finds the
+numbers ``identity.value_refusals`` calls non-finite, and ``kimera_json_falsy`` is Python's
+truth test of a parsed JSON value (``meta or {}``).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from kimera_core.identity import epoch_to_iso
+from kimera_core.identity import EPOCH_END, EPOCH_MIN, PY_WHITESPACE, epoch_to_iso
 
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -150,3 +157,46 @@ def epoch_iso_fixes(
         yield True
     finally:
         con.unregister(EPOCH_ISO_FIXES)
+
+
+# --- value rules shared by the migration and the batch write path ------------------------
+# Numbers a JSON text holds that are not finite doubles: NaN, Infinity, floats beyond the
+# double range (1e999). Integers of any size are exact JSON and pass. The text test is cheap
+# and rules out almost every value; only the rest has its strings blanked and its number
+# tokens cast (CASE runs the branch only for them).
+_NON_FINITE_HINT = r"(?i)nan|inf|[0-9]e\+?[0-9]{3}|[0-9]{309}"
+_JSON_STRING = r'"(?:[^"\\]|\\.)*"'
+_NUMBER_LEXEME = r"(?i)-?(?:nan|infinity|inf|[0-9][0-9.e+-]*)"
+VALUE_MACROS: tuple[str, ...] = (
+    f"""CREATE OR REPLACE TEMP MACRO kimera_py_strip(s) AS (trim(s, '{PY_WHITESPACE}'))""",
+    f"""CREATE OR REPLACE TEMP MACRO kimera_epoch_in_range(t) AS (
+        t >= {EPOCH_MIN!r} AND t < {EPOCH_END!r}
+    )""",
+    f"""CREATE OR REPLACE TEMP MACRO kimera_json_non_finite(j) AS (
+        CASE WHEN NOT coalesce(regexp_matches(CAST(j AS VARCHAR), '{_NON_FINITE_HINT}'), false)
+             THEN false
+             ELSE coalesce(list_bool_or(list_transform(
+                      regexp_extract_all(
+                          regexp_replace(CAST(j AS VARCHAR), '{_JSON_STRING}', '""', 'g'),
+                          '{_NUMBER_LEXEME}'),
+                      x -> NOT regexp_full_match(x, '-?[0-9]+')
+                           AND NOT coalesce(isfinite(TRY_CAST(x AS DOUBLE)), true))), false)
+        END
+    )""",
+    """CREATE OR REPLACE TEMP MACRO kimera_json_falsy(j) AS (
+        CASE json_type(j)
+            WHEN 'NULL' THEN true
+            WHEN 'BOOLEAN' THEN NOT CAST(j AS BOOLEAN)
+            WHEN 'VARCHAR' THEN json_extract_string(j, '$') = ''
+            WHEN 'ARRAY' THEN json_array_length(j) = 0
+            WHEN 'OBJECT' THEN len(json_keys(j)) = 0
+            ELSE coalesce(TRY_CAST(j AS DOUBLE) = 0, false)
+        END
+    )""",
+)
+
+
+def install_value_macros(con: duckdb.DuckDBPyConnection) -> None:
+    """Create (or replace) the connection's temp macros of ``VALUE_MACROS``."""
+    for macro in VALUE_MACROS:
+        con.execute(macro)

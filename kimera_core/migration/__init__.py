@@ -25,6 +25,7 @@ from kimera_core.migration.engine import (
     KINDS,
     MEMORY_LIMIT_ENV,
     ROWS_PER_PARTITION,
+    WAITING_KIND,
     auto_partitions,
     migrate,
     migrate_buckets,
@@ -36,6 +37,8 @@ from kimera_core.migration.report import (
     ProgressCallback,
     quarantine_summary,
     run_history,
+    settled_quarantine_keys_sql,
+    waiting_scars,
 )
 from kimera_core.migration.rollback import RollbackRefused, RollbackReport, rollback
 from kimera_core.migration.schema import IDENTITY_COLUMNS, SCHEMA_SQL, ensure_schema
@@ -47,6 +50,7 @@ __all__ = [
     "MEMORY_LIMIT_ENV",
     "ROWS_PER_PARTITION",
     "SCHEMA_SQL",
+    "WAITING_KIND",
     "MigrationCounts",
     "MigrationReport",
     "PartitionCounts",
@@ -60,4 +64,6 @@ __all__ = [
     "quarantine_summary",
     "rollback",
     "run_history",
+    "settled_quarantine_keys_sql",
+    "waiting_scars",
 ]

@@ -1,7 +1,10 @@
 """The migration engine: legacy geoids and scars into ``identities``, set-based and resumable.
 
 A run walks partitions: every geoid hash bucket first, then every scar bucket (a scar's
-related ids are checked against the geoids already migrated). Each partition is one
+related ids are checked against the geoids already migrated). A run of selected buckets
+(``migrate_buckets``, one Dagster partition) then judges again, after its geoids, the scars
+of other buckets that wait for a geoid (``related_geoid_pending``/``_quarantined``), so that
+however the buckets are launched every scar ends judged against the final geoid state. Each partition is one
 transaction that prepares its rows in SQL (validation, the P1 document, entropy and tau
 with the bulk form; ``migration.statements``), quarantines what cannot be migrated, merges
 the rest into ``identities`` (newer ``updated_at`` wins, identical rows are left alone),
@@ -44,9 +47,15 @@ from kimera_core.migration.report import (
     PartitionCounts,
     ProgressCallback,
     reason_counts,
+    waiting_scars,
 )
 from kimera_core.migration.schema import IDENTITY_COLUMNS, ensure_schema
-from kimera_core.sql import epoch_iso_fixes, epoch_iso_sql, install_epoch_iso_macros
+from kimera_core.sql import (
+    epoch_iso_fixes,
+    epoch_iso_sql,
+    install_epoch_iso_macros,
+    install_value_macros,
+)
 
 # The order a run walks: geoids first (IDENTITY_TYPES' order), so that a scar's related
 # geoids are migrated before it.
@@ -64,6 +73,9 @@ SOURCES: dict[str, tuple[str, str]] = {
     "geoid": ("legacy_geoids", "gid"),
     "scar": ("legacy_scars", "id"),
 }
+# The partition kind of a run's second look at one bucket's waiting scars (recorded apart
+# from "scar", so that resuming the run still migrates that whole scar bucket).
+WAITING_KIND = "waiting_scar"
 
 
 def migrate(
@@ -134,11 +146,14 @@ def migrate_buckets(
 ) -> MigrationReport:
     """Migrate only the selected hash buckets (of ``partitions``) as one new run, geoids first.
 
-    For an orchestrator that partitions the migration by bucket. The reconciliation counts
-    the legacy rows of the selected buckets only. A scar whose geoids sit in a bucket not yet
-    migrated is quarantined (``related_geoid_quarantined``) and migrates when its bucket runs
-    again after theirs; selecting every bucket gives the same result as ``migrate``.
-    Raises KimeraError for bad buckets or while another run is unfinished.
+    For an orchestrator that partitions the migration by bucket. A scar whose geoid sits in a
+    bucket not yet migrated waits in quarantine (``related_geoid_pending``); after the
+    selected buckets, the run judges again the waiting scars of every other bucket (one
+    ``WAITING_KIND`` partition per bucket), so the last bucket to run leaves every scar
+    judged against the final geoids, in any order of runs. The reconciliation counts the
+    legacy rows of the selected buckets plus the waiting scars judged again; selecting every
+    bucket gives the same result as ``migrate``. Raises KimeraError for bad buckets or while
+    another run is unfinished.
     """
     if not 1 <= partitions <= MAX_PARTITIONS:
         raise KimeraError(f"--partitions must be between 1 and {MAX_PARTITIONS}")
@@ -156,10 +171,17 @@ def migrate_buckets(
         )
     run_id = _start_run(con, partitions)
     plan = [(kind, b) for kind in KINDS for b in selected]
-    total, by_partition = _run_partitions(con, run_id, partitions, plan, {}, on_partition)
+    waiting = [
+        (WAITING_KIND, int(r[0]))
+        for r in con.execute(
+            q.WAITING_BUCKETS_SQL, {"buckets": partitions, "selected": selected}
+        ).fetchall()
+    ]
+    total, by_partition = _run_partitions(con, run_id, partitions, plan + waiting, {}, on_partition)
     legacy = int(
         con.execute(q.SELECTED_LEGACY_ROWS_SQL, {"b": selected, "n": partitions}).fetchone()[0]
     )
+    legacy += sum(p.counts.read for p in by_partition if p.kind == WAITING_KIND)
     return _finish(con, run_id, partitions, total, by_partition, False, started, legacy)
 
 
@@ -172,6 +194,7 @@ def auto_partitions(con: duckdb.DuckDBPyConnection) -> int:
 def _prepare_connection(con: duckdb.DuckDBPyConnection) -> None:
     _limit_memory(con)
     install_epoch_iso_macros(con)
+    install_value_macros(con)
     con.execute(q.SAME_DOC_MACRO)
 
 
@@ -244,6 +267,7 @@ def _finish(
         seconds=time.perf_counter() - started,
         identities_checksum=checksum.to_dict(),
         partition_counts=by_partition,
+        waiting=waiting_scars(con),
     )
     report.status = "completed" if report.balanced else "unbalanced"
     rebuild_indexes_one_at_a_time(con, run_id)
@@ -293,6 +317,7 @@ def _dry_run(
         quarantine_reasons=dict(sorted(reasons.items())),
         seconds=time.perf_counter() - started,
         partition_counts=by_partition,
+        waiting=waiting_scars(con),
     )
     report.status = "dry-run" if report.balanced else "unbalanced"
     return report
@@ -301,12 +326,27 @@ def _dry_run(
 def _migrate_partition(
     con: duckdb.DuckDBPyConnection, run_id: str, kind: str, bucket: int, buckets: int, record: bool
 ) -> tuple[MigrationCounts, Checksum]:
-    """Prepare, quarantine, merge and journal one partition (caller owns the transaction)."""
-    params = {"run_id": run_id, "bucket": bucket, "buckets": buckets, "now": time.time()}
-    table, key = SOURCES[kind]
-    _exec(con, q.PARTITION_ROWS_SQL.format(table=table, key=key), params)
+    """Prepare, quarantine, merge and journal one partition (caller owns the transaction).
+
+    ``kind`` WAITING_KIND judges only the bucket's waiting scars. The quarantine is written
+    in a dry run too (its transaction is rolled back): a scar's judgement reads it.
+    """
+    source = "scar" if kind == WAITING_KIND else kind
+    table, key = SOURCES[source]
+    if kind == WAITING_KIND:
+        rows_sql = q.WAITING_ROWS_SQL
+    else:
+        rows_sql = q.PARTITION_ROWS_SQL.format(table=table, key=key)
+    params = {
+        "run_id": run_id,
+        "bucket": bucket,
+        "buckets": buckets,
+        "now": time.time(),
+        "source_table": table,
+    }
+    _exec(con, rows_sql, params)
     with epoch_iso_fixes(con, q.PARTITION_EPOCHS_SQL) as fixes:
-        _exec(con, _prepare_sql(con, kind, fixes), params)
+        _exec(con, _prepare_sql(con, source, fixes), params)
     counts = MigrationCounts(*map(int, con.execute(q.PARTITION_COUNTS_SQL).fetchone()))
     rows, digest = con.execute(q.PARTITION_CHECKSUM_SQL).fetchone()
     checksum = Checksum(int(rows), int(digest))
@@ -315,8 +355,9 @@ def _migrate_partition(
     # WAL and are written a second time by the checkpoint.
     con.execute("SET threads = 1")
     try:
+        _exec(con, q.QUARANTINE_SQL, params)
+        _exec(con, q.CLEAR_SUPERSEDED_SQL, params)
         if record:
-            _exec(con, q.QUARANTINE_SQL, params)
             _exec(con, q.WARNINGS_SQL, params)
             _exec(con, q.JOURNAL_SQL, params)
         con.execute(q.APPLY_INSERT_SQL)

@@ -7,6 +7,12 @@ carries the run's totals and each partition's own counts (``PartitionCounts``).
 
 The reconciliation a report states: legacy rows = migrated (inserted + updated) + already
 present (unchanged + kept) + quarantined, over the whole legacy tables.
+
+The quarantine's standing now: a row is current until a later run judges its key again
+(``cleared_by``); a current scar row for ``WAITING_REASONS`` waits for migration work (its
+geoid's partition), not for a repair: ``waiting_scars`` counts them, and
+``settled_quarantine_keys_sql`` lists the keys the quarantine accounts for without them,
+which is what the consistency gates may forgive.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 import duckdb
 
+from kimera_core.migration.statements import WAITING_REASONS
 from kimera_core.sql import table_exists
 
 COUNT_NAMES: tuple[str, ...] = ("read", "inserted", "updated", "unchanged", "kept", "quarantined")
@@ -97,7 +104,10 @@ class MigrationReport:
     """What a run did, for the CLI, Dagster metadata, the metrics and the reconciliation check.
 
     ``seconds`` is the run's wall time in seconds; ``partition_counts`` lists every
-    partition of the run in the order it ran (geoid buckets, then scar buckets).
+    partition of the run in the order it ran (geoid buckets, then scar buckets, then the
+    ``waiting_scar`` second looks of a run of selected buckets). ``waiting``: scars left in
+    quarantine after the run waiting for a geoid not yet judged (``related_geoid_pending``),
+    over the whole database: 0 once every bucket ran.
     """
 
     run_id: str
@@ -113,6 +123,7 @@ class MigrationReport:
     identities_checksum: dict[str, Any] = field(default_factory=dict)
     status: str = "completed"
     partition_counts: list[PartitionCounts] = field(default_factory=list)
+    waiting: int = 0
 
     @property
     def balanced(self) -> bool:
@@ -161,7 +172,8 @@ WHERE run_id = ? GROUP BY ALL ORDER BY 1
 
 RUN_HISTORY_SQL = """
 SELECT r.run_id, r.status, r.started_at, r.finished_at, r.partitions,
-       (SELECT count(*) FROM kimera_migration_partitions p WHERE p.run_id = r.run_id),
+       (SELECT count(*) FROM kimera_migration_partitions p
+        WHERE p.run_id = r.run_id AND p.kind IN ('geoid', 'scar')),
        r.counts, r.identities_rows, r.identities_checksum
 FROM kimera_migration_runs r ORDER BY r.started_at DESC LIMIT ?
 """
@@ -224,3 +236,52 @@ def quarantine_summary(
     ).fetchall():
         reasons[f"{table}:{reason}"] = {"rows": int(count), "sample_keys": keys}
     return {"run_id": run_id, "total": sum(v["rows"] for v in reasons.values()), "reasons": reasons}
+
+
+_WAITING = f"list_has_any(CAST(q.reasons AS TEXT[]), {list(WAITING_REASONS)!r})"
+WAITING_SCARS_SQL = f"""
+SELECT count(DISTINCT q.key) FROM kimera_quarantine q
+WHERE q.source_table = 'legacy_scars' AND q.cleared_by IS NULL AND {_WAITING}
+  AND q.key IN (SELECT id FROM legacy_scars)
+"""
+
+# Legacy keys the quarantine accounts for: current rows of runs not rolled back, except the
+# scars waiting for migration work.
+SETTLED_QUARANTINE_KEYS_SQL = f"""
+SELECT DISTINCT q.key FROM kimera_quarantine q
+JOIN kimera_migration_runs r ON r.run_id = q.run_id AND r.status <> 'rolled_back'
+WHERE q.cleared_by IS NULL AND NOT {_WAITING}
+"""
+# A file whose quarantine predates cleared_by: every row of a run not rolled back counts.
+_OLD_QUARANTINE_KEYS_SQL = """
+SELECT DISTINCT q.key FROM kimera_quarantine q
+JOIN kimera_migration_runs r ON r.run_id = q.run_id AND r.status <> 'rolled_back'
+"""
+_HAS_CLEARED_BY_SQL = """
+SELECT count(*) > 0 FROM information_schema.columns
+WHERE table_catalog = current_database() AND table_schema = 'main'
+  AND table_name = 'kimera_quarantine' AND column_name = 'cleared_by'
+"""
+
+
+def waiting_scars(con: duckdb.DuckDBPyConnection) -> int:
+    """Legacy scars waiting in quarantine for a geoid no run has judged yet; 0 if never migrated."""
+    if not table_exists(con, "kimera_quarantine") or not _has_cleared_by(con):
+        return 0
+    return int(con.execute(WAITING_SCARS_SQL).fetchone()[0])
+
+
+def settled_quarantine_keys_sql(con: duckdb.DuckDBPyConnection) -> str | None:
+    """SQL (one column ``key``) of the legacy keys the quarantine accounts for now.
+
+    None when the database was never migrated. Scars waiting for migration work
+    (``WAITING_REASONS``) are left out, so a gate that forgives quarantined keys holds while
+    one waits; superseded rows (``cleared_by``) are left out too.
+    """
+    if not table_exists(con, "kimera_quarantine"):
+        return None
+    return SETTLED_QUARANTINE_KEYS_SQL if _has_cleared_by(con) else _OLD_QUARANTINE_KEYS_SQL
+
+
+def _has_cleared_by(con: duckdb.DuckDBPyConnection) -> bool:
+    return bool(con.execute(_HAS_CLEARED_BY_SQL).fetchone()[0])

@@ -3,7 +3,8 @@
 An identity a run inserted is deleted and one it updated is restored to its recorded
 before-image, but only while it is still byte-for-byte what the migration wrote (the hash of
 the whole row equals the journal's ``after_hash``); an identity the application changed
-since is left as it is and reported. Indexes an interrupted run had dropped are rebuilt.
+since is left as it is and reported. Indexes an interrupted run had dropped are rebuilt. The
+quarantine rows a run superseded (``cleared_by``) are current again once it is undone.
 
 The rule lives here, so the CLI and Dagster both get it: no rollback while the rollout
 stage reads from identities (the application would lose rows under live reads), unless
@@ -78,6 +79,9 @@ RUN_TABLES: tuple[str, ...] = (
     "kimera_migration_warnings",
     "kimera_migration_partitions",
 )
+
+
+UNCLEAR_QUARANTINE_SQL = "UPDATE kimera_quarantine SET cleared_by = NULL WHERE cleared_by = ?"
 
 
 def rollback(
@@ -156,6 +160,8 @@ def _rollback_run(
     for table in RUN_TABLES:
         # table names come from the fixed RUN_TABLES tuple, never from input
         con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+    # the quarantine rows this run superseded are current again
+    con.execute(UNCLEAR_QUARANTINE_SQL, [run_id])
     con.execute(
         "UPDATE kimera_migration_runs SET status = 'rolled_back', finished_at = ? WHERE run_id = ?",
         [time.time(), run_id],

@@ -5,7 +5,8 @@ rolled_back, and the DDL of the identities indexes it dropped for its load until
 them); every committed partition is a row of ``kimera_migration_partitions`` with its counts
 and checksum, which is what a resumed run skips. ``kimera_migration_changes`` is the journal
 of before-images that ``rollback`` undoes; ``kimera_quarantine`` keeps each row that could not
-migrate whole, with its reasons. docs/schema.md describes every column.
+migrate whole, with its reasons, current until a later run judges the same key again
+(``cleared_by``). docs/schema.md describes every column.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ SCHEMA_SQL: tuple[str, ...] = (
         quarantined_at DOUBLE NOT NULL,
         PRIMARY KEY (run_id, source_table, row_hash)
     )""",
+    # The run whose later judgement of the same key superseded this row; NULL while the row
+    # is current (migration.statements.CLEAR_SUPERSEDED_SQL).
+    "ALTER TABLE kimera_quarantine ADD COLUMN IF NOT EXISTS cleared_by TEXT",
     """CREATE TABLE IF NOT EXISTS kimera_migration_warnings (
         run_id TEXT NOT NULL,
         source_table TEXT NOT NULL,

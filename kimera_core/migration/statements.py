@@ -82,32 +82,40 @@ WITH src AS (
 ), e AS (SELECT * FROM (__SHANNON__)), checked AS (
     SELECT t.*,
         list_filter([
-            CASE WHEN gid IS NULL OR trim(gid) = '' THEN 'null_or_empty_key' END,
+            CASE WHEN gid IS NULL OR kimera_py_strip(gid) = '' THEN 'null_or_empty_key' END,
             CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
             CASE WHEN gid IN (SELECT id FROM legacy_scars WHERE hash(id) % $buckets::UBIGINT = $bucket::UBIGINT)
                  THEN 'key_in_both_tables' END,
             CASE WHEN i_type <> 'geoid' THEN 'identity_type_conflict' END,
             CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
             CASE WHEN tags IS NOT NULL AND tags_j IS NULL THEN 'invalid_json_tags' END,
-            CASE WHEN json_type(meta_j) <> 'OBJECT' THEN 'non_object_meta' END,
-            CASE WHEN json_type(tags_j) <> 'ARRAY' THEN 'non_list_tags' END,
-            CASE WHEN raw IS NULL OR regexp_matches(raw, '^\\s*$') THEN 'empty_raw' END,
+            -- meta or {}, tags or []: a null, empty or otherwise false value is the default
+            CASE WHEN json_type(meta_j) <> 'OBJECT' AND NOT kimera_json_falsy(meta_j)
+                 THEN 'non_object_meta' END,
+            CASE WHEN json_type(tags_j) <> 'ARRAY' AND NOT kimera_json_falsy(tags_j)
+                 THEN 'non_list_tags' END,
+            CASE WHEN raw IS NULL OR kimera_py_strip(raw) = '' THEN 'empty_raw' END,
             CASE WHEN NOT isfinite(weight) THEN 'non_finite_weight' END,
             -- the text test is cheap and rules out almost every row before the JSON test
-            CASE WHEN regexp_matches(terms_j, '(?i)nan|inf|e\\+?[0-9]{3}')
+            CASE WHEN regexp_matches(terms_j, '(?i)nan|inf|e\\+?[0-9]{3}|[0-9]{309}')
                       AND coalesce(TRY(len(list_filter(json_extract(terms_j, '$[*].intensity'),
                           x -> json_type(x) = 'DOUBLE' AND NOT isfinite(TRY_CAST(x AS DOUBLE))))
                           > 0), false)
                  THEN 'non_finite_intensity' END,
+            CASE WHEN kimera_json_non_finite(meta_j) OR kimera_json_non_finite(tags_j)
+                 THEN 'non_finite_number' END,
             CASE WHEN NOT isfinite(created_at) OR NOT isfinite(updated_at)
-                 THEN 'non_finite_timestamp' END,
+                 THEN 'non_finite_timestamp'
+                 WHEN NOT kimera_epoch_in_range(created_at) OR NOT kimera_epoch_in_range(updated_at)
+                 THEN 'timestamp_out_of_range' END,
             CASE WHEN c_at IS NULL THEN 'missing_timestamps' END
         ], x -> x IS NOT NULL) AS reasons,
         list_filter([
             CASE WHEN weight IS NULL THEN 'null_weight' END,
-            CASE WHEN echo IS DISTINCT FROM trim(raw) THEN 'echo_differs_from_raw' END,
+            -- echo and the gid as the existing system makes them: raw.strip() (str.strip)
+            CASE WHEN echo IS DISTINCT FROM kimera_py_strip(raw) THEN 'echo_differs_from_raw' END,
             CASE WHEN gid <> substr(sha256(coalesce(lang_axis, 'None') || ':'
-                                            || coalesce(trim(raw), 'None')), 1, 16)
+                                            || coalesce(kimera_py_strip(raw), 'None')), 1, 16)
                  THEN 'gid_not_derived_from_text' END,
             CASE WHEN updated_at IS NULL AND created_at IS NOT NULL THEN 'null_updated_at' END,
             CASE WHEN created_at IS NULL AND updated_at IS NOT NULL THEN 'null_created_at' END,
@@ -149,28 +157,36 @@ WITH src AS (
     WHERE json_type(p.rel_j) = 'ARRAY'
 ), members AS (
     -- where each stands after the geoids; joins keep the partition's few ids on the build side
-    SELECT m.id, mi.id IS NOT NULL AS migrated, lg.gid IS NOT NULL AS in_legacy
+    SELECT m.id, mi.id IS NOT NULL AS migrated, lg.gid IS NOT NULL AS in_legacy,
+           gq.key IS NOT NULL AS quarantined
     FROM member_ids m
     LEFT JOIN (SELECT DISTINCT id FROM identities WHERE identity_type = 'geoid'
                AND id IN (SELECT member FROM member_ids)) mi ON mi.id = m.member
     LEFT JOIN (SELECT DISTINCT gid FROM legacy_geoids
                WHERE gid IN (SELECT member FROM member_ids)) lg ON lg.gid = m.member
+    LEFT JOIN (SELECT DISTINCT key FROM kimera_quarantine
+               WHERE source_table = 'legacy_geoids' AND cleared_by IS NULL
+                 AND key IN (SELECT member FROM member_ids)) gq ON gq.key = m.member
 ), member_state AS (
+    -- a geoid in legacy but not in identities is quarantined (its last judgement refused it)
+    -- or pending (not judged since it came: its partition has not run yet)
     SELECT id,
            bool_or(NOT migrated AND NOT in_legacy) AS dangling,
-           bool_or(NOT migrated AND in_legacy) AS unmigrated_member
+           bool_or(NOT migrated AND in_legacy AND quarantined) AS quarantined_member,
+           bool_or(NOT migrated AND in_legacy AND NOT quarantined) AS pending_member
     FROM members GROUP BY id
 ), e AS (SELECT * FROM (__SCAR_ENTROPY__)), checked AS (
     SELECT p.*,
         list_filter([
-            CASE WHEN p.id IS NULL OR trim(p.id) = '' THEN 'null_or_empty_key' END,
+            CASE WHEN p.id IS NULL OR kimera_py_strip(p.id) = '' THEN 'null_or_empty_key' END,
             CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
             CASE WHEN p.id IN (SELECT gid FROM legacy_geoids WHERE hash(gid) % $buckets::UBIGINT = $bucket::UBIGINT)
                  THEN 'key_in_both_tables' END,
             CASE WHEN i_type <> 'scar' THEN 'identity_type_conflict' END,
             CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
             CASE WHEN related_ids IS NOT NULL AND rel_j IS NULL THEN 'invalid_json_related_ids' END,
-            CASE WHEN json_type(meta_j) <> 'OBJECT' THEN 'non_object_meta' END,
+            CASE WHEN json_type(meta_j) <> 'OBJECT' AND NOT kimera_json_falsy(meta_j)
+                 THEN 'non_object_meta' END,
             CASE WHEN rel_j IS NULL OR json_type(rel_j) <> 'ARRAY' THEN 'related_ids_not_list'
                  WHEN json_array_length(rel_j) < 2 THEN 'too_few_related_ids'
                  WHEN len(list_filter(json_extract(rel_j, '$[*]'),
@@ -178,10 +194,16 @@ WITH src AS (
                       THEN 'related_ids_not_strings'
             END,
             CASE WHEN ms.dangling THEN 'dangling_related_id' END,
-            CASE WHEN ms.unmigrated_member THEN 'related_geoid_quarantined' END,
+            CASE WHEN ms.quarantined_member THEN 'related_geoid_quarantined' END,
+            CASE WHEN ms.pending_member THEN 'related_geoid_pending' END,
             CASE WHEN NOT isfinite(weight) THEN 'non_finite_weight' END,
+            CASE WHEN kimera_json_non_finite(meta_j) OR kimera_json_non_finite(rel_j)
+                 THEN 'non_finite_number' END,
             CASE WHEN NOT isfinite(p.created_at) OR NOT isfinite(p.updated_at)
-                 THEN 'non_finite_timestamp' END,
+                 THEN 'non_finite_timestamp'
+                 WHEN NOT kimera_epoch_in_range(p.created_at)
+                      OR NOT kimera_epoch_in_range(p.updated_at)
+                 THEN 'timestamp_out_of_range' END,
             CASE WHEN c_at IS NULL THEN 'missing_timestamps' END
         ], x -> x IS NOT NULL) AS reasons,
         list_filter([
@@ -220,12 +242,46 @@ PARTITION_EPOCHS_SQL = "SELECT created_at FROM mig_part UNION ALL SELECT updated
 
 # The original row is serialised only for the rows quarantined (found again by rowid).
 QUARANTINE_SQL = """
-INSERT INTO kimera_quarantine
+INSERT INTO kimera_quarantine (run_id, source_table, key, reason, reasons, original, row_hash,
+                               quarantined_at)
 SELECT $run_id, m.source_table, m.key, m.reasons[1], to_json(m.reasons), to_json(t),
        hash(to_json(t)), $now
 FROM mig_src m JOIN mig_part t ON t.rowid = m.src_rowid
 WHERE len(m.reasons) > 0
 ON CONFLICT DO NOTHING
+"""
+
+# Every key this partition judged supersedes its earlier quarantine rows (of other runs): they
+# are cleared by this run, whatever it decided now. A quarantine row is current while
+# cleared_by is NULL; a rollback of the clearing run makes it current again.
+CLEAR_SUPERSEDED_SQL = """
+UPDATE kimera_quarantine SET cleared_by = $run_id
+WHERE cleared_by IS NULL AND run_id <> $run_id AND source_table = $source_table
+  AND key IN (SELECT key FROM mig_src WHERE key IS NOT NULL)
+"""
+
+# --- scars that wait for their geoids --------------------------------------------------------
+# A scar whose related geoid is in legacy_geoids but not yet judged (its partition has not
+# run: related_geoid_pending) waits; one whose geoid was refused (related_geoid_quarantined)
+# waits for the geoid's repair. A run of selected buckets judges these scars again after its
+# geoids, whatever their own bucket: they are the waiting scars of WAITING_SCARS.
+REJUDGED_REASONS: tuple[str, ...] = ("related_geoid_pending", "related_geoid_quarantined")
+# Cleared only by later migration work, no repair needed: the gates hold while one is current.
+WAITING_REASONS: tuple[str, ...] = ("related_geoid_pending",)
+WAITING_SCARS = f"""
+SELECT key FROM kimera_quarantine
+WHERE source_table = 'legacy_scars' AND cleared_by IS NULL AND key IS NOT NULL
+  AND list_has_any(CAST(reasons AS TEXT[]), {list(REJUDGED_REASONS)!r})
+"""
+WAITING_BUCKETS_SQL = f"""
+SELECT DISTINCT (hash(key) % $buckets::UBIGINT)::INTEGER AS bucket FROM ({WAITING_SCARS})
+WHERE NOT list_contains($selected, (hash(key) % $buckets::UBIGINT)::INTEGER)
+ORDER BY bucket
+"""
+WAITING_ROWS_SQL = f"""
+CREATE OR REPLACE TEMP TABLE mig_part AS
+SELECT * FROM legacy_scars
+WHERE hash(id) % $buckets::UBIGINT = $bucket::UBIGINT AND id IN ({WAITING_SCARS})
 """
 
 WARNINGS_SQL = """

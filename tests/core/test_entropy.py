@@ -129,7 +129,6 @@ IGNORED = {
     "negative": -0.5,
     "none": None,
     "string": "0.5",
-    "true": True,
     "false": False,
     "nan": math.nan,
     "inf": math.inf,
@@ -146,6 +145,18 @@ def test_unusable_intensity_is_ignored(value):
     assert geoid_entropy(meta, ["a", "b", "c", "d"]) == 1.0
 
 
+def test_true_counts_as_one_as_in_the_existing_python():
+    # isinstance(True, (int, float)) and True > 0: a JSON true is an intensity of 1
+    meta = {"terms": [*terms(1, 1), {"symbol": "z", "intensity": True}]}
+    assert geoid_entropy(meta, []) == geoid_entropy({"terms": terms(1, 1, 1)}, []) == math.log2(3)
+
+
+def test_true_counts_as_one_in_both_forms(con):
+    meta = '{"terms": [{"intensity": 1}, {"intensity": true}, {"intensity": false}]}'
+    assert geoid_entropy_json(meta, None) == 1.0
+    assert close(bulk_geoid_one(con, meta, None), 1.0, 1e-12)
+
+
 def test_missing_intensity_and_non_object_terms_are_ignored():
     meta = {"terms": [*terms(1, 3), {"symbol": "no intensity"}, 5, "x", None, [{"intensity": 2}]]}
     assert math.isclose(geoid_entropy(meta, []), H_1_3, abs_tol=1e-12)
@@ -159,7 +170,6 @@ IGNORED_JSON_LITERALS = [
     "-0.5",
     "null",
     '"0.5"',
-    "true",
     "false",
     "NaN",
     "Infinity",
@@ -217,11 +227,14 @@ def test_json_forms_golden_values(con, meta, tags, expected):
         (["a", "b", "c", "d"], 0.25, 0.5),
         (["a", "b"], 0, 0.0),
         (["a", "b"], -1.0, -1.0),
-        (["a", "b"], None, None),
+        (["a", "b"], None, 1.0),  # a missing weight is 1.0, as the existing model reads it
+        (["a", "b", "c", "d"], None, 2.0),
         (["a", "b"], math.nan, None),
         (["a", "b"], math.inf, None),
         (["a", "b"], -math.inf, None),
-        (["a", "b"], True, None),
+        (["a", "b"], True, 1.0),  # a bool is an int
+        (["a", "b"], False, 0.0),
+        (["a", "b"], 10**400, None),
         (["a", "b"], "0.5", None),
     ],
 )
@@ -235,7 +248,7 @@ def test_scar_entropy_golden_values(related, weight, expected):
         ('["a"]', 0.8, 0.0),
         ('["a", "b"]', 0.5, 0.5),
         ('["a", "b", "c", "d"]', 1.0, 2.0),
-        ('["a", "b"]', None, None),
+        ('["a", "b"]', None, 1.0),
         ('["a", "b"]', math.nan, None),
         ('["a", "b"]', math.inf, None),
         ('"a,b"', 0.8, 0.0),
@@ -555,7 +568,7 @@ def test_bulk_scar_entropy_equals_scalar_on_the_legacy_table(con, random_rows):
     )
     result = bulk_scar_entropy(con)
     assert_scars_agree(result, scar_rows)
-    # unknown entropy (missing or non-finite weight with two or more ids) is SQL NULL
+    # unknown entropy (non-finite weight with two or more ids) is SQL NULL
     assert any(row["entropy"] is None for row in result.to_pylist())
 
 
@@ -632,3 +645,106 @@ def test_bulk_and_scalar_agree_on_json_that_duckdb_accepts(con, meta):
     con.execute("SELECT ?::JSON", [meta])  # DuckDB's JSON type accepts the text
     tags = '["a", "b", "c", "d"]'
     assert close(bulk_geoid_one(con, meta, tags), geoid_entropy_json(meta, tags))
+
+
+# --- the existing Kimera's Python, as the reference ----------------------------------------
+def existing_geoid_entropy(meta, tags):
+    """KIMERA_LEGACY.md's geoid formula as the existing Python computes it (exact int sums).
+
+    Defined on what the migration accepts: meta an object or false, tags a list or false.
+    """
+    meta = meta or {}
+    tags = tags or []
+    terms_ = meta.get("terms")
+    if isinstance(terms_, list):
+        values = [
+            t["intensity"]
+            for t in terms_
+            if isinstance(t, dict)
+            and isinstance(t.get("intensity"), (int, float))
+            and t["intensity"] > 0
+        ]
+        total = sum(values)
+        h = 0.0
+        for v in values:
+            p = v / total
+            if p > 0:
+                h -= p * math.log2(p)
+        return h
+    return math.log2(len(tags)) if len(tags) > 1 else 0.0
+
+
+def existing_scar_entropy(related_ids, weight):
+    related_ids = related_ids or []
+    weight = 1.0 if weight is None else weight
+    return 0.0 if len(related_ids) <= 1 else math.log2(len(related_ids)) * weight
+
+
+# intensities the existing Python reads: bools, ints of any size within the double range,
+# floats, numeric strings, nulls, zero and negatives; no NaN/inf (those rows are refused)
+python_intensity = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.integers(min_value=10**200, max_value=10**300),
+    st.floats(min_value=-1e300, max_value=1e300, allow_nan=False),
+    st.floats(min_value=0, max_value=1e-300),
+    st.sampled_from(["0.5", "1", "", None]),
+)
+python_term = st.one_of(
+    st.builds(lambda v: {"symbol": "s", "intensity": v}, python_intensity),
+    st.just({"symbol": "no intensity"}),
+    st.sampled_from([1, "x", None, [{"intensity": 2}]]),
+)
+FALSE_JSON = [None, False, 0, 0.0, "", [], {}]
+python_meta = st.one_of(
+    st.sampled_from(FALSE_JSON),
+    st.lists(python_term, max_size=6).map(lambda ts: {"terms": ts, "source": "x"}),
+    st.sampled_from([{"source": "x"}, {"terms": None}, {"terms": {"a": 1}}]),
+)
+python_tags = st.one_of(st.sampled_from(FALSE_JSON), st.lists(st.just("t"), max_size=6))
+
+
+@given(rows=st.lists(st.tuples(python_meta, python_tags), min_size=1, max_size=20))
+@settings(max_examples=150, deadline=None)
+def test_scalar_and_bulk_geoid_entropy_are_the_existing_python(rows):
+    keyed = [
+        (f"g{i}", None if m is None else json.dumps(m), None if t is None else json.dumps(t))
+        for i, (m, t) in enumerate(rows)
+    ]
+    with duckdb.connect() as connection:
+        connection.register("batch", geoid_table(keyed))
+        bulk = {r["key"]: r["entropy"] for r in bulk_geoid_entropy(connection, "batch").to_pylist()}
+    for (gid, meta_text, tags_text), (meta, tags) in zip(keyed, rows, strict=True):
+        expected = existing_geoid_entropy(meta, tags)
+        assert close(geoid_entropy(meta, tags), expected), (meta, tags)
+        assert close(geoid_entropy_json(meta_text, tags_text), expected), (meta, tags)
+        assert close(bulk[gid], expected), (meta, tags)
+
+
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.one_of(st.sampled_from(FALSE_JSON), st.lists(st.just("g"), max_size=5)),
+            st.one_of(st.none(), st.floats(min_value=-1e300, max_value=1e300, allow_nan=False)),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+@settings(max_examples=150, deadline=None)
+def test_scalar_and_bulk_scar_entropy_are_the_existing_python(rows):
+    keyed = [(f"s{i}", json.dumps(r), w) for i, (r, w) in enumerate(rows)]
+    with duckdb.connect() as connection:
+        connection.register("batch", scar_table(keyed))
+        bulk = {r["key"]: r["entropy"] for r in bulk_scar_entropy(connection, "batch").to_pylist()}
+    for (sid, _text, weight), (related, _) in zip(keyed, rows, strict=True):
+        expected = existing_scar_entropy(related, weight)
+        assert close(scar_entropy(related, weight), expected), (related, weight)
+        assert close(bulk[sid], expected), (related, weight)
+
+
+@pytest.mark.parametrize("empty_meta", [None, "null", "{}", "[]", "false", '""', "0"])
+def test_sql_null_json_null_and_empty_meta_give_the_same_entropy(con, empty_meta):
+    tags = '["a", "b", "c", "d"]'
+    assert geoid_entropy_json(empty_meta, tags) == 2.0
+    assert close(bulk_geoid_one(con, empty_meta, tags), 2.0, 1e-12)
