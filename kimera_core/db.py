@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,3 +275,103 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
             con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
+
+
+# --- waiting for another process's lock -----------------------------------------------------
+# DuckDB's lock error names the holder: "... Conflicting lock is held in /usr/bin/python3 (PID 42)"
+LOCK_HOLDER_RE = re.compile(r"\(PID (\d+)\)")
+WAIT_REPORT_SECONDS = 5.0
+COMMAND_SHOWN_CHARS = 80
+
+
+def holder_command(pid: int) -> str | None:
+    """The command line of process ``pid`` as an operator would type it, from /proc; None if gone.
+
+    A Python interpreter in front of a script is dropped (``python .../bin/kimera workload``
+    reads ``kimera workload``); whitespace runs become one space (one line); the text is cut
+    at ``COMMAND_SHOWN_CHARS``.
+    """
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    args = [a for a in raw.decode("utf-8", "replace").split("\0") if a]
+    if len(args) > 1 and Path(args[0]).name.startswith("python") and not args[1].startswith("-"):
+        args = args[1:]
+    if not args:
+        return None
+    text = " ".join(" ".join([Path(args[0]).name, *args[1:]]).split())
+    return text if len(text) <= COMMAND_SHOWN_CHARS else text[: COMMAND_SHOWN_CHARS - 1] + "…"
+
+
+def lock_holder(message: str) -> str | None:
+    """Who holds the lock an open error is about: "PID 42 (`kimera workload`)"; None if no lock."""
+    if "lock" not in message.lower():
+        return None
+    found = LOCK_HOLDER_RE.search(message)
+    if found is None:
+        return "another process"
+    pid = int(found.group(1))
+    command = holder_command(pid)
+    return f"PID {pid}" + (f" (`{command}`)" if command else "")
+
+
+def open_waiting(
+    path: str | os.PathLike[str],
+    *,
+    read_only: bool = False,
+    create: bool = False,
+    timeout: float = 120.0,
+    on_wait: Callable[[str], None] | None = None,
+    report_every: float = WAIT_REPORT_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> duckdb.DuckDBPyConnection:
+    """``open_database``, waiting up to ``timeout`` seconds while another process holds the file.
+
+    DuckDB locks a file for the process that opens it, read-only opens included, so a
+    reader waits for a writer too. ``on_wait(line)`` is told at once and then every
+    ``report_every`` seconds: "waiting for the database: held by PID 42 (`kimera workload`)
+    for 12 s, giving up in 108 s". Retries every 0.25 s, so the open follows the holder's
+    exit closely. Raises DatabaseOpenError, one line naming the holder, at the deadline; any
+    other open error at once.
+    """
+    start = clock()
+    reported: float | None = None
+    while True:
+        try:
+            return open_database(path, read_only=read_only, create=create)
+        except DatabaseOpenError as exc:
+            holder = lock_holder(str(exc))
+            waited = clock() - start
+            if holder is None:
+                raise
+            if waited >= timeout:
+                raise DatabaseOpenError(
+                    f"{path}: still held by {holder} after {waited:,.0f} s; stop that process "
+                    "(or let it finish) and try again"
+                ) from None
+            if on_wait is not None and (reported is None or waited - reported >= report_every):
+                on_wait(
+                    f"waiting for the database: held by {holder} for {waited:,.0f} s, "
+                    f"giving up in {timeout - waited:,.0f} s"
+                )
+                reported = waited
+            sleep(min(0.25, max(timeout - waited, 0.0)))
+
+
+@contextlib.contextmanager
+def connect_waiting(
+    path: str | os.PathLike[str],
+    *,
+    read_only: bool = False,
+    create: bool = False,
+    timeout: float = 120.0,
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """``connect`` through ``open_waiting``: a short connection that waits for the lock, talking."""
+    con = open_waiting(path, read_only=read_only, create=create, timeout=timeout, on_wait=on_wait)
+    try:
+        yield con
+    finally:
+        con.close()

@@ -3,7 +3,10 @@
 ``KimeraDatabase`` is dagster-duckdb's ``DuckDBResource`` with two overrides: a connection is
 opened through ``kimera_core.db`` (the file header is checked first, and a file that is not a
 DuckDB database this DuckDB reads is refused untouched, never turned into a new database),
-and a connection that meets another process's lock waits and retries instead of failing.
+and a connection that meets another process's lock waits, saying in the step's log who holds
+the file and for how long, instead of failing (``kimera_core.db.open_waiting``). A file it
+cannot use fails the step with one line (``dg.Failure``). It also names the report and backup
+folders and prunes the rollout's backups to the newest ``backups_kept``.
 
 DuckDB allows one writer process per file. Runs are queued one at a time (dagster.yaml),
 execute in-process, and hold a connection only for one step; every step that opens the file
@@ -28,7 +31,7 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 from dagster_prometheus import PrometheusResource
 
-from kimera_core.db import open_database
+from kimera_core.db import open_waiting
 from kimera_core.errors import DatabaseOpenError
 from kimera_core.metrics.pushed import pushgateway_address
 from kimera_core.sql import vetted_identifier
@@ -82,22 +85,23 @@ class KimeraDatabase(DuckDBResource):
 
     @contextlib.contextmanager
     def get_connection(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short connection; waits up to ``lock_timeout_seconds`` for another writer.
+        """A short connection; waits up to ``lock_timeout_seconds`` for another process's lock.
 
-        Raises DatabaseOpenError when the file is missing, not a readable DuckDB file, or
-        still locked at the deadline. ``connection_config`` entries are applied with SET.
+        The wait is logged at once and every few seconds (who holds the file, for how long,
+        when the step gives up: ``kimera_core.db.open_waiting``). A file that cannot be used
+        (missing, not DuckDB, still locked at the deadline) fails the step with one line,
+        ``dg.Failure``, no stack trace. ``connection_config`` entries are applied with SET.
         """
-        deadline = time.monotonic() + self.lock_timeout_seconds
-        delay = 0.2
-        while True:
-            try:
-                con = open_database(self.database, read_only=read_only)
-                break
-            except DatabaseOpenError as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() >= deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        log = dg.get_dagster_logger()
+        try:
+            con = open_waiting(
+                self.database,
+                read_only=read_only,
+                timeout=self.lock_timeout_seconds,
+                on_wait=log.warning,
+            )
+        except DatabaseOpenError as exc:
+            raise dg.Failure(description=str(exc)) from None
         try:
             for key, value in self.connection_config.items():
                 con.execute(f"SET {vetted_identifier(key)} = ?", [value])

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, emit_json
-from kimera_core.db import connect
+from kimera_core.db import connect_waiting
 from kimera_core.repair import (
     RepairReport,
     keys_from_verification,
@@ -53,7 +53,7 @@ def repair_cmd(
     Exit 1 when a key was refused or still differs.
     """
     if undo_id:
-        with connect(db_path) as con:
+        with connect_waiting(db_path, on_wait=_tell) as con:
             undone = undo_repair(con, undo_id)
         if as_json:
             emit_json({"repair_id": undone.repair_id, "restored": undone.restored})
@@ -66,7 +66,7 @@ def repair_cmd(
     if keys_text and verification is not None:
         raise click.UsageError("give --keys or --from-verification, not both")
     keys = [k.strip() for text in keys_text for k in text.split(",") if k.strip()]
-    with connect(db_path, read_only=dry_run) as con:
+    with connect_waiting(db_path, read_only=dry_run, on_wait=_tell) as con:
         source = "keys given"
         if not keys:
             keys, source = keys_from_verification(con, verification)
@@ -77,6 +77,10 @@ def repair_cmd(
         _print(report)
     if not report.dry_run and not report.ok:
         sys.exit(1)
+
+
+def _tell(line: str) -> None:
+    click.echo(f"kimera: {line}", err=True)
 
 
 def _print(report: RepairReport) -> None:
