@@ -11,9 +11,10 @@ formats those few epochs with ``epoch_to_iso`` through ``epoch_iso_fixes`` and w
 
 ``VALUE_MACROS`` are the value rules the migration and the batch write path share, each the
 SQL twin of a Python rule: ``kimera_py_strip`` is ``str.strip`` (``identity.PY_WHITESPACE``;
-DuckDB's ``trim`` strips only spaces and ``\\s`` misses most Unicode spaces),
+DuckDB's ``trim`` strips the Unicode spaces but not tab or line ends, RE2's ``\\s`` only ASCII),
 ``kimera_epoch_in_range`` is ``identity.epoch_in_range``, ``kimera_json_non_finite`` finds the
-numbers ``identity.value_refusals`` calls non-finite, and ``kimera_json_falsy`` is Python's
+numbers ``identity.value_refusals`` calls non-finite (``kimera_terms_non_finite`` the
+intensities among them), and ``kimera_json_falsy`` is Python's
 truth test of a parsed JSON value (``meta or {}``).
 """
 
@@ -182,6 +183,13 @@ VALUE_MACROS: tuple[str, ...] = (
                       x -> NOT regexp_full_match(x, '-?[0-9]+')
                            AND NOT coalesce(isfinite(TRY_CAST(x AS DOUBLE)), true))), false)
         END
+    )""",
+    # meta.terms (JSON) holds an intensity that is a number but not a finite double
+    f"""CREATE OR REPLACE TEMP MACRO kimera_terms_non_finite(terms_j) AS (
+        coalesce(regexp_matches(CAST(terms_j AS VARCHAR), '{_NON_FINITE_HINT}'), false)
+        AND coalesce(TRY(len(list_filter(json_extract(terms_j, '$[*].intensity'),
+                x -> json_type(x) = 'DOUBLE' AND NOT isfinite(TRY_CAST(x AS DOUBLE)))) > 0),
+            false)
     )""",
     """CREATE OR REPLACE TEMP MACRO kimera_json_falsy(j) AS (
         CASE json_type(j)

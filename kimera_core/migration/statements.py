@@ -96,12 +96,7 @@ WITH src AS (
                  THEN 'non_list_tags' END,
             CASE WHEN raw IS NULL OR kimera_py_strip(raw) = '' THEN 'empty_raw' END,
             CASE WHEN NOT isfinite(weight) THEN 'non_finite_weight' END,
-            -- the text test is cheap and rules out almost every row before the JSON test
-            CASE WHEN regexp_matches(terms_j, '(?i)nan|inf|e\\+?[0-9]{3}|[0-9]{309}')
-                      AND coalesce(TRY(len(list_filter(json_extract(terms_j, '$[*].intensity'),
-                          x -> json_type(x) = 'DOUBLE' AND NOT isfinite(TRY_CAST(x AS DOUBLE))))
-                          > 0), false)
-                 THEN 'non_finite_intensity' END,
+            CASE WHEN kimera_terms_non_finite(terms_j) THEN 'non_finite_intensity' END,
             CASE WHEN kimera_json_non_finite(meta_j) OR kimera_json_non_finite(tags_j)
                  THEN 'non_finite_number' END,
             CASE WHEN NOT isfinite(created_at) OR NOT isfinite(updated_at)

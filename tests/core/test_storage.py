@@ -255,11 +255,15 @@ def test_a_timestamp_without_iso_text_is_refused_in_batches_and_single_writes(st
     assert [r[2] for r in log_rows(storage.con)] == ["success", "failed", "failed", "failed"]
 
 
-def test_legacy_only_batches_need_no_iso_text(tmp_path):
+def test_legacy_only_writes_refuse_what_the_migration_would_quarantine(tmp_path):
+    # the same rule in every stage: a legacy row the migration would refuse is not written
     with Storage.open(str(tmp_path / "l.duckdb"), stage="legacy-only") as storage:
-        assert storage.store_batch([geoid(1, created_at=1e13, updated_at=1e13)]) == 1
-        row = storage.con.execute("SELECT created_at FROM legacy_geoids").fetchone()
-        assert row == (1e13,)
+        with pytest.raises(StorageError, match="timestamp_out_of_range"):
+            storage.store_batch([geoid(1, created_at=1e13, updated_at=1e13)])
+        with pytest.raises(StorageError, match="timestamp_out_of_range"):
+            storage.store(geoid(2, created_at=1e13, updated_at=1e13))
+        assert storage.con.execute("SELECT count(*) FROM legacy_geoids").fetchone() == (0,)
+        assert [r[2] for r in log_rows(storage.con)] == ["failed", "failed"]
 
 
 def test_batch_replaces_existing_rows(storage):
@@ -385,3 +389,107 @@ def test_stats_read_p1_rows(demo_db):
 
 def test_empty_log_has_no_success_rate(storage):
     assert get_dual_write_stats(storage.con)["success_rate"] is None
+
+
+# --- values carried exactly or refused (docs/migration.md) --------------------------------
+NAN, INF = math.nan, math.inf
+REFUSED = {
+    "weight NaN": (dict(weight=NAN), "non_finite_weight"),
+    "weight inf": (dict(weight=INF), "non_finite_weight"),
+    "intensity NaN": (dict(meta={"terms": [{"intensity": NAN}]}), "non_finite_intensity"),
+    "intensity 10**400": (dict(meta={"terms": [{"intensity": 10**400}]}), "non_finite_intensity"),
+    "meta inf": (dict(meta={"nested": [1, -INF]}), "non_finite_number"),
+    "tags NaN": (dict(tags=["a", NAN]), "non_finite_number"),
+    "epoch in ms": (
+        dict(created_at=1730000000123.0, updated_at=1730000000123.0),
+        "timestamp_out_of_range",
+    ),
+    "past 9999": (dict(updated_at=2.6e11), "timestamp_out_of_range"),
+    "NaN time": (dict(created_at=NAN), "non_finite_timestamp"),
+    "ideographic space": (dict(raw="\u3000", echo=""), "empty_raw"),
+    "blank raw": (dict(raw=" \n\t", echo=""), "empty_raw"),
+    "lone surrogate": (dict(raw="broken \ud800 text"), "invalid_text"),
+}
+
+
+@pytest.mark.parametrize("stage", ["legacy-only", "dual-write", "write-new"])
+@pytest.mark.parametrize(("change", "reason"), list(REFUSED.values()), ids=list(REFUSED))
+def test_a_value_the_migration_refuses_is_refused_by_store(tmp_path, stage, change, reason):
+    with Storage.open(str(tmp_path / "v.duckdb"), stage=stage, shadow_sample=0.0) as storage:
+        before = checksums(storage.con)
+        with pytest.raises(StorageError, match=reason):
+            storage.store(geoid(1, **change))
+        assert checksums(storage.con) == before
+        ((identity_id, operation, status, details),) = log_rows(storage.con)
+        assert (identity_id, operation, status) == ("g0001", "store", "failed")
+        assert reason in json.loads(details)["error"]
+
+
+@pytest.mark.parametrize(("change", "reason"), list(REFUSED.values()), ids=list(REFUSED))
+def test_a_value_the_migration_refuses_is_refused_by_store_batch(storage, change, reason):
+    before = checksums(storage.con)
+    with pytest.raises(StorageError):
+        storage.store_batch([geoid(1), geoid(2, **change)])
+    assert checksums(storage.con) == before
+    # one failed row per identity of the batch; nothing written
+    assert [(r[0], r[2]) for r in log_rows(storage.con)] == [
+        ("g0001", "failed"),
+        ("g0002", "failed"),
+    ]
+
+
+def test_a_refused_document_is_never_written_as_invalid_json(storage):
+    for i, (change, _) in enumerate(REFUSED.values()):
+        with pytest.raises(StorageError):
+            storage.store(geoid(i, **change))
+    assert storage.con.execute("SELECT count(*) FROM identities").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("edge", [-62135596800.0, 253402300799.999])
+def test_the_first_and_last_representable_epochs_are_carried_exactly(storage, edge):
+    storage.store(geoid(1, created_at=edge, updated_at=edge))
+    storage.store_batch([geoid(2, created_at=edge, updated_at=edge)])
+    for key in ("g0001", "g0002"):
+        assert read_identity_p1(storage.con, key).created_at == edge
+
+
+def test_whitespace_follows_python_strip(storage):
+    # raw ending in a line feed or tab is text: stored as is
+    for i, raw in enumerate(["line\n", "tab\t", "\u3000x\u3000"]):
+        storage.store(geoid(i, raw=raw, echo=raw.strip()))
+        assert read_identity_p1(storage.con, f"g{i:04d}").raw == raw
+
+
+@pytest.mark.parametrize("stage", ["legacy-only", "dual-write"])
+@pytest.mark.parametrize("how", ["store", "store_batch"])
+def test_a_type_change_removes_the_old_legacy_row_in_the_same_write(tmp_path, stage, how):
+    with Storage.open(str(tmp_path / "t.duckdb"), stage=stage, shadow_sample=0.0) as storage:
+        storage.store(scar(1))
+        retyped = geoid(1, id="scar_0001")
+        storage.store(retyped) if how == "store" else storage.store_batch([retyped])
+        con = storage.con
+        assert con.execute("SELECT count(*) FROM legacy_scars").fetchone() == (0,)
+        assert con.execute("SELECT gid FROM legacy_geoids").fetchall() == [("scar_0001",)]
+        if stage == "dual-write":
+            assert con.execute("SELECT id, identity_type FROM identities").fetchall() == [
+                ("scar_0001", "geoid")
+            ]
+        # and back: the geoid row goes when the id is a scar again
+        storage.store(scar(1)) if how == "store" else storage.store_batch([scar(1)])
+        assert con.execute("SELECT count(*) FROM legacy_geoids").fetchone() == (0,)
+        assert con.execute("SELECT id FROM legacy_scars").fetchall() == [("scar_0001",)]
+
+
+def test_a_type_change_rolled_back_keeps_the_old_row(tmp_path):
+    def fault(step):
+        if step == "before_commit":
+            raise RuntimeError("injected")
+
+    with Storage.open(str(tmp_path / "f.duckdb"), stage="dual-write") as storage:
+        storage.store(scar(1))
+    with Storage.open(str(tmp_path / "f.duckdb"), stage="dual-write", fault=fault) as storage:
+        with pytest.raises(DualWriteError):
+            storage.store(geoid(1, id="scar_0001"))
+        con = storage.con
+        assert con.execute("SELECT id FROM legacy_scars").fetchall() == [("scar_0001",)]
+        assert con.execute("SELECT count(*) FROM legacy_geoids").fetchone() == (0,)
