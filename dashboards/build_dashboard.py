@@ -234,7 +234,7 @@ def build() -> dict[str, Any]:
         "Partitions done",
         [
             (
-                "max(kimera_migration_partitions_done) / max(kimera_migration_partitions_planned)",
+                "max(kimera_migration_steps_done) / max(kimera_migration_steps_planned)",
                 "done",
             )
         ],

@@ -9,7 +9,7 @@ flattened into strings and parsed back.
 key                             value (``to_dict`` of)                  on
 ==============================  ======================================  =================
 ``MIGRATION_REPORT``            ``migration.MigrationReport``           identities (materialization)
-``MIGRATION_PARTITION``         ``migration.PartitionCounts``           identities (observation, per partition)
+``MIGRATION_PARTITION``         ``migration.PartitionCounts``           identities (observation, per step)
 ``GATE``                        ``gates.Gate``                          each consistency check
 ``ENTROPY_STATISTICS``          ``report.EntropyStatistics``            entropy_distribution
 ``ADVANCE``                     ``rollout.AdvanceResult``               rollout_stage (an advance)
@@ -25,8 +25,8 @@ import dagster as dg
 
 MIGRATION_REPORT = "migration_report"
 MIGRATION_PARTITION = "migration_partition"
-PARTITIONS_DONE = "partitions_done"  # beside MIGRATION_PARTITION: n of the run's planned
-PARTITIONS_PLANNED = "partitions_planned"
+STEPS_DONE = "steps_done"  # beside MIGRATION_PARTITION: n of the run's planned steps
+STEPS_PLANNED = "steps_planned"  # a step: one table (geoids, scars) of one partition
 GATE = "gate"
 ENTROPY_STATISTICS = "entropy_statistics"
 ADVANCE = "advance"

@@ -198,21 +198,22 @@ def entropy_snapshot(stats: EntropyStatistics) -> Snapshot:
 # --- kimera_migration --------------------------------------------------------------------
 @dataclass(frozen=True)
 class MigrationProgress:
-    """The latest migration run: its report once finished, partitions done of planned.
+    """The latest migration run: its report once finished, steps done of planned.
 
     ``report`` is None while the run is still going; ``progress_at`` is the Unix time of its
-    latest finished partition (or of the finished run).
+    latest finished step (or of the finished run). A step migrates one table (geoids or
+    scars) of one partition (hash bucket): a run over N partitions has 2 N steps.
     """
 
     report: MigrationReport | None
-    partitions_done: int | None = None
-    partitions_planned: int | None = None
+    steps_done: int | None = None
+    steps_planned: int | None = None
     running: bool = False
     progress_at: float | None = None
 
 
 def migration_snapshot(progress: MigrationProgress, at: float) -> Snapshot:
-    """Rows of the latest run by outcome, rows read, partitions done / planned, running."""
+    """Rows of the latest run by outcome, rows read, steps done / planned, running."""
     families: list[Metric] = []
     report = progress.report
     if report is not None:
@@ -234,19 +235,19 @@ def migration_snapshot(progress: MigrationProgress, at: float) -> Snapshot:
         )
     for value, name, doc in (
         (
-            progress.partitions_done,
-            "kimera_migration_partitions_done",
-            "Partitions the latest migration run has finished.",
+            progress.steps_done,
+            "kimera_migration_steps_done",
+            "Steps (one table of one partition) the latest migration run has finished.",
         ),
         (
-            progress.partitions_planned,
-            "kimera_migration_partitions_planned",
-            "Partitions the latest migration run plans (done / planned is its progress).",
+            progress.steps_planned,
+            "kimera_migration_steps_planned",
+            "Steps the latest migration run plans: 2 per partition (done / planned is its progress).",
         ),
         (
             progress.progress_at,
             "kimera_migration_last_progress_timestamp_seconds",
-            "Unix time of the latest migration progress event (partition or finish).",
+            "Unix time of the latest migration progress event (a step or the finish).",
         ),
     ):
         if value is not None:

@@ -2,10 +2,14 @@
 
 ``identities`` is partitioned by the migration's hash bucket; one run (a backfill of some or
 all partitions, ``BackfillPolicy.single_run``) migrates the selected buckets, geoids first.
-The run's ``MigrationReport`` is published whole (``MIGRATION_REPORT``) beside readable
-counts, and every finished partition is an ``AssetObservation`` of identities carrying that
-partition's own counts (``MIGRATION_PARTITION``), which is what the metrics sensor reads
-while the run is still going. The reconciliation check comes back with the materialization.
+The run's ``MigrationReport`` is published whole (``MIGRATION_REPORT``) beside the run's
+totals (``run_*``); each partition's materialization carries that partition's own counts
+(``legacy_rows``, ``inserted``, ...), so the UI's per-partition plots are true. The unit of
+work is the partition (one hash bucket, what the UI shows); a run migrates the geoids of
+every selected partition, then their scars, one step each, and every finished step is an
+``AssetObservation`` of identities with that step's own counts (``MIGRATION_PARTITION``) and
+``steps_done`` of ``steps_planned``, which the metrics sensor reads while the run is still
+going. The reconciliation check comes back with the materialization and balances the run.
 
 ``rollback_migration_job`` backs the database up, then undoes runs from their journal;
 ``kimera_core.migration.rollback`` refuses while reads come from identities, so this job,
@@ -20,6 +24,7 @@ from kimera_core.backup import backup_database
 from kimera_core.errors import KimeraError
 from kimera_core.migration import (
     MigrationCounts,
+    MigrationReport,
     PartitionCounts,
     migrate_buckets,
     quarantine_summary,
@@ -28,8 +33,8 @@ from kimera_core.migration import (
 from kimera_pipelines.metadata import (
     MIGRATION_PARTITION,
     MIGRATION_REPORT,
-    PARTITIONS_DONE,
-    PARTITIONS_PLANNED,
+    STEPS_DONE,
+    STEPS_PLANNED,
     md_table,
 )
 from kimera_pipelines.resources import (
@@ -47,10 +52,10 @@ from kimera_pipelines.resources import (
 MIGRATION = {"group_name": "identities", "kinds": {"duckdb"}, "owners": OWNERS, "pool": POOL}
 
 
-def _partition_observation(
+def _step_observation(
     done: int, planned: int, kind: str, bucket: int, counts: MigrationCounts
 ) -> dg.AssetObservation:
-    """One finished partition of the run, with its own counts (not the run's running total)."""
+    """One finished step of the run (one table of one partition), with its own counts."""
     return dg.AssetObservation(
         asset_key="identities",
         partition=str(bucket),
@@ -58,11 +63,22 @@ def _partition_observation(
             MIGRATION_PARTITION: dg.MetadataValue.json(
                 PartitionCounts(kind, bucket, counts).to_dict()
             ),
-            PARTITIONS_DONE: dg.MetadataValue.int(done),
-            PARTITIONS_PLANNED: dg.MetadataValue.int(planned),
+            STEPS_DONE: dg.MetadataValue.int(done),
+            STEPS_PLANNED: dg.MetadataValue.int(planned),
         },
-        description=f"partition {done}/{planned}: {kind} bucket {bucket}, read {counts.read:,}",
+        description=(
+            f"partition {bucket}: {kind}s migrated, {counts.read:,} read (step {done} of "
+            f"{planned}: the geoids of every selected partition, then their scars)"
+        ),
     )
+
+
+def partition_counts(report: MigrationReport) -> dict[int, dict[str, int]]:
+    """Each migrated partition's own counts (geoids and scars of its bucket added up)."""
+    own: dict[int, MigrationCounts] = {}
+    for part in report.partition_counts:
+        own.setdefault(part.bucket, MigrationCounts()).add(part.counts)
+    return {b: {"legacy_rows": c.read, **asdict(c)} for b, c in own.items()}
 
 
 @dg.asset(
@@ -94,23 +110,29 @@ def identities(context: dg.AssetExecutionContext, database: KimeraDatabase) -> d
             con,
             buckets,
             partitions=MIGRATION_BUCKETS,
-            on_partition=lambda *progress: context.log_event(_partition_observation(*progress)),
+            on_partition=lambda *progress: context.log_event(_step_observation(*progress)),
         )
     c = report.counts
-    counts = {"legacy_rows": report.legacy_rows, **asdict(c)}  # the six row counts
+    counts = {"legacy_rows": report.legacy_rows, **asdict(c)}  # the run's six row counts
     equation = (
         f"legacy {report.legacy_rows:,} = migrated {c.changes:,} + already present "
         f"{c.already_present:,} + quarantined {c.quarantined:,}"
     )
+    # each partition's materialization carries its own counts, not the run's totals
+    for bucket, own in partition_counts(report).items():
+        context.add_asset_metadata(
+            {k: dg.MetadataValue.int(v) for k, v in own.items()}, partition_key=str(bucket)
+        )
     return dg.MaterializeResult(
         metadata={
             MIGRATION_REPORT: dg.MetadataValue.json(report.to_dict()),
             "migration_run_id": dg.MetadataValue.text(report.run_id),
             "buckets": dg.MetadataValue.json(buckets),
-            **{k: dg.MetadataValue.int(v) for k, v in counts.items()},
+            "run_counts": dg.MetadataValue.json(counts),
+            "run_totals": dg.MetadataValue.text(equation),
             "balanced": dg.MetadataValue.bool(report.balanced),
-            "rows_per_second": dg.MetadataValue.float(round(report.rows_per_second, 1)),
-            "seconds": dg.MetadataValue.float(round(report.seconds, 3)),
+            "run_rows_per_second": dg.MetadataValue.float(round(report.rows_per_second, 1)),
+            "run_seconds": dg.MetadataValue.float(round(report.seconds, 3)),
             "identities_rows": dg.MetadataValue.int(report.identities_checksum["rows"]),
             "identities_checksum": dg.MetadataValue.text(report.identities_checksum["checksum"]),
             "quarantine_reasons": dg.MetadataValue.json(report.quarantine_reasons),

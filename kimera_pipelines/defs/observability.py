@@ -10,7 +10,7 @@ the daemon must not contend for its one writer lock.
 * ``kimera_push_on_success`` / ``kimera_push_on_failure`` (run-status sensors): when a run
   ends, push its job's gauges and the snapshots of the reports its events carry.
 * ``kimera_metrics_sensor`` (every minute): push every recent job's gauges, the latest
-  snapshot of each kind, a running migration's progress (from its per-partition
+  snapshot of each kind, a running migration's progress (from its per-step
   observations) and a heartbeat with the push failures seen.
 * ``record_run_success`` / ``record_run_failure``: log each run's outcome as one JSON line.
 
@@ -47,8 +47,8 @@ from kimera_pipelines.metadata import (
     GATE,
     MIGRATION_PARTITION,
     MIGRATION_REPORT,
-    PARTITIONS_DONE,
-    PARTITIONS_PLANNED,
+    STEPS_DONE,
+    STEPS_PLANNED,
 )
 
 PUSH_FAILURES_KEY = "kimera_observability/push_failures"
@@ -162,7 +162,7 @@ def run_reports(instance: DagsterInstance, run_id: str, *, running: bool = False
     """The reports in one run's events, rebuilt typed; ``running``: the run has not ended."""
     found = RunReports()
     report: MigrationReport | None = None
-    partitions: tuple[int, int, float] | None = None
+    steps: tuple[int, int, float] | None = None
     report_at = 0.0
     for entry in instance.all_logs(run_id, of_type=REPORT_EVENTS):
         event = entry.dagster_event
@@ -176,8 +176,8 @@ def run_reports(instance: DagsterInstance, run_id: str, *, running: bool = False
         if event.event_type == DagsterEventType.ASSET_OBSERVATION:
             metadata = event.event_specific_data.asset_observation.metadata
             if MIGRATION_PARTITION in metadata:
-                done, planned = metadata[PARTITIONS_DONE].value, metadata[PARTITIONS_PLANNED].value
-                partitions = (int(done), int(planned), entry.timestamp)
+                done, planned = metadata[STEPS_DONE].value, metadata[STEPS_PLANNED].value
+                steps = (int(done), int(planned), entry.timestamp)
             continue
         materialization = event.event_specific_data.materialization
         metadata = materialization.metadata
@@ -188,11 +188,11 @@ def run_reports(instance: DagsterInstance, run_id: str, *, running: bool = False
             found.entropy = entropy_statistics_from_dict(metadata[ENTROPY_STATISTICS].data)
         if materialization.asset_key == ROLLOUT_STAGE and "stage" in metadata:
             found.stage, found.stage_at = str(metadata["stage"].value), entry.timestamp
-    if report is not None:  # finished: every partition of the run is done
+    if report is not None:  # finished: every step of the run is done
         planned = len(report.partition_counts)
         found.migration = MigrationProgress(report, planned, planned, running, report_at)
-    elif partitions is not None:
-        done, planned, at = partitions
+    elif steps is not None:
+        done, planned, at = steps
         found.migration = MigrationProgress(None, done, planned, running, at)
     return found
 

@@ -81,7 +81,7 @@ def test_migration_rows_by_outcome_come_from_the_report():
         expected = getattr(counts, outcome)
         assert value(snapshot, "kimera_migration_rows", outcome=outcome) == expected
     assert value(snapshot, "kimera_migration_rows_read") == 10
-    assert value(snapshot, "kimera_migration_partitions_planned") == 16
+    assert value(snapshot, "kimera_migration_steps_planned") == 16
     assert value(snapshot, "kimera_migration_running") == 0
     assert value(snapshot, "kimera_migration_last_progress_timestamp_seconds") == 3.0
 

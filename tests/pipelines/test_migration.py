@@ -9,8 +9,8 @@ from kimera_pipelines.defs.migration import identities, migration_nightly, migra
 from kimera_pipelines.metadata import (
     MIGRATION_PARTITION,
     MIGRATION_REPORT,
-    PARTITIONS_DONE,
-    PARTITIONS_PLANNED,
+    STEPS_DONE,
+    STEPS_PLANNED,
 )
 from kimera_pipelines.resources import MIGRATION_BUCKETS
 from pipelines.helpers import ALL_BUCKETS, check_results, run_job
@@ -51,8 +51,8 @@ def test_each_partition_is_observed_with_its_own_counts(instance, database):
         if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
     ]
     planned = 2 * MIGRATION_BUCKETS  # geoids, then scars, per bucket
-    assert [o.metadata[PARTITIONS_DONE].value for o in observations] == list(range(1, planned + 1))
-    assert {o.metadata[PARTITIONS_PLANNED].value for o in observations} == {planned}
+    assert [o.metadata[STEPS_DONE].value for o in observations] == list(range(1, planned + 1))
+    assert {o.metadata[STEPS_PLANNED].value for o in observations} == {planned}
     parts = [PartitionCounts.from_dict(o.metadata[MIGRATION_PARTITION].data) for o in observations]
     assert all(o.partition == str(p.bucket) for o, p in zip(observations, parts, strict=True))
     report = MigrationReport.from_dict(
@@ -61,6 +61,28 @@ def test_each_partition_is_observed_with_its_own_counts(instance, database):
     # each observation carries its partition's own counts, which add up to the run's
     assert sum(p.counts.read for p in parts) == report.counts.read
     assert [p.counts for p in parts] == [p.counts for p in report.partition_counts]
+
+
+def test_each_partition_materialization_carries_its_own_counts(instance, database):
+    result = run_job("migration_job", instance, database, tags=ALL_BUCKETS)
+    events = [
+        e.event_specific_data.materialization
+        for e in result.get_asset_materialization_events()
+        if e.event_specific_data.materialization.asset_key == dg.AssetKey("identities")
+    ]
+    assert sorted(m.partition for m in events) == [str(b) for b in range(MIGRATION_BUCKETS)]
+    report = MigrationReport.from_dict(events[0].metadata[MIGRATION_REPORT].data)
+    own = {
+        m.partition: {k: m.metadata[k].value for k in ("legacy_rows", "read", "inserted")}
+        for m in events
+    }
+    for bucket in range(MIGRATION_BUCKETS):
+        parts = [p.counts for p in report.partition_counts if p.bucket == bucket]
+        assert own[str(bucket)]["read"] == sum(c.read for c in parts)
+        assert own[str(bucket)]["inserted"] == sum(c.inserted for c in parts)
+    assert sum(o["read"] for o in own.values()) == report.counts.read
+    assert len({o["inserted"] for o in own.values()}) > 1  # not the run's total repeated
+    assert events[0].metadata["run_counts"].data["read"] == report.counts.read
 
 
 def test_full_backfill_checks_only_its_reconciliation(instance, database):

@@ -57,7 +57,7 @@ def test_a_finished_migration_is_pushed_from_its_report(instance, database):
     reports = obs.run_reports(instance, result.run_id)
     progress = reports.migration
     assert progress is not None and progress.report is not None and not progress.running
-    assert progress.partitions_done == progress.partitions_planned == 2 * MIGRATION_BUCKETS
+    assert progress.steps_done == progress.steps_planned == 2 * MIGRATION_BUCKETS
     snapshot = _by_job(obs.snapshots(reports, 0.0))[pushed.PUSH_JOB_MIGRATION]
     counts = progress.report.counts
     assert _sample(snapshot, "kimera_migration_rows", outcome="inserted") == counts.inserted
@@ -65,7 +65,7 @@ def test_a_finished_migration_is_pushed_from_its_report(instance, database):
     assert _sample(snapshot, "kimera_migration_rows_read") == counts.read
 
 
-def test_an_unfinished_migration_shows_its_partitions_done(instance, database, monkeypatch):
+def test_an_unfinished_migration_shows_its_steps_done(instance, database, monkeypatch):
     """Progress comes from the per-partition observations, not from a parsed log line."""
     real = migration_defs.migrate_buckets
 
@@ -82,9 +82,9 @@ def test_an_unfinished_migration_shows_its_partitions_done(instance, database, m
     assert not result.success
     progress = obs.run_reports(instance, result.run_id, running=True).migration
     assert progress is not None and progress.report is None
-    assert (progress.partitions_done, progress.partitions_planned) == (2, 2 * MIGRATION_BUCKETS)
+    assert (progress.steps_done, progress.steps_planned) == (2, 2 * MIGRATION_BUCKETS)
     snapshot = pushed.migration_snapshot(progress, 0.0)
-    assert _sample(snapshot, "kimera_migration_partitions_done") == 2
+    assert _sample(snapshot, "kimera_migration_steps_done") == 2
     assert _sample(snapshot, "kimera_migration_running") == 1
     assert _sample(snapshot, "kimera_migration_rows", outcome="inserted") is None
 
