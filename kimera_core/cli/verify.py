@@ -1,4 +1,10 @@
-"""``kimera verify``: prove the legacy tables and identities agree, or say why not (exit 1)."""
+"""``kimera verify``: prove the legacy tables and identities agree, or say why not.
+
+The verdict is ``gates.judge_gates``'s, the one the Dagster checks and the rollout read.
+Exit status: 0 consistent (explained exceptions listed), 1 inconsistent, 2 could not run (a
+bad argument, a file that is missing, unreadable, not a DuckDB database or locked by another
+process): an error never reads as a verdict.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,18 @@ import sys
 from pathlib import Path
 
 import click
+import duckdb
+from rich.markup import escape
+from rich.table import Table
 
 from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, emit_json
 from kimera_core.consistency import DEFAULT_SAMPLE, VerificationReport
-from kimera_core.consistency import verify as run_verify
+from kimera_core.consistency.report import EXCEPTIONS, FAILURES, Finding, exception_lines
 from kimera_core.db import connect
+from kimera_core.errors import KimeraError
+from kimera_core.gates import GateReport, judge_gates
+
+EXIT_CONSISTENT, EXIT_INCONSISTENT, EXIT_ERROR = 0, 1, 2
 
 
 @click.command()
@@ -21,12 +34,18 @@ from kimera_core.db import connect
     type=click.IntRange(min=0),
     default=DEFAULT_SAMPLE,
     show_default=True,
-    help="Offending keys shown per kind of problem.",
+    help="Offending keys shown (with both stores' values) per kind of problem.",
 )
 @click.option(
     "--incremental",
     is_flag=True,
-    help="Check only keys changed since the last recorded verification (full if none).",
+    help="Check only keys changed since the last recorded verification (full if none, or if "
+    "that one was inconsistent).",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Count explained exceptions (rows in quarantine, legacy stale) as failures.",
 )
 @click.option(
     "--record/--no-record",
@@ -45,41 +64,84 @@ from kimera_core.db import connect
     ),
 )
 def verify(
-    db_path: Path, as_json: bool, sample: int, incremental: bool, record: bool, cache: bool
+    db_path: Path,
+    as_json: bool,
+    sample: int,
+    incremental: bool,
+    strict: bool,
+    record: bool,
+    cache: bool,
 ) -> None:
-    """Compare legacy_geoids/legacy_scars with identities; exit 1 when they disagree."""
-    with connect(db_path, read_only=not record) as con:
-        report = run_verify(con, incremental=incremental, sample=sample, record=record, cache=cache)
+    """Compare legacy_geoids/legacy_scars with identities: exit 0 when they agree (explained
+    exceptions listed), 1 when they do not, 2 when the check could not run."""
+    try:
+        with connect(db_path, read_only=not record) as con:
+            judged = judge_gates(
+                con,
+                incremental=incremental,
+                sample=sample,
+                record=record,
+                strict=strict,
+                cache=cache,
+            )
+    except (KimeraError, duckdb.Error, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        prefix = "DuckDB: " if isinstance(exc, duckdb.Error) else ""
+        click.echo(f"kimera: error: {prefix}{first}", err=True)
+        sys.exit(EXIT_ERROR)
     if as_json:
-        emit_json(report.to_dict())
+        emit_json({**judged.verification.to_dict(), "gates": [g.to_dict() for g in judged.gates]})
     else:
-        _print(report)
-    if not report.consistent:
-        sys.exit(1)
+        _print(judged)
+    sys.exit(EXIT_CONSISTENT if judged.consistent else EXIT_INCONSISTENT)
 
 
-def _print(report: VerificationReport) -> None:
-    style = "green" if report.consistent else "red"
+def _print(judged: GateReport) -> None:
+    report = judged.verification
+    style = "green" if judged.consistent else "red"
     console.print(
-        f"[bold {style}]{report.verdict.upper()}[/bold {style}] "
-        f"({report.mode}, {report.seconds:.2f} s)"
+        f"[bold {style}]{judged.verdict.upper()}[/bold {style}] "
+        f"({report.mode}{', strict' if report.strict else ''}, {report.seconds:.2f} s; stage "
+        f"{report.stage}: reads come from {report.authoritative})"
     )
+    _print_counts(report)
+    gates = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for column in ("gate", "", "offending", "exceptions", "summary"):
+        gates.add_column(column, overflow="fold")
+    for gate in judged.gates:
+        gates.add_row(
+            gate.name,
+            "[green]pass[/green]" if gate.passed else "[red]FAIL[/red]",
+            f"{gate.offending:,}",
+            f"{gate.exceptions:,}",
+            escape(gate.summary),
+        )
+    console.print(gates)
+    for note in report.notes:
+        console.print(f"  note: {note}", markup=False)
+    for line in exception_lines(report):
+        console.print(f"  explained: {line}", markup=False)
+    for reason in report.reasons:
+        console.print(f"  - {reason}", markup=False)
+    for kind in FAILURES + EXCEPTIONS:
+        finding: Finding = getattr(report, kind)
+        if finding.total:
+            _print_finding(kind, finding, failing=kind in FAILURES or report.strict)
+
+
+def _print_counts(report: VerificationReport) -> None:
     counts = report.counts
+    quarantined = counts.get("quarantined", {})
     for kind in sorted(set(counts["legacy"]) | set(counts["new"])):
         console.print(
             f"  {kind:<8} legacy {counts['legacy'].get(kind, 0):>12,}  "
+            f"quarantined {quarantined.get(kind, 0):>8,}  "
             f"identities {counts['new'].get(kind, 0):>12,}  "
-            f"difference {counts['difference'].get(kind, 0):>+10,}"
+            f"difference {counts['difference'].get(kind, 0):>+8,}"
         )
     if report.keys_checked is not None:
         console.print(f"  keys changed since the last verification: {report.keys_checked:,}")
-    checksums = report.checksums
-    if "legacy" in checksums:
-        console.print(
-            f"  checksum legacy {checksums['legacy']['checksum']}  "
-            f"identities {checksums['new']['checksum']}"
-        )
-    cache = checksums.get("digest_cache")
+    cache = report.checksums.get("digest_cache")
     if cache:
         console.print(
             f"  digest cache: {cache['reused']:,} of {cache['segments']:,} segments reused, "
@@ -89,11 +151,31 @@ def _print(report: VerificationReport) -> None:
             if cache["enabled"]
             else f"  digest cache off: {cache['rows_digested']:,} rows digested"
         )
-    for reason in report.reasons:
-        console.print(f"  - {reason}", markup=False)
-    for kind in ("missing_in_new", "missing_in_legacy", "duplicate_keys", "field_mismatches"):
-        finding = getattr(report, kind)
-        if finding.total:
-            console.print(f"  {kind} ({finding.total:,}; first {len(finding.sample)}):")
-            for item in finding.sample:
-                console.print(f"    {item}", markup=False)
+
+
+def _print_finding(kind: str, finding: Finding, failing: bool) -> None:
+    label = "[red]failing[/red]" if failing else "[yellow]explained[/yellow]"
+    shown = len(finding.evidence)
+    console.print(
+        f"\n  {label} {kind}: {finding.total:,}"
+        + (f" (first {shown:,}, by key)" if shown < finding.total else "")
+    )
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for column in ("key", "field", *finding.sides, "note"):
+        table.add_column(column, overflow="fold")
+    for item in finding.evidence:
+        for values in item.fields or [None]:
+            table.add_row(
+                escape(item.id),
+                values.field if values else "",
+                _shown(values.left) if values else "",
+                _shown(values.right) if values else "",
+                escape(item.note),
+            )
+    console.print(table)
+    if finding.next_step:
+        console.print(f"  next step: {finding.next_step}", markup=False)
+
+
+def _shown(text: str | None) -> str:
+    return "(absent)" if text is None else escape(text)

@@ -1,10 +1,19 @@
-"""What a verification found: findings, the verdict and its reasons, and the record of each run.
+"""What a verification found: findings, exceptions, the verdict and its reasons, and the record.
 
 A ``VerificationReport`` is the verifier's typed result. Each kind of problem is a
-``Finding``: a complete total and a capped sample of offending keys, sorted by key (as
-reladiff reports counts and a sample). The verdict is derived, never stored: a report is
-consistent when it has no reason, and ``verdict_reasons`` writes one operator-readable line per
-non-zero finding ("1 row whose mapped fields differ"; counts through ``count_of``).
+``Finding``: a complete total, a capped sample of offending keys sorted by key (as reladiff
+reports counts and a sample), their evidence (both sides' values of each differing field,
+``consistency.evidence``) and the next step. Failures and explained exceptions are kept
+apart: rows still in quarantine (``quarantined``, counted by reason), quarantined keys that
+identities holds with the same row (``quarantined_in_identities``) and rows where identities
+is newer than legacy (``legacy_stale``: the merge rule kept the newer identity) are
+exceptions, reported but not failures unless the run is ``strict``.
+
+The verdict is derived, never stored: a report is consistent when it has no reason, and
+``verdict_reasons`` writes one operator-readable line per failing finding ("1 row whose
+mapped fields differ"; counts through ``count_of``); ``exception_lines`` does the same for
+the exceptions. ``kimera_core.gates`` judges the gates from these same totals, so the CLI,
+the Dagster checks and the rollout share one verdict.
 
 ``to_dict`` is the JSON form every consumer reads (the CLI's ``--json``, the
 ``kimera_verifications`` row, Dagster metadata); ``from_dict`` is its exact inverse, so a
@@ -20,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
+
+from kimera_core.consistency.evidence import COLUMN_SIDES, STORE_SIDES, KeyEvidence
 
 VERIFICATIONS_DDL = """CREATE TABLE IF NOT EXISTS kimera_verifications (
     verified_at DOUBLE NOT NULL,
@@ -60,28 +71,64 @@ def n_keys(n: int) -> str:
 
 @dataclass
 class Finding:
-    """One kind of problem: its total and a capped sample of offending keys (dicts by key)."""
+    """One kind of problem: its total, a capped sample of offending keys (dicts by key), their
+    evidence (``KeyEvidence``: both ``sides``' values), and what the operator does next."""
 
     total: int = 0
     sample: list[dict[str, Any]] = field(default_factory=list)
+    evidence: list[KeyEvidence] = field(default_factory=list)
+    next_step: str = ""
+    sides: tuple[str, str] = STORE_SIDES
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "sample": self.sample}
+        return {
+            "total": self.total,
+            "sample": self.sample,
+            "evidence": [e.to_dict(self.sides) for e in self.evidence],
+            "next_step": self.next_step,
+            "sides": list(self.sides),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Finding:
-        return cls(int(d["total"]), list(d["sample"]))
+        """The finding ``to_dict`` made (a record from before evidence existed reads too)."""
+        sides = tuple(d.get("sides", STORE_SIDES))
+        return cls(
+            int(d["total"]),
+            list(d["sample"]),
+            [KeyEvidence.from_dict(e, sides) for e in d.get("evidence", [])],  # type: ignore[arg-type]
+            d.get("next_step", ""),
+            sides,  # type: ignore[arg-type]
+        )
+
+
+def _column_finding() -> Finding:
+    return Finding(sides=COLUMN_SIDES)
+
+
+# Failing findings and exceptions, as the report's attribute names, in report order.
+FAILURES: tuple[str, ...] = (
+    "duplicate_keys",
+    "missing_in_new",
+    "missing_in_legacy",
+    "field_mismatches",
+    "column_mismatches",
+)
+EXCEPTIONS: tuple[str, ...] = ("quarantined", "quarantined_in_identities", "legacy_stale")
 
 
 @dataclass
 class VerificationReport:
     """What a verification found, and its verdict.
 
-    ``counts``: per store ('legacy', 'new', and 'difference' = new - legacy), rows per identity
+    ``counts``: per store ('legacy', 'quarantined': legacy rows still in quarantine and absent
+    from identities, 'new', and 'difference' = new - (legacy - quarantined)), rows per identity
     type and 'total'. ``null_keys``: rows without a key per store. ``seconds``: wall time of
     the run (rounded to 0.1 ms); ``started_at`` and ``since``: epoch seconds. ``checksums``:
-    the checksum pass (top-level sums, bisection levels, the digest cache's statistics).
-    ``tolerance``: ``Tolerance.to_dict()`` of the run.
+    the checksum pass (top-level sums net of the rows excluded up front, bisection levels,
+    the digest cache's statistics). ``tolerance``: ``Tolerance.to_dict()`` of the run.
+    ``stage``: the rollout stage when it ran; ``authoritative``: 'legacy' or 'identities',
+    where reads come from at that stage. ``strict``: exceptions count as failures.
     """
 
     mode: str
@@ -99,6 +146,17 @@ class VerificationReport:
     checksums: dict[str, Any] = field(default_factory=dict)
     tolerance: dict[str, float] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    column_mismatches: Finding = field(default_factory=_column_finding)
+    mismatches_by_column: dict[str, int] = field(default_factory=dict)
+    quarantined: Finding = field(default_factory=Finding)
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    quarantined_in_identities: Finding = field(default_factory=Finding)
+    legacy_stale: Finding = field(default_factory=Finding)
+    stage: str | None = None
+    authoritative: str = "legacy"
+    strict: bool = False
+    duplicates_by_store: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def consistent(self) -> bool:
@@ -128,12 +186,26 @@ class VerificationReport:
             "mismatches_by_field": self.mismatches_by_field,
             "checksums": self.checksums,
             "tolerance": self.tolerance,
+            "column_mismatches": self.column_mismatches.to_dict(),
+            "mismatches_by_column": self.mismatches_by_column,
+            "quarantined": self.quarantined.to_dict(),
+            "quarantine_reasons": self.quarantine_reasons,
+            "quarantined_in_identities": self.quarantined_in_identities.to_dict(),
+            "legacy_stale": self.legacy_stale.to_dict(),
+            "exceptions": exception_lines(self),
+            "stage": self.stage,
+            "authoritative": self.authoritative,
+            "strict": self.strict,
+            "duplicates_by_store": self.duplicates_by_store,
+            "notes": self.notes,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VerificationReport:
-        """The report ``to_dict`` made (also after a JSON round trip); ``verdict`` and
-        ``consistent`` are derived from ``reasons``. Raises KeyError on a missing entry."""
+        """The report ``to_dict`` made (also after a JSON round trip); ``verdict``,
+        ``consistent`` and ``exceptions`` are derived. Raises KeyError on a missing entry of
+        the issue-10 layout; the entries added since default when absent (older records)."""
+        empty: dict[str, Any] = {"total": 0, "sample": []}
         return cls(
             mode=d["mode"],
             started_at=d["started_at"],
@@ -150,17 +222,65 @@ class VerificationReport:
             checksums=d["checksums"],
             tolerance=d["tolerance"],
             reasons=list(d["reasons"]),
+            column_mismatches=Finding.from_dict(
+                d.get("column_mismatches", {**empty, "sides": list(COLUMN_SIDES)})
+            ),
+            mismatches_by_column=d.get("mismatches_by_column", {}),
+            quarantined=Finding.from_dict(d.get("quarantined", empty)),
+            quarantine_reasons=d.get("quarantine_reasons", {}),
+            quarantined_in_identities=Finding.from_dict(d.get("quarantined_in_identities", empty)),
+            legacy_stale=Finding.from_dict(d.get("legacy_stale", empty)),
+            stage=d.get("stage"),
+            authoritative=d.get("authoritative", "legacy"),
+            strict=d.get("strict", False),
+            duplicates_by_store=d.get("duplicates_by_store", {}),
+            notes=list(d.get("notes", [])),
         )
 
 
+def exception_lines(report: VerificationReport) -> list[str]:
+    """One line per kind of explained exception of ``report`` (not failures unless strict)."""
+    lines = []
+    if report.quarantined.total:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(report.quarantine_reasons.items()))
+        lines.append(
+            count_of(report.quarantined.total, "row in quarantine", "rows in quarantine")
+            + (f" ({reasons})" if reasons else "")
+        )
+    if report.quarantined_in_identities.total:
+        lines.append(
+            count_of(
+                report.quarantined_in_identities.total,
+                "quarantined key that identities holds with the same row",
+                "quarantined keys that identities holds with the same row",
+            )
+        )
+    if report.legacy_stale.total:
+        lines.append(
+            count_of(
+                report.legacy_stale.total,
+                "row where legacy is stale: identities newer",
+                "rows where legacy is stale: identities newer",
+            )
+        )
+    return lines
+
+
 def verdict_reasons(report: VerificationReport) -> list[str]:
-    """One line per non-zero finding of ``report`` (counts, NULL keys, keys, fields)."""
+    """One line per failing finding of ``report`` (counts net of quarantine, NULL keys, keys,
+    fields, columns), and with ``strict`` one per exception too."""
     reasons = []
+    quarantined = report.counts.get("quarantined", {})
     for kind, diff in report.counts["difference"].items():
         if diff and kind != "total":
+            legacy = report.counts["legacy"].get(kind, 0)
+            net = (
+                f"legacy {legacy:,} - quarantined {quarantined[kind]:,}"
+                if quarantined.get(kind)
+                else f"legacy {legacy:,}"
+            )
             reasons.append(
-                f"row counts differ for {kind}: legacy {report.counts['legacy'].get(kind, 0):,}, "
-                f"new {report.counts['new'].get(kind, 0):,}"
+                f"row counts differ for {kind}: {net}, new {report.counts['new'].get(kind, 0):,}"
             )
     for store, n in report.null_keys.items():
         if n:
@@ -174,6 +294,18 @@ def verdict_reasons(report: VerificationReport) -> list[str]:
     if report.mismatches_by_field:
         fields = ", ".join(f"{k} {v:,}" for k, v in report.mismatches_by_field.items())
         reasons.append(f"differing fields: {fields}")
+    if report.column_mismatches.total:
+        columns = ", ".join(f"{k} {v:,}" for k, v in report.mismatches_by_column.items())
+        reasons.append(
+            count_of(
+                report.column_mismatches.total,
+                "identities row whose columns disagree with its document",
+                "identities rows whose columns disagree with their document",
+            )
+            + (f" ({columns})" if columns else "")
+        )
+    if report.strict:
+        reasons += [f"strict: {line}" for line in exception_lines(report)]
     return reasons
 
 

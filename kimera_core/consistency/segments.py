@@ -32,8 +32,18 @@ import time
 import duckdb
 
 from kimera_core.checksum import Checksum
+from kimera_core.compare import COMPARE_MACROS
 from kimera_core.consistency.report import VerificationReport
-from kimera_core.consistency.sources import MACROS, SOURCES, Source, sides, sql_parts
+from kimera_core.consistency.sources import (
+    IDENTITY_DIGEST,
+    LEGACY_DIGESTS,
+    MACROS,
+    SOURCES,
+    Source,
+    fingerprint_sql,
+    rows_sql,
+    sides,
+)
 from kimera_core.db import transaction
 from kimera_core.sql import vetted_identifier
 
@@ -48,8 +58,19 @@ DIGESTS_DDL = """CREATE TABLE IF NOT EXISTS kimera_verify_digests (
     rows BIGINT NOT NULL,           -- rows in the segment
     fingerprint_sum HUGEINT NOT NULL,  -- sum of the rows' fingerprints (stored columns, verbatim)
     digest_sum HUGEINT NOT NULL,    -- sum of the rows' digests (normalised mapped fields)
-    seal UBIGINT NOT NULL           -- hash(recipe, store, segment, rows, fingerprint_sum, digest_sum)
+    seal UBIGINT NOT NULL,          -- hash(recipe, store, segment, rows, fingerprint_sum,
+                                    --      digest_sum, column_mismatches)
+    column_mismatches BIGINT        -- identities rows whose columns disagree with the document
 )"""
+# A cache written before column_mismatches existed gains the column; its entries fail the seal.
+DIGESTS_UPGRADE_SQL = (
+    "ALTER TABLE kimera_verify_digests ADD COLUMN IF NOT EXISTS column_mismatches BIGINT"
+)
+DIGESTS_COLUMNS_SQL = """
+SELECT count(*) FROM information_schema.columns
+WHERE table_catalog = current_database() AND table_schema = 'main'
+  AND table_name = 'kimera_verify_digests' AND column_name = 'column_mismatches'
+"""
 
 # What a cached digest sum was computed with: the digest SQL, the macros it calls, the segment
 # width and the DuckDB version (hash() and json() may change between versions). An entry
@@ -60,58 +81,72 @@ RECIPE = hashlib.sha256(
             "duckdb": duckdb.__version__,
             "fine_bits": FINE_BITS,
             "macros": MACROS,
-            "sources": [[s.table, s.key, s.stored, s.digest, s.parsed] for s in SOURCES],
+            "compare": COMPARE_MACROS,
+            "sources": [[s.table, s.key, s.stored] for s in SOURCES],
+            "digests": [LEGACY_DIGESTS, IDENTITY_DIGEST],
+            "identity_rows": rows_sql(SOURCES[-1], columns=True),
         }
     ).encode()
 ).hexdigest()
 
 # Per fine segment of one source: rows, the sum of the rows' fingerprints (a mixed hash of the
 # key and every stored column the digest reads, as stored: no parsing) and, in the second
-# form, the sum of their digests.
+# form, the sum of their digests and the rows whose columns disagree with their document.
 FINGERPRINTS_SQL = """
 SELECT hash({key}) >> {shift} AS seg, count(*) AS n, sum(hash({fingerprint})::HUGEINT) AS fsum
 FROM {table} GROUP BY seg
 """
 SEGMENT_DIGESTS_SQL = """
-SELECT kh >> {shift} AS seg, count(*) AS n, sum(fp::HUGEINT) AS fsum, sum(rh::HUGEINT) AS dsum
-FROM (SELECT hash({key}) AS kh, {fp} AS fp, {digest} AS rh
-      FROM (SELECT {stored}{parsed} FROM {table} WHERE {where}))
+SELECT kh >> {shift} AS seg, count(*) AS n, sum(fp::HUGEINT) AS fsum, sum(rh::HUGEINT) AS dsum,
+       sum(bad) AS bad
+FROM ({rows})
 GROUP BY seg
 """
 # The cached digest sum of each segment whose rows and fingerprint sum are unchanged. An entry
 # counts only if its seal holds: a hand-edited entry is not used, nor one from another recipe.
 CACHE_LOOKUP_SQL = """
-SELECT f.seg, f.n, f.fsum, c.digest_sum AS dsum
+SELECT f.seg, f.n, f.fsum, c.digest_sum AS dsum, c.column_mismatches AS bad
 FROM kimera_verify_fp f LEFT JOIN (
-    SELECT segment, rows, fingerprint_sum, digest_sum FROM kimera_verify_digests
-    WHERE store = $store
-      AND seal = hash($recipe, store, segment, rows, fingerprint_sum, digest_sum)) c
+    SELECT segment, rows, fingerprint_sum, digest_sum, column_mismatches
+    FROM kimera_verify_digests
+    WHERE store = $store AND seal = hash($recipe, store, segment, rows, fingerprint_sum,
+                                         digest_sum, column_mismatches)) c
 ON f.seg = c.segment AND f.n = c.rows AND f.fsum = c.fingerprint_sum
 """
 CACHE_STATS_SQL = """
 SELECT store, count(*) AS entries,
        count(*) FILTER (WHERE seal = hash($recipe, store, segment, rows, fingerprint_sum,
-                                          digest_sum)) AS sealed
+                                          digest_sum, column_mismatches)) AS sealed
 FROM kimera_verify_digests GROUP BY store
 """
 # Keep the entries reused in this run (a digest sum in the fine table {keep}) whose seal holds.
 CACHE_PRUNE_SQL = """
 DELETE FROM kimera_verify_digests WHERE store = $store AND (
     segment NOT IN (SELECT seg FROM {keep} WHERE dsum IS NOT NULL)
-    OR seal IS DISTINCT FROM hash($recipe, store, segment, rows, fingerprint_sum, digest_sum))
+    OR seal IS DISTINCT FROM hash($recipe, store, segment, rows, fingerprint_sum, digest_sum,
+                                  column_mismatches))
 """
 CACHE_WRITE_SQL = """
 INSERT INTO kimera_verify_digests
-SELECT $store, seg, n, fsum, dsum, hash($recipe, $store, seg, n, fsum, dsum)
+    (store, segment, rows, fingerprint_sum, digest_sum, seal, column_mismatches)
+SELECT $store, seg, n, fsum, dsum, hash($recipe, $store, seg, n, fsum, dsum, bad), bad
 FROM kimera_verify_redo
 """
 SEGMENT_SQL = """
 SELECT seg >> {shift} AS part, sum(n) AS n, sum(dsum) AS s
-FROM ({side}) WHERE {where} GROUP BY part
+FROM ({side}) WHERE {where} GROUP BY part HAVING sum(n) <> 0 OR sum(dsum) <> 0
 """
-# The keys of the sources' rows in the leaf segments in kimera_verify_segs (key columns only).
+# The keys of the sources' rows in the leaf segments in kimera_verify_segs (key columns only),
+# the keys excluded as explained exceptions left out.
 LEAF_KEYS_SQL = """
 SELECT {key} AS id FROM {table} WHERE hash({key}) >> {shift} IN (SELECT seg FROM kimera_verify_segs)
+AND {key} NOT IN (SELECT id FROM kimera_verify_excluded)
+"""
+# Per fine segment, minus the legacy rows of the keys excluded up front (explained exceptions,
+# in kimera_verify_excluded): so a segment holding one agrees when the rest agrees.
+EXCLUDED_SQL = """
+SELECT seg, -sum(n) AS n, NULL::HUGEINT AS fsum, -sum(dsum) AS dsum, 0 AS bad FROM ({parts})
+GROUP BY seg
 """
 
 TEMP_TABLES: tuple[str, ...] = (
@@ -119,6 +154,8 @@ TEMP_TABLES: tuple[str, ...] = (
     "kimera_verify_fp",
     "kimera_verify_redo",
     "kimera_verify_leaf_keys",
+    "kimera_verify_fine_excluded",
+    "kimera_verify_excluded_rows",
     *(f"kimera_verify_fine_{s.table}" for s in SOURCES),
 )
 
@@ -129,21 +166,30 @@ def fine_table(source: Source) -> str:
 
 
 def segment_digests_sql(source: Source, where: str = "true", fingerprint: bool = True) -> str:
-    """SQL for (seg, n, fsum, dsum) per fine segment of the ``source`` rows matching ``where``."""
-    parts = sql_parts(source)
+    """SQL for (seg, n, fsum, dsum, bad) per fine segment of the ``source`` rows matching
+    ``where`` (bad: identities rows whose columns disagree with their document)."""
     return SEGMENT_DIGESTS_SQL.format(
-        **{
-            **parts,
-            "shift": 64 - FINE_BITS,
-            "fp": f"hash({parts['fingerprint']})" if fingerprint else "NULL::UBIGINT",
-            "where": where.format(key=parts["key"]),
-        }
+        shift=64 - FINE_BITS, rows=rows_sql(source, where, fingerprint, columns=True)
+    )
+
+
+def fingerprints_sql(source: Source) -> str:
+    """SQL for (seg, n, fsum) per fine segment of every ``source`` row (nothing parsed)."""
+    return FINGERPRINTS_SQL.format(
+        key=vetted_identifier(source.key),
+        table=vetted_identifier(source.table),
+        shift=64 - FINE_BITS,
+        fingerprint=fingerprint_sql(source),
     )
 
 
 def _side_sql(side: str) -> str:
-    """Every fine segment (seg, n, dsum) of one side, one row per source table."""
-    return " UNION ALL ".join(f"SELECT seg, n, dsum FROM {fine_table(s)}" for s in sides(side))
+    """Every fine segment (seg, n, dsum) of one side, one row per source table; the legacy
+    side net of the rows excluded up front (``exclude_keys``)."""
+    tables = [fine_table(s) for s in sides(side)]
+    if side == "legacy":
+        tables.append("kimera_verify_fine_excluded")
+    return " UNION ALL ".join(f"SELECT seg, n, dsum FROM {t}" for t in tables)
 
 
 def _writable(con: duckdb.DuckDBPyConnection) -> bool:
@@ -166,13 +212,11 @@ def digest_segments(
     t0 = time.perf_counter()
     entries: dict[str, tuple[int, int]] = {}
     cached = use_cache
-    if use_cache:
-        try:
-            rows = con.execute(CACHE_STATS_SQL, {"recipe": RECIPE}).fetchall()
-        except duckdb.CatalogException:  # no cache yet
-            rows, cached = [], False
-        entries = {store: (int(n), int(sealed)) for store, n, sealed in rows}
     writable = use_cache and _writable(con)
+    if use_cache:
+        cached = _cache_ready(con, writable)
+        rows = con.execute(CACHE_STATS_SQL, {"recipe": RECIPE}).fetchall() if cached else []
+        entries = {store: (int(n), int(sealed)) for store, n, sealed in rows}
     stats = {"segments": 0, "reused": 0, "recomputed": 0, "rows_digested": 0, "written": 0}
     ignored = []
     for source in SOURCES:
@@ -181,8 +225,7 @@ def digest_segments(
         stored, sealed = entries.get(source.table, (0, 0))
         if cached and sealed:
             con.execute(
-                "CREATE OR REPLACE TEMP TABLE kimera_verify_fp AS "
-                + FINGERPRINTS_SQL.format(**sql_parts(source), shift=64 - FINE_BITS)
+                "CREATE OR REPLACE TEMP TABLE kimera_verify_fp AS " + fingerprints_sql(source)
             )
             con.execute(
                 f"CREATE OR REPLACE TEMP TABLE {table} AS {CACHE_LOOKUP_SQL}",
@@ -231,6 +274,61 @@ def digest_segments(
     }
 
 
+def _cache_ready(con: duckdb.DuckDBPyConnection, writable: bool) -> bool:
+    """Whether the digest cache exists in the current layout (an older one is upgraded when
+    the connection is writable, else not used)."""
+    if not con.execute(DIGESTS_COLUMNS_SQL).fetchone()[0]:
+        exists = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_catalog = "
+            "current_database() AND table_schema = 'main' AND table_name = 'kimera_verify_digests'"
+        ).fetchone()[0]
+        if not (exists and writable):
+            return False
+        con.execute(DIGESTS_UPGRADE_SQL)
+    return True
+
+
+def exclude_keys(con: duckdb.DuckDBPyConnection) -> int:
+    """Take the legacy rows of the keys in kimera_verify_excluded (id) out of the segment sums
+    (the temp table kimera_verify_fine_excluded, negative); returns those rows.
+
+    The rows are found by their key column alone, then digested by rowid: a semi-join on the
+    key would read and decompress every column of every legacy row.
+    """
+    legacy = sides("legacy")
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE kimera_verify_excluded_rows AS "
+        + " UNION ALL ".join(
+            f"SELECT '{s.table}' AS src, rowid AS rid FROM {vetted_identifier(s.table)} "
+            f"WHERE {vetted_identifier(s.key)} IN (SELECT id FROM kimera_verify_excluded)"
+            for s in legacy
+        )
+    )
+    parts = " UNION ALL ".join(
+        f"SELECT kh >> {64 - FINE_BITS} AS seg, 1 AS n, rh::HUGEINT AS dsum FROM ("
+        + rows_sql(
+            s,
+            f"rowid IN (SELECT rid FROM kimera_verify_excluded_rows WHERE src = '{s.table}')",
+            fingerprint=False,
+        )
+        + ")"
+        for s in legacy
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE kimera_verify_fine_excluded AS "
+        + EXCLUDED_SQL.format(parts=parts)
+    )
+    return -int(
+        con.execute("SELECT coalesce(sum(n), 0) FROM kimera_verify_fine_excluded").fetchone()[0]
+    )
+
+
+def column_mismatch_segments(con: duckdb.DuckDBPyConnection) -> list[int]:
+    """The fine segments of identities holding a row whose columns disagree with its document."""
+    table = fine_table(SOURCES[-1])
+    return [r[0] for r in con.execute(f"SELECT seg FROM {table} WHERE bad > 0").fetchall()]
+
+
 def _persist(con: duckdb.DuckDBPyConnection, source: Source, keep: str | None) -> int:
     """Make the cache hold the entries reused (the segments with a digest sum in the fine
     table ``keep``; none if None) and the sums computed now; returns the entries written.
@@ -240,6 +338,7 @@ def _persist(con: duckdb.DuckDBPyConnection, source: Source, keep: str | None) -
     rejected and duplicated entries are dropped; the table's entries change in one transaction.
     """
     con.execute(DIGESTS_DDL)
+    con.execute(DIGESTS_UPGRADE_SQL)
     params = {"store": source.table, "recipe": RECIPE}
     with transaction(con):
         if keep is not None:
@@ -331,7 +430,12 @@ def leaf_keys(con: duckdb.DuckDBPyConnection, bits: int, leaves: list[int]) -> s
     con.execute(
         "CREATE OR REPLACE TEMP TABLE kimera_verify_leaf_keys AS "
         + " UNION ".join(
-            LEAF_KEYS_SQL.format(**sql_parts(s), shift=64 - int(bits)) for s in SOURCES
+            LEAF_KEYS_SQL.format(
+                key=vetted_identifier(s.key),
+                table=vetted_identifier(s.table),
+                shift=64 - int(bits),
+            )
+            for s in SOURCES
         )
     )
     return "kimera_verify_leaf_keys"

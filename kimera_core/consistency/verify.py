@@ -2,17 +2,21 @@
 
 A full verification:
 
-1. counts per store and identity type, NULL keys, duplicate keys (``COUNTS_SQL``,
-   ``DUPLICATES_SQL``);
+1. the rollout stage (which side is authoritative), the legacy rows still in quarantine
+   (``exceptions``: explained, left out up front), counts per store and identity type net of
+   them, NULL keys, duplicate keys (``COUNTS_SQL``, ``DUPLICATES_SQL``);
 2. the checksum pass and bisection (``segments``): every row's digest summed per segment,
-   the digest cache reused where the rows are unchanged, differing segments split down to
-   leaves of about a thousand rows;
-3. the leaves' rows compared row by row (``rows``);
-4. the verdict's reasons (``report``), and a row in ``kimera_verifications``.
+   the digest cache reused where the rows are unchanged, the quarantined rows subtracted,
+   differing segments split down to leaves of about a thousand rows; the same pass counts
+   the identities rows whose columns disagree with their document (``columns``);
+3. the leaves' rows compared row by row (``rows``), the column disagreements named;
+4. the verdict's reasons and exceptions (``report``), and a row in ``kimera_verifications``.
 
 An incremental verification skips 2: it compares row by row the keys written since the last
 recorded verification (``CHANGED_KEYS_SQL``: by ``updated_at`` on either side, and by the
-dual-write log, which also names deleted keys). Counts are always checked in full.
+dual-write log, which also names deleted keys). Counts are always checked in full. When the
+last recorded verification was inconsistent, an incremental run verifies every key instead:
+it would not re-report the old problems, and the verdict must come from findings.
 
 Everything a run creates on the connection is a temp table (``TEMP_TABLES`` of each module),
 dropped at the end; the only writes are the digest cache (``segments``) and the record.
@@ -26,7 +30,8 @@ from collections.abc import Callable
 import duckdb
 
 from kimera_core.compare import DEFAULT_TOLERANCE, Tolerance
-from kimera_core.consistency import rows, segments
+from kimera_core.consistency import columns, exceptions, rows, segments
+from kimera_core.consistency.evidence import KeyEvidence, authoritative_side, next_step
 from kimera_core.consistency.report import (
     Finding,
     VerificationReport,
@@ -35,6 +40,7 @@ from kimera_core.consistency.report import (
     verdict_reasons,
 )
 from kimera_core.consistency.sources import SOURCES, Source, install_macros
+from kimera_core.rollout import authoritative_store, get_stage
 from kimera_core.sql import vetted_identifier
 
 DEFAULT_SAMPLE = 20
@@ -45,10 +51,18 @@ UNION ALL SELECT 'legacy', 'scar', count(*), count(*) - count(id) FROM legacy_sc
 UNION ALL SELECT 'new', identity_type, count(*), count(*) - count(id) FROM identities
           GROUP BY identity_type
 """
+# Legacy rows still in quarantine and absent from identities (kimera_verify_excluded), per type.
+QUARANTINED_COUNTS_SQL = """
+SELECT 'geoid', count(*) FROM legacy_geoids WHERE gid IN (SELECT id FROM kimera_verify_excluded)
+UNION ALL
+SELECT 'scar', count(*) FROM legacy_scars WHERE id IN (SELECT id FROM kimera_verify_excluded)
+"""
+# Duplicate keys; those explained by the quarantine (kimera_verify_excluded) left out.
 DUPLICATES_SQL = """
 SELECT 'legacy' AS store, id, count(*) AS n FROM (
     SELECT gid AS id FROM legacy_geoids {where_gid} UNION ALL SELECT id FROM legacy_scars {where_id}
-) WHERE id IS NOT NULL GROUP BY id HAVING count(*) > 1
+) WHERE id IS NOT NULL AND id NOT IN (SELECT id FROM kimera_verify_excluded)
+GROUP BY id HAVING count(*) > 1
 UNION ALL
 SELECT 'new', id, count(*) FROM identities WHERE id IS NOT NULL {and_id}
 GROUP BY id HAVING count(*) > 1
@@ -65,13 +79,16 @@ SELECT gid AS id FROM legacy_geoids WHERE updated_at > $since
 UNION SELECT id FROM legacy_scars WHERE updated_at > $since
 UNION SELECT id FROM identities WHERE updated_at > $since
 UNION SELECT identity_id FROM dual_write_log WHERE timestamp > $since
+EXCEPT SELECT id FROM kimera_verify_excluded
 """
 
 TEMP_TABLES: tuple[str, ...] = (
     "kimera_verify_dups",
     "kimera_verify_keys",
+    *exceptions.TEMP_TABLES,
     *segments.TEMP_TABLES,
     *rows.TEMP_TABLES,
+    *columns.TEMP_TABLES,
 )
 
 
@@ -83,6 +100,7 @@ def verify(
     tolerance: Tolerance = DEFAULT_TOLERANCE,
     record: bool = True,
     cache: bool = True,
+    strict: bool = False,
     clock: Callable[[], float] = time.time,
 ) -> VerificationReport:
     """Verify that the legacy tables and identities agree; full, or incremental since the last run.
@@ -93,7 +111,8 @@ def verify(
     base of the next incremental run); pass False on a read-only connection. ``cache`` reuses
     the digests of rows unchanged since they were cached (kimera_verify_digests) and, when the
     connection is writable, caches the digests it computes; False computes every digest and
-    writes nothing. ``clock`` gives ``started_at`` (epoch seconds).
+    writes nothing. ``strict``: explained exceptions (quarantine, legacy stale) count as
+    failures. ``clock`` gives ``started_at`` (epoch seconds).
     """
     if sample < 0:
         raise ValueError("sample must not be negative")
@@ -101,11 +120,32 @@ def verify(
     t0 = time.perf_counter()
     install_macros(con)
     base = last_verification(con) if incremental else None
+    notes = []
+    if base is not None and base["verdict"] != "consistent":
+        # an incremental run would not re-report the base's problems, and a verdict that no
+        # finding explains is one no gate could share: verify every key instead
+        notes.append(
+            f"the base verification ({base['mode']}) was {base['verdict']}: verified every "
+            "key, as an incremental run would not re-report its problems"
+        )
+        base = None
     mode = "incremental" if base is not None else "full"
-    report = VerificationReport(mode=mode, started_at=started, tolerance=tolerance.to_dict())
+    stage = get_stage(con)
+    report = VerificationReport(
+        mode=mode,
+        started_at=started,
+        tolerance=tolerance.to_dict(),
+        stage=stage,
+        authoritative=authoritative_side(authoritative_store(stage)),
+        strict=strict,
+        notes=notes,
+    )
+    exceptions.classify(con)
+    rows.clear(con)
     _counts(con, report)
     if base is None:
         segments.digest_segments(con, report, cache)
+        report.checksums["excluded_rows"] = segments.exclude_keys(con)
         _duplicates(con, report, sample, keys=None)
         bits, leaves = segments.bisect(con, report)
         report.checksums["pass_seconds"] = round(
@@ -117,6 +157,9 @@ def verify(
             compared = rows.materialise_sides(con, segments.leaf_keys(con, bits, leaves))
             rows.row_level(con, report, sample, tolerance)
         report.checksums["rows_compared_row_level"] = compared
+        columns.check_segments(
+            con, report, segments.column_mismatch_segments(con), segments.FINE_BITS, sample
+        )
     else:
         report.since = base["verified_at"]
         con.execute(
@@ -127,12 +170,9 @@ def verify(
         _duplicates(con, report, sample, keys="kimera_verify_keys")
         rows.materialise_sides(con, "kimera_verify_keys")
         rows.row_level(con, report, sample, tolerance)
+        columns.check_keys(con, report, "kimera_verify_keys", sample)
+    exceptions.report_exceptions(con, report, sample)
     report.reasons = verdict_reasons(report)
-    if base is not None and base["verdict"] != "consistent":
-        report.reasons.append(
-            f"the base verification ({base['mode']}) was {base['verdict']}: "
-            "incremental checks only what changed since; run a full verification"
-        )
     report.seconds = round(time.perf_counter() - t0, 4)
     cleanup(con)
     if record:
@@ -141,16 +181,23 @@ def verify(
 
 
 def _counts(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> None:
-    counts: dict[str, dict[str, int]] = {"legacy": {}, "new": {}, "difference": {}}
+    counts: dict[str, dict[str, int]] = {"legacy": {}, "quarantined": {}, "new": {}}
     nulls = {"legacy": 0, "new": 0}
     for store, kind, n, null_keys in con.execute(COUNTS_SQL).fetchall():
         counts[store][kind] = counts[store].get(kind, 0) + n
         nulls[store] += null_keys
-    for kind in sorted(set(counts["legacy"]) | set(counts["new"])):
-        counts["difference"][kind] = counts["new"].get(kind, 0) - counts["legacy"].get(kind, 0)
-    counts["legacy"]["total"] = sum(counts["legacy"].values())
-    counts["new"]["total"] = sum(counts["new"].values())
-    counts["difference"]["total"] = counts["new"]["total"] - counts["legacy"]["total"]
+    for kind, n in con.execute(QUARANTINED_COUNTS_SQL).fetchall():
+        if n:
+            counts["quarantined"][kind] = n
+    kinds = sorted(set(counts["legacy"]) | set(counts["new"]))
+    counts["difference"] = {
+        kind: counts["new"].get(kind, 0)
+        - counts["legacy"].get(kind, 0)
+        + counts["quarantined"].get(kind, 0)
+        for kind in kinds
+    }
+    for store in ("legacy", "quarantined", "new", "difference"):
+        counts[store]["total"] = sum(counts[store].values())
     report.counts, report.null_keys = counts, nulls
 
 
@@ -184,7 +231,15 @@ def _duplicates(
     found = con.execute(
         "SELECT store, id, n FROM kimera_verify_dups ORDER BY store, id LIMIT ?", [sample]
     ).fetchall()
-    report.duplicate_keys = Finding(total, [{"store": s, "id": i, "rows": n} for s, i, n in found])
+    report.duplicates_by_store = dict(
+        con.execute("SELECT store, count(*) FROM kimera_verify_dups GROUP BY store").fetchall()
+    )
+    report.duplicate_keys = Finding(
+        total,
+        [{"store": s, "id": i, "rows": n} for s, i, n in found],
+        [KeyEvidence(i, [], f"{n} rows in the {s} store") for s, i, n in found],
+        next_step("duplicate_keys", report.authoritative),
+    )
 
 
 def cleanup(con: duckdb.DuckDBPyConnection) -> None:

@@ -79,7 +79,8 @@ def test_no_record_leaves_the_file_untouched(consistent_db):
 
 def test_missing_file_is_one_line_error(tmp_path):
     result = kimera("verify", "--db", tmp_path / "nope.duckdb")
-    assert result.returncode == 1
+    # issue 11: could not run is exit 2, never 1 (1 is the inconsistent verdict)
+    assert result.returncode == 2
     assert result.stderr.startswith("kimera: error:") and "no such file" in result.stderr
     assert "Traceback" not in result.stderr
 

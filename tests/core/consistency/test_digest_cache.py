@@ -149,8 +149,8 @@ def test_a_stale_digest_with_a_forged_fingerprint_does_not_hide_a_change(con):
 def test_the_cache_keeps_exactly_the_live_segments(con):
     verify(con, record=False)
     con.execute(
-        "INSERT INTO kimera_verify_digests VALUES ('identities', 99999999, 1, 1, 1, 1), "
-        "('legacy_geoids', 99999999, 1, 1, 1, 1)"
+        "INSERT INTO kimera_verify_digests (store, segment, rows, fingerprint_sum, digest_sum, "
+        "seal) VALUES ('identities', 99999999, 1, 1, 1, 1), ('legacy_geoids', 99999999, 1, 1, 1, 1)"
     )
     con.execute("DELETE FROM legacy_geoids WHERE gid = ?", [some_geoid(con, 2)])
     report = verify(con, record=False)

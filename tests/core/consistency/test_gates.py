@@ -44,7 +44,8 @@ def quarantine(con, run_id: str, status: str, key: str) -> None:
         [run_id, status],
     )
     con.execute(
-        "INSERT INTO kimera_quarantine VALUES (?, 'legacy_geoids', ?, 'bad', '[]', '{}', "
+        "INSERT INTO kimera_quarantine (run_id, source_table, key, reason, reasons, original, "
+        "row_hash, quarantined_at) VALUES (?, 'legacy_geoids', ?, 'bad', '[\"bad\"]', '{}', "
         "hash(?), 0)",
         [run_id, key, key],
     )
@@ -84,6 +85,7 @@ def test_unexplained_and_quarantined_keys_are_counted_apart(con):
         "key_coverage_new_to_legacy": 0,
         "field_equality": 0,
         "reconciliation": 2,
+        "column_agreement": 0,
     }
     coverage = result.gate("key_coverage_legacy_to_new")
     assert coverage.sample == ["g06", "g07"]

@@ -12,7 +12,7 @@ from kimera_core.compare import Tolerance
 from kimera_core.consistency import rows, verify
 from kimera_core.db import open_database
 from kimera_core.identity import Identity
-from kimera_core.legacy import create_legacy_schema
+from kimera_core.legacy import LEGACY_IDENTITIES_ENTROPY_SQL, create_legacy_schema
 from kimera_core.sql import epoch_iso_fixes, epoch_iso_sql, install_epoch_iso_macros
 from kimera_core.storage import Storage
 
@@ -42,7 +42,8 @@ EPOCHS_SQL = (
 
 
 def migrate_clean(con):
-    """Copy every legacy row into identities as its P1 document."""
+    """Copy every legacy row into identities as its P1 document, its entropy_score by the
+    bulk form (the columns agree with the document)."""
     install_epoch_iso_macros(con)
     with epoch_iso_fixes(con, EPOCHS_SQL) as fixes:
         con.execute(
@@ -51,6 +52,10 @@ def migrate_clean(con):
                 updated=epoch_iso_sql("updated_at", fixes=fixes),
             )
         )
+    con.execute(
+        "UPDATE identities SET entropy_score = l.entropy "
+        f"FROM ({LEGACY_IDENTITIES_ENTROPY_SQL}) l WHERE l.id = identities.id"
+    )
 
 
 def migrated_copy(demo_path, tmp_path):
@@ -279,10 +284,15 @@ def test_incremental_without_a_base_runs_in_full(con):
 
 
 def test_incremental_after_an_inconsistent_base_says_so(con):
-    con.execute("DELETE FROM identities WHERE id = ?", [some_geoid(con, 1)])
+    """issue 11 (one verdict): the incremental run used to add a reason no finding and no gate
+    held; it now verifies every key, so the verdict comes from the findings themselves."""
+    key = some_geoid(con, 1)
+    con.execute("DELETE FROM identities WHERE id = ?", [key])
     verify(con)
     report = verify(con, incremental=True)
-    assert not report.consistent and "run a full verification" in report.reasons[-1]
+    assert not report.consistent and report.mode == "full"
+    assert report.missing_in_new.sample == [{"id": key}]
+    assert "was inconsistent" in report.notes[0]
 
 
 def test_writes_through_storage_verify_consistent(tmp_path):
