@@ -260,12 +260,15 @@ def connect(
 
 
 @contextlib.contextmanager
-def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+def transaction(
+    con: duckdb.DuckDBPyConnection, *, commit: bool = True
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """``BEGIN TRANSACTION`` ... ``COMMIT``; on any exception ``ROLLBACK`` and re-raise.
 
     The one way the project opens a transaction (DuckDB: one writer process per file, so
-    every unit of work is one transaction, short). A failed ROLLBACK (the connection is
-    already gone) does not hide the original exception.
+    every unit of work is one transaction, short). ``commit=False`` always rolls back (a dry
+    run computes everything and keeps nothing). A failed ROLLBACK (the connection is already
+    gone) does not hide the original exception.
     """
     con.execute("BEGIN TRANSACTION")
     try:
@@ -274,7 +277,7 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
         with contextlib.suppress(duckdb.Error):
             con.execute("ROLLBACK")
         raise
-    con.execute("COMMIT")
+    con.execute("COMMIT" if commit else "ROLLBACK")
 
 
 # --- waiting for another process's lock -----------------------------------------------------
