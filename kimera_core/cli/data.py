@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, emit_json
+from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, counts_table, emit_json
 from kimera_core.db import connect
 from kimera_core.demo import generate_demo_data
 from kimera_core.stats import legacy_summary
@@ -82,19 +82,11 @@ def demo_data(
             }
         )
         return
-    table = Table(title=f"Demo legacy database {report.path} ({report.seconds:.1f} s)")
-    table.add_column("table")
-    table.add_column("rows", justify="right")
-    for name, count in report.counts.items():
-        table.add_row(name, f"{count:,}")
-    console.print(table)
+    title = f"Demo legacy database {report.path} ({report.seconds:.1f} s)"
+    console.print(counts_table(title, "table", report.counts))
     if report.broken:
-        broken = Table(title="Rows broken on purpose (for quarantine)")
-        broken.add_column("kind")
-        broken.add_column("rows", justify="right")
-        for kind, count in report.broken.items():
-            broken.add_row(kind, f"{count:,}")
-        console.print(broken)
+        title = "Rows broken on purpose (for quarantine)"
+        console.print(counts_table(title, "kind", report.broken))
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -111,11 +103,7 @@ def summary(db_path: Path, as_json: bool) -> None:
     if as_json:
         emit_json(result.to_dict())
         return
-    tables = Table(title=f"Legacy tables in {db_path}")
-    tables.add_column("table")
-    tables.add_column("rows", justify="right")
-    for name, count in result.tables.items():
-        tables.add_row(name, f"{count:,}")
+    tables = counts_table(f"Tables in {db_path}", "table", result.tables)
     for name in result.missing_tables:
         tables.add_row(name, "[red]missing[/red]")
     console.print(tables)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kimera_core.cli.options import DB_OPTION, console, db_option, emit_json
+from kimera_core.cli.options import DB_OPTION, console, counts_table, db_option, emit_json
 from kimera_core.db import connect
 from kimera_core.migration import (
     MigrationCounts,
@@ -60,19 +60,10 @@ def _print_report(report: MigrationReport) -> None:
         f"present {c.already_present:,} + quarantined {c.quarantined:,}: {verdict}"
     )
     if report.quarantine_reasons:
-        q = Table(title="Quarantined by reason ('kimera migrate quarantine' for keys)")
-        q.add_column("table:reason")
-        q.add_column("rows", justify="right")
-        for reason, n in report.quarantine_reasons.items():
-            q.add_row(reason, f"{n:,}")
-        console.print(q)
+        title = "Quarantined by reason ('kimera migrate quarantine' for keys)"
+        console.print(counts_table(title, "table:reason", report.quarantine_reasons))
     if report.warnings:
-        w = Table(title="Migrated with a warning")
-        w.add_column("table:warning")
-        w.add_column("rows", justify="right")
-        for warning, n in report.warnings.items():
-            w.add_row(warning, f"{n:,}")
-        console.print(w)
+        console.print(counts_table("Migrated with a warning", "table:warning", report.warnings))
     if report.identities_checksum:
         ck = report.identities_checksum
         console.print(f"identities: {ck['rows']:,} rows, checksum {ck['checksum']}")

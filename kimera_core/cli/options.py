@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.table import Table
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -31,3 +33,13 @@ JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 def emit_json(payload: Any) -> None:
     """Print ``payload`` as indented UTF-8 JSON (non-JSON values through ``str``)."""
     click.echo(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
+
+
+def counts_table(title: str, label: str, counts: Mapping[str, int]) -> Table:
+    """A two-column table: ``label`` (a table, reason or kind) and its row count."""
+    table = Table(title=title)
+    table.add_column(label)
+    table.add_column("rows", justify="right")
+    for name, count in counts.items():
+        table.add_row(name, f"{count:,}")
+    return table
