@@ -325,6 +325,8 @@ class Scar:
 # (kimera_core.migration.statements), the storage API refuses an identity for it (StorageError
 # and a failed dual_write_log row). docs/migration.md, "Values carried exactly or refused".
 VALUE_RULES: dict[str, str] = {
+    "non_object_meta": 'meta is neither an object nor empty (null, {}, [], "", 0 and false are {})',
+    "non_list_tags": 'tags is neither a list nor empty (null, [], {}, "", 0 and false are [])',
     "empty_raw": "a geoid's raw text is missing, empty or only whitespace (Python's str.strip)",
     "invalid_text": "a text holds a lone surrogate (U+D800-U+DFFF), which UTF-8 cannot encode",
     "non_finite_weight": "weight is NaN or infinite",
@@ -346,9 +348,15 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def value_refusals(identity: Identity) -> list[str]:
     """The ``VALUE_RULES`` reasons an identity breaks, in the migration's order ([] if none).
 
-    Timestamps are judged as given (None passes: the storage API stamps it).
+    Timestamps are judged as given (None passes: the storage API stamps it). A scar's
+    relation (its related ids' shape and existence) is judged by the migration only.
     """
     reasons: list[str] = []
+    # meta or {}, tags or []: a false value is the default
+    if identity.meta and not isinstance(identity.meta, dict):
+        reasons.append("non_object_meta")
+    if identity.tags and not isinstance(identity.tags, list):
+        reasons.append("non_list_tags")
     raw = identity.raw
     if identity.identity_type == "geoid" and (
         raw is None or (isinstance(raw, str) and not raw.strip())
@@ -360,7 +368,7 @@ def value_refusals(identity: Identity) -> list[str]:
         reasons.append("invalid_text")
     if _non_finite_float(identity.weight):
         reasons.append("non_finite_weight")
-    if _non_finite_intensity(identity.meta):
+    if identity.identity_type == "geoid" and _non_finite_intensity(identity.meta):
         reasons.append("non_finite_intensity")
     if non_finite:
         reasons.append("non_finite_number")

@@ -163,9 +163,10 @@ def epoch_iso_fixes(
 # --- value rules shared by the migration and the batch write path ------------------------
 # Numbers a JSON text holds that are not finite doubles: NaN, Infinity, floats beyond the
 # double range (1e999). Integers of any size are exact JSON and pass. The text test is cheap
-# and rules out almost every value; only the rest has its strings blanked and its number
-# tokens cast (CASE runs the branch only for them).
-_NON_FINITE_HINT = r"(?i)nan|inf|[0-9]e\+?[0-9]{3}|[0-9]{309}"
+# and rules out almost every value (a double overflows only with an exponent of two digits
+# or 300 digits or more); only the rest has its strings blanked and its number tokens cast
+# (CASE runs the branch only for them).
+_NON_FINITE_HINT = r"(?i)nan|inf|[0-9]e\+?[0-9]{2}|[0-9]{300}"
 _JSON_STRING = r'"(?:[^"\\]|\\.)*"'
 _NUMBER_LEXEME = r"(?i)-?(?:nan|infinity|inf|[0-9][0-9.e+-]*)"
 VALUE_MACROS: tuple[str, ...] = (

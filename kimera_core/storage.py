@@ -163,9 +163,14 @@ SELECT created_at FROM kimera_src UNION ALL SELECT updated_at FROM kimera_src
 BATCH_VALUES_SQL = f"""
 WITH {_BATCH_SRC}, kimera_checked AS (
     SELECT id,
+        coalesce(json_type(meta) <> 'OBJECT' AND NOT kimera_json_falsy(meta), false)
+            AS non_object_meta,
+        coalesce(json_type(tags) <> 'ARRAY' AND NOT kimera_json_falsy(tags), false)
+            AS non_list_tags,
         identity_type = 'geoid' AND (raw IS NULL OR kimera_py_strip(raw) = '') AS empty_raw,
         NOT isfinite(weight) AS non_finite_weight,
-        kimera_terms_non_finite(TRY(json_extract(meta, '$.terms'))) AS non_finite_intensity,
+        identity_type = 'geoid' AND kimera_terms_non_finite(TRY(json_extract(meta, '$.terms')))
+            AS non_finite_intensity,
         kimera_json_non_finite(meta) OR kimera_json_non_finite(tags)
             OR kimera_json_non_finite(related_ids) AS non_finite_number,
         (isfinite(created_at) AND NOT kimera_epoch_in_range(created_at))
@@ -173,16 +178,20 @@ WITH {_BATCH_SRC}, kimera_checked AS (
             AS timestamp_out_of_range
     FROM kimera_src
 )
-SELECT count(*) FILTER (WHERE empty_raw),
+SELECT count(*) FILTER (WHERE non_object_meta),
+       count(*) FILTER (WHERE non_list_tags),
+       count(*) FILTER (WHERE empty_raw),
        count(*) FILTER (WHERE non_finite_weight),
        count(*) FILTER (WHERE non_finite_intensity),
        count(*) FILTER (WHERE non_finite_number),
        count(*) FILTER (WHERE timestamp_out_of_range),
-       min(id) FILTER (WHERE empty_raw OR non_finite_weight OR non_finite_intensity
+       min(id) FILTER (WHERE non_object_meta OR non_list_tags OR empty_raw OR non_finite_weight OR non_finite_intensity
                        OR non_finite_number OR timestamp_out_of_range)
 FROM kimera_checked
 """
 BATCH_VALUE_REASONS: tuple[str, ...] = (
+    "non_object_meta",
+    "non_list_tags",
     "empty_raw",
     "non_finite_weight",
     "non_finite_intensity",
@@ -658,7 +667,16 @@ class Storage:
         try:
             batch = identities_to_arrow(items)
         except (ValueError, TypeError, UnicodeError, pa.ArrowException) as exc:
-            error = StorageError(f"batch refused: {type(exc).__name__}: {exc}")
+            # the batch cannot be built: name the rules its identities break, as single writes
+            broken = [(i.id, value_refusals(i)) for i in items]
+            broken = [(key, reasons) for key, reasons in broken if reasons]
+            detail = (
+                f"{len(broken)} identities break a value rule, e.g. {broken[0][0]!r} "
+                f"({', '.join(broken[0][1])}): {VALUE_RULES[broken[0][1][0]]}"
+                if broken
+                else f"{type(exc).__name__}: {exc}"
+            )
+            error = StorageError(f"batch refused: {detail}")
             return self._counted_write(
                 "store_batch",
                 metrics.ANY_TYPE,

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from migration.legacy_reference import existing_geoid_entropy, existing_scar_entropy
 
 from kimera_core.entropy import (
     TAU_0_SECONDS,
@@ -648,38 +649,6 @@ def test_bulk_and_scalar_agree_on_json_that_duckdb_accepts(con, meta):
 
 
 # --- the existing Kimera's Python, as the reference ----------------------------------------
-def existing_geoid_entropy(meta, tags):
-    """KIMERA_LEGACY.md's geoid formula as the existing Python computes it (exact int sums).
-
-    Defined on what the migration accepts: meta an object or false, tags a list or false.
-    """
-    meta = meta or {}
-    tags = tags or []
-    terms_ = meta.get("terms")
-    if isinstance(terms_, list):
-        values = [
-            t["intensity"]
-            for t in terms_
-            if isinstance(t, dict)
-            and isinstance(t.get("intensity"), (int, float))
-            and t["intensity"] > 0
-        ]
-        total = sum(values)
-        h = 0.0
-        for v in values:
-            p = v / total
-            if p > 0:
-                h -= p * math.log2(p)
-        return h
-    return math.log2(len(tags)) if len(tags) > 1 else 0.0
-
-
-def existing_scar_entropy(related_ids, weight):
-    related_ids = related_ids or []
-    weight = 1.0 if weight is None else weight
-    return 0.0 if len(related_ids) <= 1 else math.log2(len(related_ids)) * weight
-
-
 # intensities the existing Python reads: bools, ints of any size within the double range,
 # floats, numeric strings, nulls, zero and negatives; no NaN/inf (those rows are refused)
 python_intensity = st.one_of(
