@@ -2,7 +2,10 @@
 
 Run ``python dashboards/build_dashboard.py`` after editing; tests check the JSON it writes
 (structure) and evaluate every expression in it against a real Prometheus. The stage names
-of the rollout panel are ``kimera_core.rollout.STAGES``, the one stage list.
+of the rollout panels are ``kimera_core.rollout.STAGES``, the one stage list, each with its
+own colour. The stage comes from one source, the rollout step's pushed snapshot
+(``job="kimera_rollout"``); the application's own view is its own panel. Stage changes and
+automatic read rollbacks are annotations.
 """
 
 from __future__ import annotations
@@ -15,6 +18,31 @@ from kimera_core.rollout import STAGES
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"
+ROLLOUT_JOB = "kimera_rollout"  # the Pushgateway group of the rollout step's stage
+# One colour per stage, from the start (grey) to the point of no easy return (red) and done.
+STAGE_COLOURS = ("#8e8e8e", "#5794F2", "#B877D9", "#FADE2A", "#FF9830", "#F2495C", "#73BF69")
+ANNOTATIONS: list[dict[str, Any]] = [
+    {
+        "name": "Rollout stage changes",
+        "datasource": DS,
+        "enable": True,
+        "iconColor": "#5794F2",
+        "expr": f'changes(kimera_rollout_stage_number{{job="{ROLLOUT_JOB}"}}[2m]) > 0',
+        "step": "60s",
+        "titleFormat": "rollout stage changed",
+        "textFormat": "see rollout_stage's history in Dagster",
+    },
+    {
+        "name": "Automatic read rollbacks",
+        "datasource": DS,
+        "enable": True,
+        "iconColor": "#F2495C",
+        "expr": "changes(kimera_rollout_last_auto_rollback_timestamp_seconds[2m]) > 0",
+        "step": "60s",
+        "titleFormat": "automatic read rollback",
+        "textFormat": "auto_rollback_reads moved reads back to legacy",
+    },
+]
 
 
 def _mappings(values: dict[int, tuple[str, str]]) -> list[dict[str, Any]]:
@@ -27,6 +55,11 @@ def _mappings(values: dict[int, tuple[str, str]]) -> list[dict[str, Any]]:
             },
         }
     ]
+
+
+STAGE_MAPPINGS = _mappings(
+    {i: (name, colour) for i, (name, colour) in enumerate(zip(STAGES, STAGE_COLOURS, strict=True))}
+)
 
 
 class Board:
@@ -120,20 +153,44 @@ def build() -> dict[str, Any]:
     b.panel(
         "stat",
         "Rollout stage",
-        [("max(kimera_rollout_stage_number)", "stage")],
+        [(f'max(kimera_rollout_stage_number{{job="{ROLLOUT_JOB}"}})', "stage")],
         "none",
         w=6,
         h=5,
-        description="The stage the application's storage routes by (kimera_rollout_stage).",
+        description=(
+            "The stage the rollout step recorded in the database at its latest run, pushed by "
+            "the Dagster sensors (Pushgateway group kimera_rollout): the one source of truth. "
+            "The application's own view is the next panel."
+        ),
         options=stat,
-        mappings=_mappings({i: (name, "blue") for i, name in enumerate(STAGES)}),
+        mappings=STAGE_MAPPINGS,
+    )
+    b.panel(
+        "stat",
+        "Stage the application routes by",
+        [
+            (
+                f'max by (instance) (kimera_rollout_stage_number{{job!="{ROLLOUT_JOB}"}})',
+                "{{instance}}",
+            )
+        ],
+        "none",
+        w=6,
+        h=5,
+        description=(
+            "kimera_rollout_stage_number scraped from each application process: the stage it "
+            "read when it opened its storage. A process that differs from the rollout stage "
+            "has not refreshed its stage yet."
+        ),
+        options=stat,
+        mappings=STAGE_MAPPINGS,
     )
     b.panel(
         "stat",
         "Last consistency verdict",
         [('max(kimera_consistency_verdict{verdict="inconsistent"})', "verdict")],
         "none",
-        w=6,
+        w=4,
         h=5,
         description="Verdict of the latest consistency verification pushed by the sensors.",
         options=stat,
@@ -144,7 +201,7 @@ def build() -> dict[str, Any]:
         "Since last consistent verification",
         [("time() - max(kimera_consistency_last_success_timestamp_seconds)", "age")],
         "s",
-        w=6,
+        w=4,
         h=5,
         description="Alert KimeraConsistencyCheckNotSucceeded fires above 2 h.",
         options=stat,
@@ -155,7 +212,7 @@ def build() -> dict[str, Any]:
         "Pushgateway push failures (sensors)",
         [("max(kimera_pushgateway_push_failures_total)", "failures")],
         "short",
-        w=6,
+        w=4,
         h=5,
         description="Failed pushes counted by the Dagster sensors since the instance began.",
         options=stat,
@@ -231,7 +288,7 @@ def build() -> dict[str, Any]:
     b.row("Migration progress")
     b.panel(
         "gauge",
-        "Partitions done",
+        "Steps done (one table of one partition)",
         [
             (
                 "max(kimera_migration_steps_done) / max(kimera_migration_steps_planned)",
@@ -498,7 +555,7 @@ def build() -> dict[str, Any]:
         "time": {"from": "now-6h", "to": "now"},
         "refresh": "30s",
         "timezone": "utc",
-        "annotations": {"list": []},
+        "annotations": {"list": ANNOTATIONS},
         "links": [],
         "templating": {
             "list": [

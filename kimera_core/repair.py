@@ -42,7 +42,12 @@ from kimera_core.storage import LOG_INSERT, Storage, StorageError
 Action = Literal["store", "delete", "none", "quarantined"]
 
 # The verifier findings whose sampled keys a repair re-syncs.
-REPAIRED_FINDINGS: tuple[str, ...] = ("missing_in_new", "missing_in_legacy", "field_mismatches")
+REPAIRED_FINDINGS: tuple[str, ...] = (
+    "missing_in_new",
+    "missing_in_legacy",
+    "field_mismatches",
+    "column_mismatches",
+)
 # Each journaled table and its key column.
 JOURNALED: dict[str, str] = {"identities": "id", "legacy_geoids": "gid", "legacy_scars": "id"}
 REPAIRS_DDL = """CREATE TABLE IF NOT EXISTS kimera_repairs (

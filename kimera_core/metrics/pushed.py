@@ -327,8 +327,12 @@ def consistency_snapshot(gates: Sequence[Gate], checked_at: float, at: float) ->
 
 
 # --- kimera_rollout, kimera_observability ------------------------------------------------
-def rollout_snapshot(stage: str, at: float) -> Snapshot:
-    """The stage recorded by the last rollout run (same names as the application's gauges)."""
+def rollout_snapshot(stage: str, at: float, auto_rollback_at: float | None = None) -> Snapshot:
+    """The stage recorded by the last rollout run (same names as the application's gauges).
+
+    ``auto_rollback_at``: Unix time of the latest automatic read rollback, if any (the
+    dashboard annotates its changes).
+    """
     family = GaugeMetricFamily(
         "kimera_rollout_stage",
         "1 for the live rollout stage, 0 for the others.",
@@ -346,7 +350,16 @@ def rollout_snapshot(stage: str, at: float) -> Snapshot:
         "Unix time of the rollout run the stage was read from.",
         at,
     )
-    return Snapshot(PUSH_JOB_ROLLOUT, (family, number, stamp))
+    families: list[Metric] = [family, number, stamp]
+    if auto_rollback_at is not None:
+        families.append(
+            _gauge(
+                "kimera_rollout_last_auto_rollback_timestamp_seconds",
+                "Unix time the latest automatic read rollback (sensor auto_rollback_reads) ended.",
+                auto_rollback_at,
+            )
+        )
+    return Snapshot(PUSH_JOB_ROLLOUT, tuple(families))
 
 
 def heartbeat_snapshot(push_failures: int, at: float) -> Snapshot:

@@ -15,9 +15,12 @@ the same step that moves the stage:
   and so do its schedules and the repair job after a repair.
 
 Each check's metadata carries its ``Gate`` whole (``GATE``) beside readable entries: the
-one-line summary, the number of offending rows or keys (which the UI plots over time),
-counts, a capped sample of offending keys, the verifier's mode and verdict, and whether a
-repair applies (``repair_job``, ``kimera repair``) and from which store.
+evidence as a markdown table (``gates.gate_markdown``: each offending key with both stores'
+values per differing field, the authoritative store and the next step), the one-line
+summary, the numbers of offending rows or keys and of explained exceptions (which the UI
+plots over time), counts, a capped sample of offending keys, the verifier's mode and
+verdict, and whether a repair applies (``repair_job``, ``kimera repair``) and from which
+store.
 """
 
 from collections.abc import Iterable, Set
@@ -25,7 +28,13 @@ from collections.abc import Iterable, Set
 import dagster as dg
 from pydantic import Field
 
-from kimera_core.gates import CONSISTENCY_GATES, GATE_DESCRIPTIONS, Gate, GateReport
+from kimera_core.gates import (
+    CONSISTENCY_GATES,
+    GATE_DESCRIPTIONS,
+    Gate,
+    GateReport,
+    gate_markdown,
+)
 from kimera_core.report import EntropySanity
 from kimera_core.rollout import CheckEvidence
 from kimera_pipelines.defs.entropy import (
@@ -57,7 +66,7 @@ REPAIR_HINT = (
     "offending keys from the authoritative store (legacy before read-new, identities from it "
     "on), journaled so it can be undone."
 )
-STORE_NAMES = {"legacy": "the legacy tables", "new": "identities"}
+STORE_NAMES = {"legacy": "the legacy tables", "identities": "identities"}
 
 
 class ConsistencyConfig(dg.Config):
@@ -98,7 +107,7 @@ GATE_CHECK_SPECS: list[dg.AssetCheckSpec] = [
 ]
 
 
-def _repair_entry(gate: Gate, authority: str) -> dg.MetadataValue:
+def _repair_entry(gate: Gate) -> dg.MetadataValue:
     if gate.passed:
         return dg.MetadataValue.text("not needed: the gate passed")
     if gate.name not in REPAIRABLE:
@@ -106,12 +115,13 @@ def _repair_entry(gate: Gate, authority: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(
         f"**Applies.** Launch `repair_job` (Materialize on its page) or run "
         f"`kimera repair --db PATH`: the offending keys are re-synced from "
-        f"{STORE_NAMES[authority]}, the authoritative store at this stage, through the "
-        "dual-write path, journaled (`kimera repair --undo ID` puts them back), then verified."
+        f"{STORE_NAMES[gate.authoritative]}, the authoritative store at this stage, through "
+        "the dual-write path, journaled (`kimera repair --undo ID` puts them back), then "
+        "verified."
     )
 
 
-def gate_result(gate: Gate, judged: GateReport, authority: str) -> dg.AssetCheckResult:
+def gate_result(gate: Gate, judged: GateReport) -> dg.AssetCheckResult:
     """One gate's check result: its ``Gate`` whole beside the entries an operator reads."""
     verification = judged.verification
     return dg.AssetCheckResult(
@@ -122,27 +132,27 @@ def gate_result(gate: Gate, judged: GateReport, authority: str) -> dg.AssetCheck
         description=gate.summary,
         metadata={
             GATE: dg.MetadataValue.json(gate.to_dict()),
+            "evidence": dg.MetadataValue.md(gate_markdown(gate)),  # both stores' values
             "summary": dg.MetadataValue.text(gate.summary),
             "offending": dg.MetadataValue.int(gate.offending),  # plotted by the UI
+            "exceptions": dg.MetadataValue.int(gate.exceptions),
             "counts": dg.MetadataValue.json(gate.counts),
             "offending_keys_sample": dg.MetadataValue.json(gate.sample),
+            "authoritative": dg.MetadataValue.text(gate.authoritative),
             "verifier_mode": dg.MetadataValue.text(verification.mode),
             "verifier_verdict": dg.MetadataValue.text(verification.verdict),
-            "repair": _repair_entry(gate, authority),
+            "repair": _repair_entry(gate),
         },
     )
 
 
 def gate_results(
-    judged: GateReport,
-    sanity: EntropySanity,
-    authority: str,
-    selected: Set[dg.AssetCheckKey],
+    judged: GateReport, sanity: EntropySanity, selected: Set[dg.AssetCheckKey]
 ) -> Iterable[dg.AssetCheckResult]:
     """The selected gates' check results (a step may only report the checks it was given)."""
     for gate in judged.gates:
         if dg.AssetCheckKey(ROLLOUT_STAGE, gate.name) in selected:
-            yield gate_result(gate, judged, authority)
+            yield gate_result(gate, judged)
     if dg.AssetCheckKey(ROLLOUT_STAGE, ENTROPY_SANITY) in selected:
         yield entropy_sanity_result(sanity, ROLLOUT_STAGE)
 

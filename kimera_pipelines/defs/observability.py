@@ -41,7 +41,7 @@ from kimera_core.metrics.pushed import JobRuns, MigrationProgress, Snapshot
 from kimera_core.migration import MigrationReport
 from kimera_core.report import EntropyStatistics
 from kimera_core.stats import Distribution
-from kimera_pipelines.defs.rollout import ROLLOUT_STAGE
+from kimera_pipelines.defs.rollout import AUTO_ROLLBACK_TAG, ROLLOUT_STAGE
 from kimera_pipelines.metadata import (
     ENTROPY_STATISTICS,
     GATE,
@@ -131,6 +131,7 @@ class RunReports:
     checked_at: float | None = None
     stage: str | None = None
     stage_at: float | None = None
+    auto_rollback_at: float | None = None
 
 
 def job_summary(instance: DagsterInstance, job_name: str) -> JobRuns:
@@ -209,7 +210,9 @@ def snapshots(reports: RunReports, now: float) -> list[Snapshot]:
             pushed.consistency_snapshot(list(reports.gates.values()), reports.checked_at, now)
         )
     if reports.stage is not None and reports.stage_at is not None:
-        out.append(pushed.rollout_snapshot(reports.stage, reports.stage_at))
+        out.append(
+            pushed.rollout_snapshot(reports.stage, reports.stage_at, reports.auto_rollback_at)
+        )
     return out
 
 
@@ -257,10 +260,25 @@ def push_job(
     )
 
 
+def last_auto_rollback(instance: DagsterInstance) -> float | None:
+    """When the latest automatic read rollback run ended (Unix s), from the run records."""
+    records = instance.get_run_records(
+        RunsFilter(
+            job_name="rollback_reads_job",
+            tags={AUTO_ROLLBACK_TAG: "reads"},
+            statuses=[DagsterRunStatus.SUCCESS],
+        ),
+        limit=1,
+    )
+    return records[0].end_time if records else None
+
+
 def push_reports(
     instance: DagsterInstance, log: Any, prometheus: PrometheusResource, reports: RunReports
 ) -> list[str]:
     """Push the snapshots of a run's reports; returns the groups pushed."""
+    if reports.stage is not None:
+        reports.auto_rollback_at = last_auto_rollback(instance)
     return [
         snapshot.job
         for snapshot in snapshots(reports, time.time())

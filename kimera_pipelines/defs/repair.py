@@ -18,7 +18,6 @@ from pydantic import Field
 from kimera_core.gates import judge_gates
 from kimera_core.repair import RepairReport, keys_from_verification, repair
 from kimera_core.report import entropy_sanity
-from kimera_core.rollout import authoritative_store, get_stage
 from kimera_pipelines.defs.consistency import (
     REPAIR_JOB,
     REQUIRED_CHECK_SELECTION,
@@ -131,7 +130,6 @@ def repair_step(
                 con, incremental=True, sample=consistency.sample, record=not config.dry_run
             )
         sanity = entropy_sanity(con, consistency.sample) if checks else None
-        authority = authoritative_store(get_stage(con))
     if report is not None:
         yield _materialization(report)
     else:
@@ -140,7 +138,7 @@ def repair_step(
             metadata={"summary": dg.MetadataValue.text(f"nothing to repair: {source}")},
         )
     if checks:
-        yield from gate_results(judged, sanity, authority, checks)
+        yield from gate_results(judged, sanity, checks)
 
 
 repair_job = dg.define_asset_job(

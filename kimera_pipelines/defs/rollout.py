@@ -70,6 +70,7 @@ from kimera_pipelines.resources import (
 
 ROLLOUT = {"group_name": "rollout", "kinds": {"duckdb"}, "owners": OWNERS}
 ACTION_TAG = "kimera/rollout-action"  # set by the step-back and rollback-reads jobs
+AUTO_ROLLBACK_TAG = "kimera/auto-rollback"  # on the runs auto_rollback_reads launches
 ACTIONS = ("advance", "step_back", "rollback_reads")
 FINISHED = ("SUCCEEDED", "FAILED")  # check execution statuses that carry a verdict
 HISTORY_SHOWN = 8
@@ -223,13 +224,12 @@ def _advance(
     with database.get_connection() as con:
         judged = judge_gates(con, incremental=config.incremental, sample=config.sample)
         sanity = entropy_sanity(con, config.sample)
-        authority = rollout.authoritative_store(rollout.get_stage(con))
         now = time.time()
         evidence = Evidence(
             run_id, REQUIRED_CHECKS, run_evidence(judged, sanity, run_id, now), tuple(scheduled)
         )
         plan = rollout.advance_to(con, target, evidence, config.actor, reason, dry_run=True)
-    yield from gate_results(judged, sanity, authority, context.selected_asset_check_keys)
+    yield from gate_results(judged, sanity, context.selected_asset_check_keys)
     backup: dict = {}
     if plan.moved_through:  # a backup only when a stage moves
         backup = _backup(context, database)
@@ -284,12 +284,11 @@ def _gates_only(
     with database.get_connection() as con:
         judged = judge_gates(con, incremental=config.incremental, sample=config.sample)
         sanity = entropy_sanity(con, config.sample)
-        authority = rollout.authoritative_store(rollout.get_stage(con))
     verification = judged.verification
     context.log.info(
         f"verifier: {verification.verdict} ({verification.mode}) {verification.reasons}"
     )
-    yield from gate_results(judged, sanity, authority, context.selected_asset_check_keys)
+    yield from gate_results(judged, sanity, context.selected_asset_check_keys)
     failed = failed_gates(judged, sanity)
     if failed:
         raise dg.Failure(
@@ -425,7 +424,7 @@ def auto_rollback_reads(context: dg.SensorEvaluationContext):
                 }
             }
         },
-        tags={"kimera/auto-rollback": "reads", "kimera/failed-checks": names},
+        tags={AUTO_ROLLBACK_TAG: "reads", "kimera/failed-checks": names},
     )
 
 

@@ -31,6 +31,12 @@ def dashboard_exprs() -> list[tuple[str, str]]:
     ]
 
 
+def annotation_exprs() -> list[tuple[str, str]]:
+    """(annotation name, expr) for every Prometheus annotation of the dashboard."""
+    board = json.loads(DASHBOARD.read_text())
+    return [(a["name"], substitute(a["expr"])) for a in board["annotations"]["list"]]
+
+
 _COMPARISON = re.compile(r"\s(>|<|==|!=|>=|<=)\s")
 
 

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+from kimera_core.rollout import STAGES
 from observability.exprs import DASHBOARD, ROOT
 
 BUILDER = ROOT / "dashboards" / "build_dashboard.py"
@@ -87,3 +88,28 @@ def test_generator_runs_as_a_script(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(DASHBOARD.read_text()) == _board()
+
+
+def _panel(title: str) -> dict:
+    (panel,) = [p for p in _board()["panels"] if p["title"] == title]
+    return panel
+
+
+def test_the_stage_has_one_source_and_a_colour_per_stage():
+    (target,) = _panel("Rollout stage")["targets"]
+    assert target["expr"] == 'max(kimera_rollout_stage_number{job="kimera_rollout"})'
+    (app,) = _panel("Stage the application routes by")["targets"]
+    assert 'job!="kimera_rollout"' in app["expr"] and "by (instance)" in app["expr"]
+    (mapping,) = _panel("Rollout stage")["fieldConfig"]["defaults"]["mappings"]
+    options = mapping["options"]
+    assert [options[str(i)]["text"] for i in range(len(STAGES))] == list(STAGES)
+    assert len({o["color"] for o in options.values()}) == len(STAGES)
+
+
+def test_stage_changes_and_automatic_rollbacks_are_annotations():
+    annotations = {a["name"]: a for a in _board()["annotations"]["list"]}
+    assert set(annotations) == {"Rollout stage changes", "Automatic read rollbacks"}
+    assert "kimera_rollout_stage_number" in annotations["Rollout stage changes"]["expr"]
+    assert "auto_rollback" in annotations["Automatic read rollbacks"]["expr"]
+    for annotation in annotations.values():
+        assert annotation["datasource"]["uid"] == "${datasource}"

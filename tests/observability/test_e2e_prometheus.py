@@ -24,7 +24,13 @@ from support.servers import free_port, require_binary, stop_process_group, wait_
 from kimera_pipelines.definitions import defs
 from kimera_pipelines.defs import observability as obs
 from kimera_pipelines.resources import ALL_BUCKETS_TAGS, KimeraDatabase
-from observability.exprs import ALERTS, alert_rules, alert_signals, dashboard_exprs
+from observability.exprs import (
+    ALERTS,
+    alert_rules,
+    alert_signals,
+    annotation_exprs,
+    dashboard_exprs,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 KIMERA = str(Path(sys.executable).with_name("kimera"))
@@ -64,6 +70,7 @@ def _run_jobs(instance, db_path: Path) -> list:
         ("migration_job", {"tags": ALL_BUCKETS_TAGS}),
         ("consistency_check_job", {}),
         ("entropy_report_job", {}),
+        ("advance_rollout_job", {}),  # the rollout group: the stage, refused or moved
     ):
         result = defs.resolve_job_def(name).execute_in_process(
             instance=instance, resources={"database": database}, raise_on_error=False, **kwargs
@@ -155,7 +162,13 @@ scrape_configs:
         pushed = _get(f"http://{gateway}/metrics")
         _promtool_metrics(promtool, pushed)
         _promtool_metrics(promtool, _get(f"http://127.0.0.1:{app_port}/metrics"))
-        for group in ("kimera_dagster", "kimera_entropy", "kimera_migration", "kimera_consistency"):
+        for group in (
+            "kimera_dagster",
+            "kimera_entropy",
+            "kimera_migration",
+            "kimera_consistency",
+            "kimera_rollout",
+        ):
             assert f'job="{group}"' in pushed, group
 
         # every expression, once Prometheus has scraped both targets a few times
@@ -188,6 +201,9 @@ scrape_configs:
         except TimeoutError:
             pytest.fail(f"expressions without data: {json.dumps(empty, indent=2)}")
 
+        # the annotations evaluate (they have data only around a stage change or a rollback)
+        for name, expr in annotation_exprs():
+            assert _query(base, expr)["status"] == "success", name
         # the full alert expressions parse and evaluate; the rules file loaded healthy
         for rule in alert_rules():
             assert _query(base, rule["expr"])["status"] == "success", rule["alert"]

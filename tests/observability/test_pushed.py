@@ -96,11 +96,20 @@ def test_job_snapshot_is_grouped_by_the_dagster_job():
     assert value(never, "kimera_dagster_job_last_success_timestamp_seconds") is None
 
 
+NAME_AUTO = "kimera_rollout_last_auto_rollback_timestamp_seconds"
+
+
 @pytest.mark.parametrize("stage", ["legacy-only", "read-new", "legacy-retired"])
 def test_rollout_stage_number_is_its_position(stage):
     snapshot = pushed.rollout_snapshot(stage, 1.0)
     assert value(snapshot, "kimera_rollout_stage", stage=stage) == 1
     assert value(snapshot, "kimera_rollout_stage_number") == pushed.STAGES.index(stage)
+
+
+def test_the_latest_automatic_rollback_is_pushed_beside_the_stage():
+    assert value(pushed.rollout_snapshot("verified", 1.0), NAME_AUTO) is None
+    snapshot = pushed.rollout_snapshot("verified", 2.0, auto_rollback_at=1.5)
+    assert value(snapshot, NAME_AUTO) == 1.5
 
 
 def test_a_snapshot_exposes_only_its_own_group():

@@ -18,6 +18,7 @@ REQUIRED_CHECKS = {
     "key_coverage_new_to_legacy",
     "field_equality",
     "reconciliation",
+    "column_agreement",
     "entropy_sanity",
 }
 
@@ -60,9 +61,10 @@ def plant_divergences(db_path, rows: int = 1) -> list[str]:
                 [rows],
             ).fetchall()
         ]
+        # updated_at unchanged: a newer identities row would be legacy_stale, an exception
         con.execute(
-            'UPDATE identities SET data = json_merge_patch(data, \'{"raw": "planted"}\'), '
-            "updated_at = updated_at + 1 WHERE list_contains(?, id)",
+            'UPDATE identities SET data = json_merge_patch(data, \'{"raw": "planted"}\') '
+            "WHERE list_contains(?, id)",
             [keys],
         )
     return keys

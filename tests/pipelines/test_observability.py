@@ -3,11 +3,15 @@
 import dagster as dg
 import pytest
 from dagster_prometheus import PrometheusResource
+from prometheus_client.parser import text_string_to_metric_families
 from support.servers import free_port, recording_pushgateway
 
+from kimera_core.db import connect
 from kimera_core.metrics import pushed
+from kimera_core.rollout import set_stage
 from kimera_pipelines.defs import migration as migration_defs
 from kimera_pipelines.defs import observability as obs
+from kimera_pipelines.defs.rollout import AUTO_ROLLBACK_TAG
 from kimera_pipelines.resources import MIGRATION_BUCKETS
 from pipelines.helpers import ALL_BUCKETS, plant_divergences, run_job
 
@@ -110,6 +114,32 @@ def test_the_run_end_sensor_pushes_each_group_alone(instance, database, db_path)
     assert method == "POST"
     assert 'kimera_consistency_findings{kind="field_equality"} 3.0' in body
     assert "kimera_dagster_job_runs_total" not in body  # one group per push
+
+
+def test_the_rollout_group_carries_the_stage_and_the_latest_automatic_rollback(
+    instance, database, db_path
+):
+    assert run_job("migration_job", instance, database, tags=ALL_BUCKETS).success
+    with connect(db_path) as con:
+        set_stage(con, "read-new", actor="test")
+    rollback = run_job("rollback_reads_job", instance, database, tags={AUTO_ROLLBACK_TAG: "reads"})
+    assert rollback.success
+    reports = obs.run_reports(instance, rollback.run_id)
+    with (
+        recording_pushgateway() as (gateway, pushes),
+        dg.build_resources({"prometheus": PrometheusResource(gateway=gateway)}) as resources,
+    ):
+        groups = obs.push_reports(instance, None, resources.prometheus, reports)
+    assert "kimera_rollout" in groups
+    (body,) = [b for _, path, b in pushes if path == "/metrics/job/kimera_rollout"]
+    assert 'kimera_rollout_stage{stage="verified"} 1.0' in body
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+    ended = instance.get_run_record_by_id(rollback.run_id).end_time
+    assert samples["kimera_rollout_last_auto_rollback_timestamp_seconds"] == pytest.approx(ended)
 
 
 def test_a_failed_push_is_counted_and_the_sensor_goes_on(instance):
