@@ -8,7 +8,10 @@ workloads, or give it the connection of a process that writes (``create_app(con=
 
 Every parameter is bounded and validated; errors are JSON objects ``{"error", "message"}``
 (with ``details`` for invalid parameters); no request text becomes SQL (kimera_core.query
-binds every value).
+binds every value). A number that is not finite (``nan``, ``inf``, ``1e999``) or a text with a
+lone surrogate, in a parameter or inside a cursor, is a 400 ``bad_request`` naming it;
+cursors carry the OpenAPI format ``CURSOR_FORMAT`` so that fuzzers can be given a strategy
+for them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ from kimera_core.rollout import get_stage, routing
 LOG = logging.getLogger("kimera.api")
 MAX_ID_CHARS = 128
 MAX_FILTER_CHARS = 64
+# The OpenAPI string format of page cursors (base64url JSON made by query.encode_cursor).
+CURSOR_FORMAT = "kimera-cursor"
+# Validation errors that are a malformed value, not a missing or out-of-range one: a 400.
+BAD_REQUEST_ERRORS = frozenset({"finite_number"})
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "A parameter is out of range or malformed (JSON error)."},
@@ -49,9 +56,27 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 Limit = Annotated[int, Query(ge=1, le=query.MAX_LIMIT, description="Page size (1 to 500).")]
+
+
+def _cursor_format(schema: dict[str, Any]) -> None:
+    """Mark the string variant of a cursor parameter's schema with ``CURSOR_FORMAT``."""
+    for variant in schema.get("anyOf", [schema]):
+        if variant.get("type") == "string":
+            variant["format"] = CURSOR_FORMAT
+
+
 Cursor = Annotated[
     str | None,
-    Query(max_length=512, description="The next_cursor of the previous page."),
+    Query(
+        alias="cursor",
+        max_length=512,
+        description="The next_cursor of the previous page.",
+        json_schema_extra=_cursor_format,
+    ),
+]
+Entropy = Annotated[
+    float | None,
+    Query(ge=0, le=1e6, allow_inf_nan=False, description="Entropy bound (bits), finite."),
 ]
 TextQuery = Annotated[
     str,
@@ -176,6 +201,8 @@ def create_app(
             for e in exc.errors()
         ]
         message = "; ".join(f"{d['parameter']}: {d['problem']}" for d in details)
+        if any(e.get("type") in BAD_REQUEST_ERRORS for e in exc.errors()):
+            return _error(400, "bad_request", message, details=details)
         return _error(422, "invalid_parameter", message or "invalid request", details=details)
 
     @app.exception_handler(StarletteHTTPException)
@@ -207,22 +234,15 @@ def create_app(
 
     @app.get("/identities", summary="Identities by entropy range, highest entropy first")
     def find_by_entropy(
-        min_entropy: Annotated[
-            float | None, Query(ge=0, le=1e6, description="Lowest entropy (bits).")
-        ] = None,
-        max_entropy: Annotated[
-            float | None, Query(ge=0, le=1e6, description="Highest entropy (bits).")
-        ] = None,
+        min_entropy: Entropy = None,
+        max_entropy: Entropy = None,
         identity_type: Annotated[
             str | None, Query(pattern="^(geoid|scar)$", description="geoid or scar.")
         ] = None,
         lang: Annotated[str | None, Query(max_length=MAX_FILTER_CHARS)] = None,
         tag: Annotated[str | None, Query(max_length=MAX_FILTER_CHARS)] = None,
         limit: Limit = query.DEFAULT_LIMIT,
-        cursor_: Annotated[
-            str | None,
-            Query(alias="cursor", max_length=512, description="next_cursor of the last page."),
-        ] = None,
+        cursor_: Cursor = None,
     ) -> dict[str, Any]:
         with cursor() as cur:
             page = timed(

@@ -345,6 +345,11 @@ VALUE_RULES: dict[str, str] = {
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate (U+D800-U+DFFF), which UTF-8 cannot encode."""
+    return _SURROGATE.search(text) is not None
+
+
 def value_refusals(identity: Identity) -> list[str]:
     """The ``VALUE_RULES`` reasons an identity breaks, in the migration's order ([] if none).
 
@@ -364,7 +369,7 @@ def value_refusals(identity: Identity) -> list[str]:
         reasons.append("empty_raw")
     texts = (identity.id, raw, identity.echo, identity.lang_axis)
     non_finite, bad_text = _scan_json((identity.tags, identity.related_ids, identity.meta))
-    if bad_text or any(isinstance(t, str) and _SURROGATE.search(t) for t in texts):
+    if bad_text or any(isinstance(t, str) and has_lone_surrogate(t) for t in texts):
         reasons.append("invalid_text")
     if _non_finite_float(identity.weight):
         reasons.append("non_finite_weight")
@@ -412,7 +417,7 @@ def _scan_json(value: Any) -> tuple[bool, bool]:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            bad_text = bad_text or _SURROGATE.search(item) is not None
+            bad_text = bad_text or has_lone_surrogate(item)
         elif isinstance(item, float):
             non_finite = non_finite or not math.isfinite(item)
         elif isinstance(item, dict):

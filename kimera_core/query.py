@@ -12,7 +12,13 @@ recomputed per query anyway.
 In the legacy stages entropy is computed from ``meta`` / ``tags`` / ``related_ids`` by the
 same set-based SQL the migration uses (``kimera_core.entropy``): correct but a full scan, so
 entropy queries are fast only once reads come from ``identities`` (its ``entropy_score``).
-An identity whose entropy is unknown (a scar without a weight) is never in an entropy range.
+An identity whose entropy is unknown (a scar whose weight is not a finite number) is never in
+an entropy range.
+
+Every parameter is checked before any SQL runs and refused with ``QueryError`` (the API's
+400 ``bad_request``): a text holding a lone surrogate (UTF-8 cannot encode it), a number
+that is not finite, a cursor this module did not make (not base64 JSON of the right shape,
+or holding such a text or number: NaN, Infinity, 1e999, integers beyond the double range).
 The legacy tables are read as identities by ``kimera_core.legacy`` (the read ``storage``
 serves too).
 
@@ -42,7 +48,7 @@ import pyarrow as pa
 from kimera_core import semantic, textsearch
 from kimera_core.db import connect
 from kimera_core.entropy import identity_entropy
-from kimera_core.identity import IDENTITY_TYPES, Identity
+from kimera_core.identity import IDENTITY_TYPES, Identity, has_lone_surrogate
 from kimera_core.legacy import (
     GEOID_COLUMNS,
     LEGACY_IDENTITIES_ENTROPY_SQL,
@@ -117,22 +123,49 @@ def encode_cursor(values: list[Any]) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
+NOT_A_CURSOR = "cursor is not one this API returned"
+NON_FINITE_CURSOR = f"{NOT_A_CURSOR}: it holds a number that is not finite"
+
+
+class _NonFinite(ValueError):
+    """NaN, Infinity or -Infinity in a cursor's JSON (not JSON numbers)."""
+
+
+def _no_constant(name: str) -> None:
+    raise _NonFinite(name)
+
+
 def decode_cursor(cursor: str, shape: tuple[type, ...]) -> list[Any]:
-    """The values of a cursor made by ``encode_cursor``; QueryError if it is not one."""
+    """The values of a cursor made by ``encode_cursor`` (floats as float), in ``shape``.
+
+    Raises QueryError if it is not one: not base64 JSON of a list of that shape, or holding
+    a number that is not finite (NaN, Infinity, 1e999, an integer beyond the double range)
+    or a text with a lone surrogate.
+    """
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        values = json.loads(raw.decode())
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise QueryError("cursor is not one this API returned") from None
+        values = json.loads(raw.decode(), parse_constant=_no_constant)
+    except _NonFinite:
+        raise QueryError(NON_FINITE_CURSOR) from None
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        raise QueryError(NOT_A_CURSOR) from None
     if not isinstance(values, list) or len(values) != len(shape):
-        raise QueryError("cursor is not one this API returned")
+        raise QueryError(NOT_A_CURSOR)
+    decoded: list[Any] = []
     for value, kind in zip(values, shape, strict=True):
-        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if isinstance(value, bool) or not isinstance(value, int | float if kind is float else kind):
+            raise QueryError(NOT_A_CURSOR)
         if kind is float:
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if not ok:
-            raise QueryError("cursor is not one this API returned")
-    return values
+            try:
+                value = float(value)
+            except OverflowError:
+                value = math.inf
+            if not math.isfinite(value):
+                raise QueryError(NON_FINITE_CURSOR)
+        if isinstance(value, str):
+            _check_unicode("cursor", value)
+        decoded.append(value)
+    return decoded
 
 
 def _check_limit(limit: int) -> int:
@@ -149,9 +182,17 @@ def _check_number(name: str, value: float | None) -> float | None:
     return float(value)
 
 
+def _check_unicode(name: str, text: str | None) -> str | None:
+    """``text`` unless it holds a lone surrogate (QueryError): no text then reaches SQL."""
+    if text is not None and has_lone_surrogate(text):
+        raise QueryError(f"{name} holds a lone surrogate (U+D800-U+DFFF), which is not text")
+    return text
+
+
 def _check_text(text: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise QueryError("q must be a non-empty text")
+    _check_unicode("q", text)
     if len(text) > MAX_QUERY_CHARS:
         raise QueryError(f"q must be at most {MAX_QUERY_CHARS} characters")
     return text
@@ -371,6 +412,7 @@ def get_identity(
     con: duckdb.DuckDBPyConnection, identity_id: str, *, source: str | None = None
 ) -> Hit | None:
     """The identity with this id from the read store, with its entropy; None if absent."""
+    _check_unicode("identity_id", identity_id)
     source = source or read_source(con)
     if source == "new":
         row = con.execute(NEW_BY_ID_SQL, [identity_id]).fetchone()
@@ -404,6 +446,8 @@ def find_identities_by_entropy(
     if low is not None and high is not None and low > high:
         raise QueryError("min_entropy must not exceed max_entropy")
     limit = _check_limit(limit)
+    _check_unicode("lang", lang)
+    _check_unicode("tag", tag)
     c_entropy, c_id = decode_cursor(cursor, (float, str)) if cursor else (None, None)
     source = source or (snapshot.source if snapshot is not None else read_source(con))
     params = {
@@ -453,6 +497,7 @@ def find_related(
     source: str | None = None,
 ) -> Page:
     """The scars whose related_ids hold ``identity_id``, in id order."""
+    _check_unicode("identity_id", identity_id)
     limit = _check_limit(limit)
     (after,) = decode_cursor(cursor, (str,)) if cursor else (None,)
     source = source or read_source(con)
@@ -491,6 +536,7 @@ def search_text(
     ranking as the SQL).
     """
     _check_text(text)
+    _check_unicode("lang", lang)
     limit = _check_limit(limit)
     if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
         raise QueryError(f"offset must be an integer from 0 to {MAX_OFFSET}")

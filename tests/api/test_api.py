@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import shutil
 
 import duckdb
@@ -61,6 +62,55 @@ def test_identity_by_id_and_its_related_scars(client):
     related = client.get(f"/identities/{gid}/related", params={"limit": 100}).json()
     assert scar["id"] in {s["id"] for s in related["items"]}
     assert all(gid in s["related_ids"] for s in related["items"])
+
+
+def test_related_scars_page_by_their_cursor(client):
+    with_most = client.get("/identities", params={"identity_type": "scar", "limit": 200}).json()
+    counts: dict[str, int] = {}
+    for item in with_most["items"]:
+        for gid in item["related_ids"]:
+            counts[gid] = counts.get(gid, 0) + 1
+    gid = max(counts, key=counts.get)
+    everything = client.get(f"/identities/{gid}/related", params={"limit": 500}).json()["items"]
+    assert len(everything) >= 2
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 1} | ({"cursor": cursor} if cursor else {})
+        page = client.get(f"/identities/{gid}/related", params=params).json()
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [item["id"] for item in everything]
+
+
+def _cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+# The inputs of issue 12 that answered 500 or silently the first page: each is a 400 naming it.
+BAD_INPUTS = {
+    "cursor NaN": ("/identities", {"cursor": _cursor('[NaN,"x"]')}, "not finite"),
+    "cursor Infinity": ("/identities", {"cursor": _cursor('[-Infinity,"x"]')}, "not finite"),
+    "cursor 1e999": ("/identities", {"cursor": _cursor('[1e999,"x"]')}, "not finite"),
+    "cursor 10**309": ("/identities", {"cursor": _cursor(f'[{10**309},"x"]')}, "not finite"),
+    "cursor surrogate": ("/identities", {"cursor": _cursor('[1.5,"\\ud800"]')}, "surrogate"),
+    "related surrogate": ("/identities/x/related", {"cursor": _cursor('["\\udfff"]')}, "surrogate"),
+    "min_entropy nan": ("/identities", {"min_entropy": "nan"}, "finite"),
+    "max_entropy inf": ("/identities", {"max_entropy": "inf"}, "finite"),
+    "max_entropy 1e999": ("/identities", {"max_entropy": "1e999"}, "finite"),
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "named"), list(BAD_INPUTS.values()), ids=list(BAD_INPUTS)
+)
+def test_non_finite_numbers_and_lone_surrogates_are_bad_requests(client, path, params, named):
+    if path == "/identities/x/related":  # a real id: the cursor is judged, not the id
+        gid = client.get("/identities", params={"identity_type": "geoid", "limit": 1}).json()
+        path = f"/identities/{gid['items'][0]['id']}/related"
+    body = _json_error(client.get(path, params=params), 400)
+    assert body["error"] == "bad_request" and named in body["message"]
 
 
 def test_search_ranks_multilingual_text(client):
