@@ -23,6 +23,7 @@ import dagster as dg
 from kimera_core.backup import backup_database
 from kimera_core.errors import KimeraError
 from kimera_core.migration import (
+    WAITING_KIND,
     MigrationCounts,
     MigrationReport,
     PartitionCounts,
@@ -74,9 +75,16 @@ def _step_observation(
 
 
 def partition_counts(report: MigrationReport) -> dict[int, dict[str, int]]:
-    """Each migrated partition's own counts (geoids and scars of its bucket added up)."""
+    """Each migrated partition's own counts (geoids and scars of its bucket added up).
+
+    A run also judges again the scars other buckets' runs left waiting for their geoids
+    (``WAITING_KIND`` entries); those rows belong to partitions the run may not target, so
+    they count in the run's totals only, never in a partition's own metadata.
+    """
     own: dict[int, MigrationCounts] = {}
     for part in report.partition_counts:
+        if part.kind == WAITING_KIND:
+            continue
         own.setdefault(part.bucket, MigrationCounts()).add(part.counts)
     return {b: {"legacy_rows": c.read, **asdict(c)} for b, c in own.items()}
 
