@@ -63,7 +63,8 @@ PREPARE_GEOIDS_SQL = (
     """
 CREATE OR REPLACE TEMP TABLE mig_src AS
 WITH src AS (
-    SELECT g.*, g.rowid AS src_rowid, __DUP_COUNT__ AS dup_count,
+    -- raw.strip() once: empty_raw, echo and the gid read it
+    SELECT g.*, g.rowid AS src_rowid, __DUP_COUNT__ AS dup_count, kimera_py_strip(g.raw) AS raw_s,
            coalesce(g.created_at, g.updated_at) AS c_at,
            coalesce(g.updated_at, g.created_at) AS u_at
     FROM mig_part g
@@ -75,6 +76,7 @@ WITH src AS (
 ), terms AS (
     SELECT p.*, gid AS key,
            TRY(json_extract(meta_j, '$.terms')) AS terms_j,
+           kimera_non_finite_hint(meta_j) AS meta_hint,
            TRY(CASE WHEN json_type(tags_j) = 'ARRAY' THEN json_array_length(tags_j) END) AS n_tags
     FROM parsed p
 ), e_in AS (
@@ -82,7 +84,7 @@ WITH src AS (
 ), e AS (SELECT * FROM (__SHANNON__)), checked AS (
     SELECT t.*,
         list_filter([
-            CASE WHEN gid IS NULL OR kimera_py_strip(gid) = '' THEN 'null_or_empty_key' END,
+            CASE WHEN gid IS NULL OR kimera_py_blank(gid) THEN 'null_or_empty_key' END,
             CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
             CASE WHEN gid IN (SELECT id FROM legacy_scars WHERE hash(id) % $buckets::UBIGINT = $bucket::UBIGINT)
                  THEN 'key_in_both_tables' END,
@@ -94,10 +96,13 @@ WITH src AS (
                  THEN 'non_object_meta' END,
             CASE WHEN json_type(tags_j) <> 'ARRAY' AND NOT kimera_json_falsy(tags_j)
                  THEN 'non_list_tags' END,
-            CASE WHEN raw IS NULL OR kimera_py_strip(raw) = '' THEN 'empty_raw' END,
+            CASE WHEN raw IS NULL OR raw_s = '' THEN 'empty_raw' END,
             CASE WHEN NOT isfinite(weight) THEN 'non_finite_weight' END,
-            CASE WHEN kimera_terms_non_finite(terms_j) THEN 'non_finite_intensity' END,
-            CASE WHEN kimera_json_non_finite(meta_j) OR kimera_json_non_finite(tags_j)
+            -- one text test of meta (meta_hint) rules out almost every row for both
+            CASE WHEN CASE WHEN meta_hint THEN kimera_terms_non_finite_exact(terms_j) END
+                 THEN 'non_finite_intensity' END,
+            CASE WHEN CASE WHEN meta_hint THEN kimera_json_non_finite_exact(meta_j) END
+                      OR kimera_json_non_finite(tags_j)
                  THEN 'non_finite_number' END,
             CASE WHEN NOT isfinite(created_at) OR NOT isfinite(updated_at)
                  THEN 'non_finite_timestamp'
@@ -108,9 +113,9 @@ WITH src AS (
         list_filter([
             CASE WHEN weight IS NULL THEN 'null_weight' END,
             -- echo and the gid as the existing system makes them: raw.strip() (str.strip)
-            CASE WHEN echo IS DISTINCT FROM kimera_py_strip(raw) THEN 'echo_differs_from_raw' END,
+            CASE WHEN echo IS DISTINCT FROM raw_s THEN 'echo_differs_from_raw' END,
             CASE WHEN gid <> substr(sha256(coalesce(lang_axis, 'None') || ':'
-                                            || coalesce(kimera_py_strip(raw), 'None')), 1, 16)
+                                            || coalesce(raw_s, 'None')), 1, 16)
                  THEN 'gid_not_derived_from_text' END,
             CASE WHEN updated_at IS NULL AND created_at IS NOT NULL THEN 'null_updated_at' END,
             CASE WHEN created_at IS NULL AND updated_at IS NOT NULL THEN 'null_created_at' END,
@@ -173,7 +178,7 @@ WITH src AS (
 ), e AS (SELECT * FROM (__SCAR_ENTROPY__)), checked AS (
     SELECT p.*,
         list_filter([
-            CASE WHEN p.id IS NULL OR kimera_py_strip(p.id) = '' THEN 'null_or_empty_key' END,
+            CASE WHEN p.id IS NULL OR kimera_py_blank(p.id) THEN 'null_or_empty_key' END,
             CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
             CASE WHEN p.id IN (SELECT gid FROM legacy_geoids WHERE hash(gid) % $buckets::UBIGINT = $bucket::UBIGINT)
                  THEN 'key_in_both_tables' END,
