@@ -31,7 +31,7 @@ from kimera_core.consistency.evidence import (
     COLUMN_SIDES,
     FieldValues,
     KeyEvidence,
-    display,
+    clip_pair,
     next_step,
 )
 from kimera_core.consistency.report import Finding, VerificationReport
@@ -191,7 +191,7 @@ def _check(
         evidence.append(
             KeyEvidence(
                 row["id"],
-                [FieldValues(c, display(row[f"{c}_c"]), display(row[f"{c}_d"])) for c in diffs],
+                [FieldValues(c, *clip_pair(row[f"{c}_c"], row[f"{c}_d"])) for c in diffs],
             )
         )
     report.column_mismatches = Finding(

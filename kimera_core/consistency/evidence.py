@@ -13,7 +13,6 @@ on. ``evidence_markdown`` renders a finding for a Dagster check's metadata or a 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,20 +116,45 @@ def next_step(kind: str, authoritative: str) -> str:
 
 
 def display(value: Any, limit: int = MAX_CHARS) -> str | None:
-    """A value as one line of text (JSON for structures, repr for numbers), cut to ``limit``
-    characters with the count cut off; None stays None (the side has no value)."""
+    """A value as one line of JSON text (text quoted, so ``"2024"`` and ``2024`` read apart;
+    NaN and infinities as Python's JSON writes them), cut to ``limit`` characters with the
+    count cut off; None stays None (the side has no value)."""
     if value is None:
         return None
-    if isinstance(value, float):
-        text = repr(value) if math.isfinite(value) else str(value)
-    elif isinstance(value, str):
-        text = value
-    else:
-        text = json.dumps(value, ensure_ascii=False, default=str)
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return _window(text, 0, limit)
+
+
+def _window(text: str, start: int, limit: int) -> str:
+    """``limit`` characters of ``text`` from ``start``, each cut marked with what it left out."""
     text = " ".join(text.splitlines())
     if len(text) <= limit:
         return text
-    return f"{text[: limit - 20]}… (+{len(text) - (limit - 20):,} chars)"
+    start = max(0, min(start, len(text) - limit))
+    head = f"(…{start:,} chars) " if start else ""
+    piece = text[start : start + limit]
+    rest = len(text) - start - len(piece)
+    return head + piece + (f" (…{rest:,} chars)" if rest else "")
+
+
+def clip(text: str | None, limit: int = MAX_CHARS) -> str | None:
+    """Display text cut to ``limit`` characters (None stays None)."""
+    return None if text is None else _window(text, 0, limit)
+
+
+def clip_pair(
+    left: str | None, right: str | None, limit: int = MAX_CHARS
+) -> tuple[str | None, str | None]:
+    """Two display texts of one field cut alike around their first difference, so a long
+    value shows where the sides part (both from the same offset)."""
+    if left is None or right is None or (len(left) <= limit and len(right) <= limit):
+        return clip(left, limit), clip(right, limit)
+    first = next(
+        (i for i, (a, b) in enumerate(zip(left, right, strict=False)) if a != b),
+        min(len(left), len(right)),
+    )
+    start = max(0, first - limit // 3)
+    return _window(left, start, limit), _window(right, start, limit)
 
 
 @dataclass

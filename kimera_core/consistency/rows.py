@@ -21,12 +21,20 @@ its first ``sample`` keys: both sides' values of every differing field.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import duckdb
 
 from kimera_core.compare import FIELD_RULES, JSON_CANON_SQL, JSON_FIELDS, Tolerance
-from kimera_core.consistency.evidence import FieldValues, KeyEvidence, display, next_step
+from kimera_core.consistency.evidence import (
+    FieldValues,
+    KeyEvidence,
+    clip,
+    clip_pair,
+    display,
+    next_step,
+)
 from kimera_core.consistency.report import Finding, VerificationReport
 from kimera_core.consistency.sources import rows_sql, sides
 from kimera_core.sql import vetted_identifier
@@ -216,7 +224,7 @@ def row_level(
                 i,
                 [FieldValues("row", display(rows.get(i)), None)]
                 if side == "new"
-                else [FieldValues("row", None, display(rows.get(i)))],
+                else [FieldValues("row", None, clip(rows.get(i)))],
             )
             for i in ids
         ]
@@ -292,6 +300,7 @@ def pair_evidence(
         row = found[key]
         legacy = dict(zip(_PAIR_FIELDS, row[1 : 1 + width], strict=True))
         new = dict(zip(_PAIR_FIELDS, row[1 + width : 1 + 2 * width], strict=True))
+        new["identity_type"] = json.dumps(new["identity_type"])
         legacy_time = (
             legacy["updated_at"] if legacy["updated_at"] is not None else legacy["created_at"]
         )
@@ -300,11 +309,20 @@ def pair_evidence(
         evidence.append(
             KeyEvidence(
                 key,
-                [FieldValues(f, display(legacy[f]), display(new[f])) for f in fields],
+                [FieldValues(f, *clip_pair(_legacy_text(f, legacy[f]), new[f])) for f in fields],
                 note,
             )
         )
     return evidence
+
+
+def _legacy_text(name: str, value: Any) -> str:
+    """A legacy value as JSON text: a JSON column as stored, a NULL as null, others encoded."""
+    if value is None:
+        return "null"
+    if FIELD_RULES[name] == "json":
+        return " ".join(str(value).splitlines())
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _legacy_rows(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str, dict[str, Any]]:
