@@ -111,15 +111,16 @@ _TESTS = {
 assert tuple(_TESTS) == CHECKED_COLUMNS
 _DIFFS = ",\n        ".join(f"CASE WHEN NOT ({t}) THEN '{c}' END" for c, t in _TESTS.items())
 
-# The document's entropy by the bulk form (geoids: meta.terms and tags; scars: related_ids
-# and weight), joined back by rowid, and the names of the columns that disagree.
+# The document's entropy by the bulk form, by the document's own type (what P1 reads; geoids:
+# meta.terms and tags, scars: related_ids and weight), joined back by rowid, and the names of
+# the columns that disagree.
 COLUMN_CHECKS_SQL = (
     """, kimera_eg_in AS (
     SELECT rid AS key, f[12] AS terms_j,
            TRY(CASE WHEN json_type(f[4]) = 'ARRAY' THEN json_array_length(f[4]) END) AS n_tags
-    FROM kimera_q WHERE identity_type = 'geoid'
+    FROM kimera_q WHERE f[11] = '"geoid"'
 ), kimera_es_in AS (
-    SELECT rid, f[6] AS related, f[5] AS weight_text FROM kimera_q WHERE identity_type = 'scar'
+    SELECT rid, f[6] AS related, f[5] AS weight_text FROM kimera_q WHERE f[11] = '"scar"'
 ), kimera_e AS (
     SELECT * FROM ("""
     + geoid_shannon_sql("kimera_eg_in")
