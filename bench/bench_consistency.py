@@ -1,4 +1,6 @@
-"""Consistency benchmarks, side by side in one run over 1 M legacy geoids and 1 M identities:
+"""Consistency benchmarks, side by side in one run.
+
+Synthetic part, over 1 M legacy geoids and 1 M identities:
 
 * full verification without the digest cache (every row digested: the pre-cache cost),
 * cold (empty cache) and warm full verification, and the checksum pass rate of the warm one,
@@ -6,12 +8,27 @@
 * one changed row found by bisection (warm),
 * full (warm) and incremental verification after 1 k rows changed on both sides.
 
-Usage: .venv/bin/python bench/bench_consistency.py [--rows 1000000] [--changes 1000] [--repeat 3]
+Demo part, on a real-shaped database: ``kimera demo-data`` (800 k geoids, 200 k scars, its
+broken rows) migrated with ``kimera migrate``, so thousands of rows are in quarantine:
+
+* ``kimera verify`` cold (no digest cache) and warm, as a user runs it (the CLI process; the
+  verifier's own time from its report beside the wall time of the process);
+* reladiff 0.6's joindiff on the same geoids, compared on the same fields (both stores'
+  geoids as views with the ADR-001 fields; the new side read from the P1 document), run from
+  a throwaway virtualenv (``--reladiff-venv``, created with ``pip install reladiff==0.6.*
+  duckdb`` when missing: reladiff is not a project dependency).
+
+Usage: .venv/bin/python bench/bench_consistency.py [--parts synthetic,demo] [--rows 1000000]
+       [--changes 1000] [--repeat 3] [--geoids 800000] [--scars 200000]
+       [--reladiff-venv /tmp/reladiff-venv]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,10 +105,23 @@ def best(repeat, fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--parts", default="synthetic,demo")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--changes", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--geoids", type=int, default=800_000)
+    parser.add_argument("--scars", type=int, default=200_000)
+    parser.add_argument("--reladiff-venv", type=Path, default=Path("/tmp/reladiff-venv"))
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if "synthetic" in parts:
+        synthetic(args)
+    if "demo" in parts:
+        demo(args)
+
+
+def synthetic(args: argparse.Namespace) -> None:
+    """The verifier on 1 M synthetic geoids migrated set-based (no quarantine)."""
     n = args.rows
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,6 +204,127 @@ def main() -> None:
             f"verdict {report.to_dict()['verdict']}"
         )
         con.close()
+
+
+# --- the demo part: real-shaped data with its quarantine, against reladiff -----------------
+KIMERA = Path(sys.executable).parent / "kimera"
+# Both stores' geoids with the ADR-001 fields, for reladiff: the legacy columns (JSON
+# minified), the new side from the P1 document (what P1 reads), timestamps in whole
+# microseconds on both sides (so equal rows compare equal).
+RELADIFF_VIEWS = (
+    """CREATE OR REPLACE VIEW reladiff_legacy AS
+       SELECT gid, raw, echo, lang_axis, json(tags)::VARCHAR AS tags, weight,
+              json(meta)::VARCHAR AS meta,
+              CAST(round(created_at * 1000000) AS BIGINT) AS created_at,
+              CAST(round(updated_at * 1000000) AS BIGINT) AS updated_at
+       FROM legacy_geoids""",
+    """CREATE OR REPLACE VIEW reladiff_identities AS
+       SELECT id AS gid, data->>'$.raw' AS raw, data->>'$.echo' AS echo,
+              data->>'$.lang_axis' AS lang_axis, (data->'$.tags')::VARCHAR AS tags,
+              TRY_CAST(data->>'$.weight' AS DOUBLE) AS weight, (data->'$.meta')::VARCHAR AS meta,
+              epoch_us(CAST(data->>'$.created_at' AS TIMESTAMPTZ)) AS created_at,
+              epoch_us(CAST(data->>'$.updated_at' AS TIMESTAMPTZ)) AS updated_at
+       FROM identities WHERE identity_type = 'geoid'""",
+)
+RELADIFF_FIELDS = ("raw", "echo", "lang_axis", "tags", "weight", "meta", "created_at", "updated_at")
+# Run inside the reladiff virtualenv: joindiff of the two views, timed, as JSON.
+RELADIFF_SCRIPT = """
+import json, sys, time
+from reladiff import Algorithm, connect_to_table, diff_tables
+path, fields = sys.argv[1], tuple(sys.argv[2].split(","))
+a = connect_to_table("duckdb://" + path, "reladiff_legacy", "gid", extra_columns=fields)
+b = connect_to_table("duckdb://" + path, "reladiff_identities", "gid", extra_columns=fields)
+t0 = time.perf_counter()
+diff = list(diff_tables(a, b, algorithm=Algorithm.JOINDIFF))
+print(json.dumps({"seconds": time.perf_counter() - t0, "differences": len(diff)}))
+"""
+
+
+def kimera(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(KIMERA), *map(str, args)], capture_output=True, text=True, check=False
+    )
+
+
+def reladiff_python(venv: Path) -> Path:
+    """The reladiff virtualenv's python, created (reladiff 0.6 and duckdb) when missing."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "reladiff==0.6.*", "duckdb"], check=True
+        )
+    return python
+
+
+def timed_verify(db: Path) -> tuple[float, dict]:
+    """(wall seconds of the ``kimera verify --json`` process, its report)."""
+    t0 = time.perf_counter()
+    result = kimera("verify", "--db", db, "--json", "--sample", "5")
+    wall = time.perf_counter() - t0
+    if result.returncode not in (0, 1):
+        raise RuntimeError(result.stderr)
+    return wall, json.loads(result.stdout)
+
+
+def demo(args: argparse.Namespace) -> None:
+    """kimera verify cold and warm on the migrated demo database, and reladiff's joindiff."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "demo.duckdb"
+        t0 = time.perf_counter()
+        built = kimera(
+            "demo-data", "--db", db, "--geoids", args.geoids, "--scars", args.scars, "--seed", 11
+        )
+        if built.returncode != 0:
+            raise RuntimeError(built.stderr)
+        migrated = kimera("migrate", "--db", db, "--json")
+        if migrated.returncode != 0:
+            raise RuntimeError(migrated.stderr)
+        counts = json.loads(migrated.stdout)["counts"]
+        print(
+            f"demo: {args.geoids:,} geoids + {args.scars:,} scars, migrated in "
+            f"{time.perf_counter() - t0:.1f} s; {counts['quarantined']:,} rows quarantined"
+        )
+        with open_database(db) as con:
+            con.execute("DROP TABLE IF EXISTS kimera_verify_digests")
+            con.execute("CHECKPOINT")
+        wall, report = timed_verify(db)
+        cache = report["checksums"]["digest_cache"]
+        print(
+            f"kimera verify, cold (no digest cache): verifier {report['seconds']:.2f} s, "
+            f"process {wall:.2f} s; verdict {report['verdict']}, "
+            f"{report['quarantined']['total']:,} rows in quarantine excluded up front, "
+            f"{cache['rows_digested']:,} rows digested, "
+            f"{report['checksums']['rows_compared_row_level']:,} compared row by row"
+        )
+        runs = [timed_verify(db) for _ in range(args.repeat)]
+        wall, report = min(runs, key=lambda r: r[1]["seconds"])
+        print(
+            f"kimera verify, warm, best of {args.repeat}: verifier {report['seconds']:.2f} s, "
+            f"process {wall:.2f} s; verdict {report['verdict']}, "
+            f"{report['checksums']['digest_cache']['rows_digested']:,} rows digested"
+        )
+        with open_database(db) as con:
+            for view in RELADIFF_VIEWS:
+                con.execute(view)
+            geoids = con.execute("SELECT count(*) FROM reladiff_identities").fetchone()[0]
+        python = reladiff_python(args.reladiff_venv)
+        t0 = time.perf_counter()
+        result = subprocess.run(
+            [str(python), "-c", RELADIFF_SCRIPT, str(db), ",".join(RELADIFF_FIELDS)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        process = time.perf_counter() - t0
+        joindiff = json.loads(result.stdout.strip().splitlines()[-1])
+        print(
+            f"reladiff 0.6 joindiff, geoids only ({args.geoids:,} legacy, {geoids:,} in "
+            f"identities), fields {', '.join(RELADIFF_FIELDS)}: {joindiff['seconds']:.2f} s "
+            f"(process {process:.2f} s), {joindiff['differences']:,} differences reported; "
+            f"kimera verify warm is {joindiff['seconds'] / report['seconds']:.0f}x faster "
+            f"(and checks scars, counts, quarantine and columns too)"
+        )
 
 
 if __name__ == "__main__":
