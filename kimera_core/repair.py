@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import duckdb
 
-from kimera_core.consistency import verify
+from kimera_core.consistency import n_keys, verify
 from kimera_core.db import transaction
 from kimera_core.errors import KimeraError
 from kimera_core.gates import QUARANTINE_EXISTS_SQL, QUARANTINED_KEYS_SQL, GateReport, judge_gates
@@ -117,15 +117,18 @@ class RepairReport:
 
     def summary(self) -> str:
         verb = "would re-sync" if self.dry_run else "re-synced"
-        changing = [a for a in self.actions if a.action in ("store", "delete")]
+        changing = sum(a.action in ("store", "delete") for a in self.actions)
         text = (
-            f"{verb} {len(changing):,} of {len(self.actions):,} keys from "
+            f"{verb} {n_keys(changing)} from "
             f"{'identities' if self.authority == 'new' else 'the legacy tables'} "
             f"(stage {self.stage})"
         )
         skipped = sum(a.action == "quarantined" for a in self.actions)
         if skipped:
-            text += f"; {skipped:,} quarantined left alone"
+            text += f"; {n_keys(skipped)} quarantined, left alone"
+        absent = sum(a.action == "none" for a in self.actions)
+        if absent:
+            text += f"; {n_keys(absent)} in neither store"
         if self.refused:
             text += f"; {len(self.refused):,} refused"
         if self.verification is not None:

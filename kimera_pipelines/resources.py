@@ -48,7 +48,6 @@ IDENTITIES = dg.AssetKey("identities")
 LEGACY_TABLES = [dg.AssetKey("legacy_geoids"), dg.AssetKey("legacy_scars")]
 ROLLOUT_STAGE = dg.AssetKey("rollout_stage")
 DATABASE_BACKUP = dg.AssetKey("database_backup")
-REPAIR = dg.AssetKey("repair")
 ROLLOUT_BACKUP_SUFFIX = "-rollout"  # the rollout's backups, the ones retention prunes
 
 # The migration's hash buckets; each is a partition of identities. Fixed: buckets of one run

@@ -12,7 +12,7 @@ the same step that moves the stage:
   never runs them: Dagster runs the checks of the assets it materializes, and these are not
   checks of ``identities``;
 * ``consistency_check_job`` runs them alone (the checks-only subset of the rollout step),
-  and so do its schedules and the repair job after a repair.
+  and so do its schedules.
 
 Each check's metadata carries its ``Gate`` whole (``GATE``) beside readable entries: the
 evidence as a markdown table (``gates.gate_markdown``: each offending key with both stores'
@@ -42,7 +42,7 @@ from kimera_pipelines.defs.entropy import (
     ENTROPY_SANITY_DESCRIPTION,
     entropy_sanity_result,
 )
-from kimera_pipelines.metadata import GATE
+from kimera_pipelines.metadata import GATE, md_table
 from kimera_pipelines.resources import (
     IDENTITIES,
     IN_PROCESS,
@@ -53,9 +53,8 @@ from kimera_pipelines.resources import (
 
 GATES_OP = "rollout"  # the step that evaluates the gates (and moves the stage)
 CONSISTENCY_JOB = "consistency_check_job"
-REPAIR_JOB = "repair_job"
 # Jobs whose gate evaluations are the across-runs evidence an advance past verified needs.
-VERIFYING_JOBS: tuple[str, ...] = (CONSISTENCY_JOB, REPAIR_JOB)
+VERIFYING_JOBS: tuple[str, ...] = (CONSISTENCY_JOB,)
 REQUIRED_CHECKS: tuple[str, ...] = (*CONSISTENCY_GATES, ENTROPY_SANITY)
 REQUIRED_CHECK_KEYS = [dg.AssetCheckKey(ROLLOUT_STAGE, name) for name in REQUIRED_CHECKS]
 REQUIRED_CHECK_SELECTION = dg.AssetSelection.checks(*REQUIRED_CHECK_KEYS)
@@ -105,6 +104,20 @@ GATE_CHECK_SPECS: list[dg.AssetCheckSpec] = [
         additional_deps=[IDENTITIES],
     ),
 ]
+
+
+# What gates an advance, shown on the job pages (Info > Metadata) of the jobs that judge them.
+GATES_METADATA = {
+    "gates": md_table(
+        ["gate (a check of rollout_stage)", "passes when"],
+        [
+            *((name, GATE_DESCRIPTIONS[name]) for name in CONSISTENCY_GATES),
+            (ENTROPY_SANITY, ENTROPY_SANITY_DESCRIPTION.split(". When")[0] + "."),
+            ("past verified", "the latest consistency_check_job gates passed too"),
+            ("write-new, legacy-retired", "the stage before soaked (KIMERA_ROLLOUT_SOAK_SECONDS)"),
+        ],
+    )
+}
 
 
 def _repair_entry(gate: Gate) -> dg.MetadataValue:
@@ -184,6 +197,7 @@ consistency_check_job = dg.define_asset_job(
     ),
     executor_def=IN_PROCESS,
     tags={KIND_TAG: "consistency"},
+    metadata=GATES_METADATA,
 )
 
 

@@ -1,18 +1,19 @@
-"""The rollout step (gates, backup, stage, repair), the rollout jobs, and the read rollback sensor.
+"""The rollout step (gates, backup, stage), the rollout jobs, and the read rollback sensor.
 
-One step, ``rollout`` (a multi-asset over ``database_backup``, ``rollout_stage`` and
-``repair``, holding the gate checks of ``rollout_stage``), does everything that judges or
-moves the rollout. What it does follows from what the run selected:
+One step, ``rollout`` (a multi-asset over ``database_backup`` and ``rollout_stage``, holding
+the gate checks of ``rollout_stage``), does everything that judges or moves the rollout.
+What it does follows from what the run selected:
 
 * ``rollout_stage`` (advance_rollout_job, the asset page's Materialize, a schedule, a sensor,
-  ``make run``): evaluate the gates (``gates.judge_gates``, ``report.entropy_sanity``) and
-  report them; ask the core what the advance would move (``rollout.advance_to``, dry run);
+  ``make run``): evaluate the gates (``gates.judge_gates``, ``report.entropy_sanity``); ask
+  the core what the advance would move (``rollout.advance_to``, dry run);
   only if a stage moves, back the database up (``database_backup``; retention keeps the
   newest ``backups_kept``); then advance (``rollout.advance_to``). A refused advance is a
   materialization like any other: the stage unchanged, ``outcome`` refused and the gates
-  that held it. The step-back and read-rollback jobs (their ``kimera/rollout-action`` tag,
-  or config ``action``) move back without gates.
-* ``repair`` (repair_job): ``defs/repair.py``.
+  that held it. The gates' results are reported after the materialization, so the check
+  pages always show the verdict on the stage as it is. The step-back and read-rollback jobs
+  (their ``kimera/rollout-action`` tag, or config ``action``) move back without gates, then
+  judge them for the new stage.
 * only the gate checks (consistency_check_job and its schedules): judge and report the
   gates; the run fails when one fails.
 * only ``database_backup``: a backup on demand.
@@ -43,6 +44,7 @@ from kimera_core.report import entropy_sanity
 from kimera_core.rollout import CheckEvidence, Evidence
 from kimera_pipelines.defs.consistency import (
     GATE_CHECK_SPECS,
+    GATES_METADATA,
     GATES_OP,
     REQUIRED_CHECK_SELECTION,
     REQUIRED_CHECKS,
@@ -52,7 +54,6 @@ from kimera_pipelines.defs.consistency import (
     gate_results,
     run_evidence,
 )
-from kimera_pipelines.defs.repair import REPAIR_SPEC, RepairConfig, repair_step
 from kimera_pipelines.metadata import ADVANCE, md_table
 from kimera_pipelines.resources import (
     DATABASE_BACKUP,
@@ -61,7 +62,6 @@ from kimera_pipelines.resources import (
     KIND_TAG,
     OWNERS,
     POOL,
-    REPAIR,
     ROLLOUT_BACKUP_SUFFIX,
     ROLLOUT_STAGE,
     KimeraDatabase,
@@ -132,14 +132,14 @@ STAGE_SPEC = dg.AssetSpec(
         "read-new -> write-new -> legacy-retired), stored in the database with its history. "
         "Materializing it advances: its checks (the gates) are evaluated in the same step, "
         "then the stage moves as far as they allow; past verified the latest consistency-job "
-        "(or repair-job) gates must have passed too. A refused advance materializes the "
+        "gates must have passed too. A refused advance materializes the "
         "unchanged stage and says why. Stepping back is always allowed (step_back_rollout_job)."
     ),
     **ROLLOUT,
 )
 
 
-class RolloutConfig(ConsistencyConfig, RepairConfig):
+class RolloutConfig(ConsistencyConfig):
     """What the rollout step does: which action, up to where, who and why."""
 
     action: str = Field(
@@ -229,7 +229,6 @@ def _advance(
             run_id, REQUIRED_CHECKS, run_evidence(judged, sanity, run_id, now), tuple(scheduled)
         )
         plan = rollout.advance_to(con, target, evidence, config.actor, reason, dry_run=True)
-    yield from gate_results(judged, sanity, context.selected_asset_check_keys)
     backup: dict = {}
     if plan.moved_through:  # a backup only when a stage moves
         backup = _backup(context, database)
@@ -260,6 +259,8 @@ def _advance(
                 "backup": backup.get("path", dg.MetadataValue.text("none: nothing moved")),
             },
         )
+    # after the materialization: the check pages show the gates of the stage as it is now
+    yield from gate_results(judged, sanity, context.selected_asset_check_keys)
 
 
 def _move_back(
@@ -276,6 +277,10 @@ def _move_back(
             outcome = "reads already come from legacy" if back is None else f"moved to {back}"
         context.log.info(outcome)
         yield _stage_result(con, action, outcome, {})
+        checks = context.selected_asset_check_keys
+        if checks:  # judged after the move, which they never hold: what the new stage stands on
+            judged = judge_gates(con, incremental=config.incremental, sample=config.sample)
+            yield from gate_results(judged, entropy_sanity(con, config.sample), checks)
 
 
 def _gates_only(
@@ -299,13 +304,13 @@ def _gates_only(
 
 @dg.multi_asset(
     name=GATES_OP,
-    specs=[BACKUP_SPEC, STAGE_SPEC, REPAIR_SPEC],
+    specs=[BACKUP_SPEC, STAGE_SPEC],
     check_specs=GATE_CHECK_SPECS,
     can_subset=True,
     pool=POOL,
     description=(
-        "The rollout step: evaluate the gates, then advance, step back, roll reads back, "
-        "repair or back up, depending on what the run selected (docs/runbook.md)."
+        "The rollout step: evaluate the gates, then advance, step back, roll reads back or "
+        "back up, depending on what the run selected (docs/runbook.md)."
     ),
 )
 def rollout_step(
@@ -314,9 +319,7 @@ def rollout_step(
     selected = context.selected_asset_keys
     action = config.action or context.run.tags.get(ACTION_TAG, "advance")
     try:
-        if REPAIR in selected:
-            yield from repair_step(context, config, config, database, config.actor)
-        elif ROLLOUT_STAGE in selected:
+        if ROLLOUT_STAGE in selected:
             if action not in ACTIONS:
                 raise dg.Failure(f"unknown action {action!r}: one of {', '.join(ACTIONS)}")
             if action == "advance":
@@ -344,22 +347,27 @@ advance_rollout_job = dg.define_asset_job(
     ),
     executor_def=IN_PROCESS,
     tags={KIND_TAG: "rollout"},
+    metadata=GATES_METADATA,
 )
 
 step_back_rollout_job = dg.define_asset_job(
     name="step_back_rollout_job",
-    selection=dg.AssetSelection.assets(ROLLOUT_STAGE).without_checks(),
-    description="Move the rollout back one stage (always allowed; recorded with actor and reason).",
+    selection=dg.AssetSelection.assets(ROLLOUT_STAGE),
+    description=(
+        "Move the rollout back one stage (always allowed; recorded with actor and reason), "
+        "then evaluate the gates of the new stage (they never hold a step back)."
+    ),
     executor_def=IN_PROCESS,
     tags={KIND_TAG: "rollout", ACTION_TAG: "step_back"},
 )
 
 rollback_reads_job = dg.define_asset_job(
     name="rollback_reads_job",
-    selection=dg.AssetSelection.assets(ROLLOUT_STAGE).without_checks(),
+    selection=dg.AssetSelection.assets(ROLLOUT_STAGE),
     description=(
-        "Serve reads from the legacy store again (read-new -> verified). Launched by the "
-        "auto_rollback_reads sensor when a gate fails while reads come from identities."
+        "Serve reads from the legacy store again (read-new -> verified), then evaluate the "
+        "gates of the new stage. Launched by the auto_rollback_reads sensor when a gate fails "
+        "while reads come from identities."
     ),
     executor_def=IN_PROCESS,
     tags={KIND_TAG: "rollout", ACTION_TAG: "rollback_reads"},

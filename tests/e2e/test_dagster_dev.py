@@ -1,4 +1,5 @@
-"""A real `dagster dev` (webserver + daemon) serves the code location and runs the migration."""
+"""A real `dagster dev` (webserver + daemon) serves the code location, runs the migration and the
+gates (checks of rollout_stage)."""
 
 from __future__ import annotations
 
@@ -73,5 +74,5 @@ def test_migration_job_launched_through_graphql_succeeds_and_its_checks_pass(dag
     checks = launch_run(port, "consistency_check_job")
     assert wait_for_run(port, checks) == "SUCCESS"
     for name in ("count_parity", "key_coverage_legacy_to_new", "field_equality", "reconciliation"):
-        (latest,) = check_executions(port, name)
+        (latest,) = check_executions(port, name, asset="rollout_stage")
         assert latest["runId"] == checks and latest["evaluation"]["success"], name

@@ -62,6 +62,9 @@ def test_every_domain_contributes_and_names_are_kept():
     assert {k.name for k in graph.asset_check_keys if k.asset_key == IDENTITIES} == {
         "migration_reconciliation"
     }
+    assert {k.name for k in graph.asset_check_keys if k.asset_key.to_user_string() == "repair"} == {
+        "repaired_keys_agree"
+    }
 
 
 def test_every_asset_and_check_has_a_description_kinds_and_owners():
@@ -72,7 +75,7 @@ def test_every_asset_and_check_has_a_description_kinds_and_owners():
         assert node.owners == ["team:kimera-migration"], key
         assert "duckdb" in node.kinds, key
     checks = list(graph.asset_check_keys)
-    assert len(checks) == len(REQUIRED_CHECKS) + 1
+    assert len(checks) == len(REQUIRED_CHECKS) + 2  # + migration_reconciliation, repair's own
     for check_key in checks:
         assert graph.get_check_spec(check_key).description, check_key
 
@@ -102,10 +105,14 @@ def _checks(job_name: str) -> dict[str, set[str]]:
 def test_job_selections():
     """Each job runs exactly the checks its description promises."""
     assert _checks("migration_job") == {"identities": {"migration_reconciliation"}}
-    for job in ("consistency_check_job", "advance_rollout_job", "repair_job"):
+    for job in (
+        "consistency_check_job",
+        "advance_rollout_job",
+        "step_back_rollout_job",
+        "rollback_reads_job",
+    ):
         assert _checks(job) == {"rollout_stage": REQUIRED_CHECKS}, job
-    assert _checks("step_back_rollout_job") == {}
-    assert _checks("rollback_reads_job") == {}
+    assert _checks("repair_job") == {"repair": {"repaired_keys_agree"}}
 
 
 def test_a_migration_from_any_page_runs_no_gate():
