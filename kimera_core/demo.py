@@ -21,7 +21,7 @@ from typing import Any
 import duckdb
 
 from kimera_core.db import open_database, transaction
-from kimera_core.entropy import geoid_entropy_sql
+from kimera_core.entropy import geoid_entropy_sql, scar_entropy_sql
 from kimera_core.errors import KimeraError
 from kimera_core.legacy import create_legacy_schema, missing_tables, table_counts
 from kimera_core.sql import epoch_iso_fixes, epoch_iso_sql, install_epoch_iso_macros
@@ -257,10 +257,8 @@ SELECT s.id, 'scar',
                    'lang_axis', NULL, 'tags', NULL, 'weight', s.weight,
                    'related_ids', s.related_ids, 'meta', s.meta,
                    'created_at', __S_CREATED_ISO__, 'updated_at', __S_UPDATED_ISO__),
-       s.created_at, s.updated_at, NULL,
-       CASE WHEN json_array_length(s.related_ids) <= 1 THEN 0.0
-            ELSE log2(json_array_length(s.related_ids)) * s.weight END
-FROM legacy_scars s JOIN demo_scars d ON d.id = s.id
+       s.created_at, s.updated_at, NULL, se.entropy
+FROM legacy_scars s JOIN demo_scars d ON d.id = s.id JOIN (__SCAR_ENTROPY__) se ON se.key = s.id
 WHERE d.kind IS NULL AND __DUAL_J__ < $dual
 """
 
@@ -280,6 +278,7 @@ def identities_sql(iso_fixes: bool) -> str:
         "__S_UPDATED_ISO__": epoch_iso_sql("s.updated_at", fixes=iso_fixes),
         "__DUAL_I__": _r("d.i", "dual"),
         "__DUAL_J__": _r("d.j", "dual"),
+        "__SCAR_ENTROPY__": scar_entropy_sql("legacy_scars", "id"),
     }
     sql = _IDENTITIES_SQL
     for token, fragment in tokens.items():
