@@ -3,6 +3,7 @@
 import dagster as dg
 
 from kimera_core.db import connect
+from kimera_core.demo import generate_demo_data
 from kimera_core.migration import MigrationReport, PartitionCounts
 from kimera_core.rollout import set_stage
 from kimera_pipelines.defs.migration import identities, migration_nightly, migration_quarantine
@@ -12,7 +13,7 @@ from kimera_pipelines.metadata import (
     STEPS_DONE,
     STEPS_PLANNED,
 )
-from kimera_pipelines.resources import MIGRATION_BUCKETS
+from kimera_pipelines.resources import MIGRATION_BUCKETS, KimeraDatabase
 from pipelines.helpers import ALL_BUCKETS, check_results, run_job
 
 
@@ -98,6 +99,28 @@ def test_quarantine_asset_counts_by_reason(database):
     result = dg.materialize([migration_quarantine], resources={"database": database})
     meta = result.asset_materializations_for_node("migration_quarantine")[0].metadata
     assert sum(meta["by_reason"].data.values()) == meta["quarantined"].value
+
+
+def test_the_quarantine_summary_accounts_for_the_gates_quarantine_count(instance, tmp_path):
+    """A quarantined key identities already holds (P1's dual write wrote it before the
+    migration): the migration counts its row quarantined, the gates count it present; the
+    summary gives both numbers, so the two agree."""
+    path = tmp_path / "held.duckdb"
+    generate_demo_data(path, geoids=1500, scars=700)  # the demo has such a key
+    database = KimeraDatabase(database=str(path), lock_timeout_seconds=5)
+    migration = run_job("migration_job", instance, database, tags=ALL_BUCKETS)
+    assert migration.success
+    (meta,) = [
+        e.event_specific_data.materialization.metadata
+        for e in migration.get_asset_materialization_events()
+        if e.event_specific_data.materialization.asset_key == dg.AssetKey("migration_quarantine")
+    ]
+    checks = run_job("consistency_check_job", instance, database)
+    gate = {e.check_name: e for e in checks.get_asset_check_evaluations()}["reconciliation"]
+    quarantined = gate.metadata["counts"].data["quarantined"]
+    assert meta["quarantined_in_identities"].value >= 1
+    assert meta["quarantined_not_in_identities"].value == quarantined
+    assert meta["quarantined"].value - meta["quarantined_in_identities"].value == quarantined
 
 
 def test_migration_schedule_is_stopped_and_backfills_every_bucket():
