@@ -94,16 +94,22 @@ SELECT q.*, q.id IN (SELECT id FROM identities
 FROM kimera_verify_still q
 """
 # Keys whose every legacy row is in quarantine for a reason that explains it, absent from
-# identities.
+# identities: as many tables quarantine the key as hold it (the legacy tables are probed with
+# the few quarantined keys, not scanned whole).
 EXCLUDED_SQL = """
 CREATE OR REPLACE TEMP TABLE kimera_verify_excluded AS
-SELECT id FROM kimera_verify_quarantine
-WHERE NOT present AND NOT list_has_any(CAST(reasons AS TEXT[]), $pending)
-GROUP BY id
-HAVING count(DISTINCT src) = (id IN (SELECT gid FROM legacy_geoids WHERE gid IN (
-                                  SELECT id FROM kimera_verify_quarantine)))::INTEGER
-                             + (id IN (SELECT id FROM legacy_scars WHERE id IN (
-                                  SELECT id FROM kimera_verify_quarantine)))::INTEGER
+WITH q AS (
+    SELECT id, count(DISTINCT src) AS tables FROM kimera_verify_quarantine
+    WHERE NOT present AND NOT list_has_any(CAST(reasons AS TEXT[]), $pending)
+    GROUP BY id
+), held AS (
+    SELECT id, count(*) AS tables FROM (
+        SELECT DISTINCT gid AS id FROM legacy_geoids WHERE gid IN (SELECT id FROM q)
+        UNION ALL
+        SELECT DISTINCT id FROM legacy_scars WHERE id IN (SELECT id FROM q)
+    ) GROUP BY id
+)
+SELECT id FROM q JOIN held USING (id, tables)
 """
 TEMP_TABLES: tuple[str, ...] = (
     "kimera_verify_still",
