@@ -54,7 +54,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EPOCH_MIN = -62135596800.0
 EPOCH_END = 253402300800.0
 
-# The characters Python's str.strip() removes (str.isspace, Unicode 15): tab, LF, VT, FF, CR,
+# The characters Python's str.strip() removes (str.isspace): tab, LF, VT, FF, CR,
 # the information separators 0x1C-0x1F, space, NEL, NBSP, and the Unicode spaces and line
 # and paragraph separators. tests/core/test_identity.py checks it against str.isspace.
 PY_WHITESPACE = (

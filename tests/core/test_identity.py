@@ -13,10 +13,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kimera_core.identity import (
+    EPOCH_END,
+    EPOCH_MIN,
+    PY_WHITESPACE,
     ConversionError,
     Geoid,
     Identity,
     Scar,
+    epoch_in_range,
     epoch_to_iso,
     geoid_id,
     iso_to_epoch,
@@ -393,3 +397,20 @@ def test_iso_to_epoch_handles_zones_and_naive_text(text, expected):
 def test_iso_to_epoch_rejects_garbage(text):
     with pytest.raises(ValueError):
         iso_to_epoch(text)
+
+
+# --- the rules the SQL twins copy ----------------------------------------------------------
+def test_py_whitespace_is_what_str_strip_removes():
+    assert "".join(c for c in map(chr, range(0x110000)) if c.isspace()) == PY_WHITESPACE
+    assert (PY_WHITESPACE + "x" + PY_WHITESPACE).strip() == "x"
+
+
+def test_the_epoch_range_is_what_iso_text_can_carry():
+    for t in (EPOCH_MIN, math.nextafter(EPOCH_END, 0)):
+        assert epoch_in_range(t) and iso_to_epoch(epoch_to_iso(t)) == t
+    for t in (math.nextafter(EPOCH_MIN, -math.inf), EPOCH_END):
+        assert not epoch_in_range(t)
+        with pytest.raises(OverflowError):
+            epoch_to_iso(t)
+    assert not epoch_in_range(math.nan)
+    assert epoch_to_iso(EPOCH_MIN).startswith("0001-01-01T00:00:00")
