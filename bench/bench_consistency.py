@@ -33,16 +33,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from kimera_core.consistency import SOURCES, verify
-from kimera_core.db import open_database
-from kimera_core.identity import epoch_to_iso
-from kimera_core.legacy import create_legacy_schema
-from kimera_core.sql import (
-    epoch_iso_fixes,
-    epoch_iso_sql,
-    install_epoch_iso_macros,
-    vetted_identifier,
-)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.clean_migration import migrate_documents  # noqa: E402
+
+from kimera_core.consistency import SOURCES, verify  # noqa: E402
+from kimera_core.db import open_database  # noqa: E402
+from kimera_core.identity import epoch_to_iso  # noqa: E402
+from kimera_core.legacy import create_legacy_schema  # noqa: E402
+from kimera_core.sql import vetted_identifier  # noqa: E402
 
 LEGACY_SQL = """
 INSERT INTO legacy_geoids
@@ -52,16 +52,6 @@ SELECT substr(sha256(i::VARCHAR), 1, 16), 'The river remembers · ' || i,
        '{"terms": [{"symbol": "echo", "intensity": ' || (1 + i % 7) || '}], "source": "ingest"}',
        1790000000.0 + i / 1000.0, 1790000000.0 + i / 1000.0
 FROM range(?) t(i)
-"""
-# Every legacy geoid as its P1 document, the ISO timestamps by kimera_core.sql's formula.
-MIGRATE_SQL = """
-INSERT INTO identities
-SELECT gid, 'geoid',
-       json_object('id', gid, 'identity_type', 'geoid', 'raw', raw, 'echo', echo,
-                   'lang_axis', lang_axis, 'tags', tags, 'weight', weight, 'related_ids', NULL,
-                   'meta', meta, 'created_at', {created}, 'updated_at', {updated}),
-       created_at, updated_at, lang_axis, 0
-FROM legacy_geoids
 """
 NUMERIC = {"weight", "created_at", "updated_at"}
 
@@ -79,18 +69,6 @@ def floor_sql() -> str:
         )
         passes.append(f"SELECT count(*), sum({touch}) FROM {vetted_identifier(source.table)}")
     return " UNION ALL ".join(passes)
-
-
-def migrate(con) -> None:
-    install_epoch_iso_macros(con)
-    epochs = "SELECT created_at FROM legacy_geoids UNION ALL SELECT updated_at FROM legacy_geoids"
-    with epoch_iso_fixes(con, epochs) as fixes:
-        con.execute(
-            MIGRATE_SQL.format(
-                created=epoch_iso_sql("created_at", fixes=fixes),
-                updated=epoch_iso_sql("updated_at", fixes=fixes),
-            )
-        )
 
 
 def timed(fn):
@@ -127,7 +105,9 @@ def synthetic(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         con = open_database(Path(tmp) / "c.duckdb", create=True)
         create_legacy_schema(con)
-        build, _ = timed(lambda: (con.execute(LEGACY_SQL, [n]), migrate(con)))
+        build, _ = timed(
+            lambda: (con.execute(LEGACY_SQL, [n]), migrate_documents(con, scars=False))
+        )
         con.execute("CHECKPOINT")
         print(f"setup: {n:,} legacy geoids + {n:,} identities in {build:.1f} s")
 

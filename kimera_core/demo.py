@@ -24,7 +24,13 @@ from kimera_core.db import open_database, transaction
 from kimera_core.entropy import geoid_entropy_sql, scar_entropy_sql
 from kimera_core.errors import KimeraError
 from kimera_core.legacy import create_legacy_schema, missing_tables, table_counts
-from kimera_core.sql import epoch_iso_fixes, epoch_iso_sql, install_epoch_iso_macros
+from kimera_core.sql import (
+    epoch_iso_fixes,
+    epoch_iso_sql,
+    install_epoch_iso_macros,
+    p1_document_sql,
+    p1_scar_document_sql,
+)
 
 DEFAULT_END_TIME = 1793491200.0  # 2026-11-01T00:00:00Z: the newest timestamp in demo data
 SPAN_SECONDS = 90 * 24 * 3600
@@ -244,19 +250,13 @@ FROM pairs
 _IDENTITIES_SQL = """
 INSERT INTO identities (id, identity_type, data, created_at, updated_at, lang_axis, entropy_score)
 SELECT g.gid, 'geoid',
-       json_object('id', g.gid, 'identity_type', 'geoid', 'raw', g.raw, 'echo', g.echo,
-                   'lang_axis', g.lang_axis, 'tags', g.tags, 'weight', g.weight,
-                   'related_ids', '[]'::JSON, 'meta', g.meta,
-                   'created_at', __G_CREATED_ISO__, 'updated_at', __G_UPDATED_ISO__),
+       __G_DOC__,
        g.created_at, g.updated_at, g.lang_axis, e.entropy
 FROM legacy_geoids g JOIN demo_geoids d USING (gid) JOIN demo_entropy e ON e.key = g.gid
 WHERE d.kind IS NULL AND __DUAL_I__ < $dual
 UNION ALL
 SELECT s.id, 'scar',
-       json_object('id', s.id, 'identity_type', 'scar', 'raw', NULL, 'echo', NULL,
-                   'lang_axis', NULL, 'tags', NULL, 'weight', s.weight,
-                   'related_ids', s.related_ids, 'meta', s.meta,
-                   'created_at', __S_CREATED_ISO__, 'updated_at', __S_UPDATED_ISO__),
+       __S_DOC__,
        s.created_at, s.updated_at, NULL, se.entropy
 FROM legacy_scars s JOIN demo_scars d ON d.id = s.id JOIN (__SCAR_ENTROPY__) se ON se.key = s.id
 WHERE d.kind IS NULL AND __DUAL_J__ < $dual
@@ -272,10 +272,27 @@ UNION ALL SELECT created_at FROM legacy_scars UNION ALL SELECT updated_at FROM l
 def identities_sql(iso_fixes: bool) -> str:
     """The dual-written identities' INSERT; ``iso_fixes``: kimera_core.sql's fixes view exists."""
     tokens = {
-        "__G_CREATED_ISO__": epoch_iso_sql("g.created_at", fixes=iso_fixes),
-        "__G_UPDATED_ISO__": epoch_iso_sql("g.updated_at", fixes=iso_fixes),
-        "__S_CREATED_ISO__": epoch_iso_sql("s.created_at", fixes=iso_fixes),
-        "__S_UPDATED_ISO__": epoch_iso_sql("s.updated_at", fixes=iso_fixes),
+        "__G_DOC__": p1_document_sql(
+            id="g.gid",
+            identity_type="'geoid'",
+            raw="g.raw",
+            echo="g.echo",
+            lang_axis="g.lang_axis",
+            tags="g.tags",
+            weight="g.weight",
+            related_ids="'[]'::JSON",
+            meta="g.meta",
+            created_at=epoch_iso_sql("g.created_at", fixes=iso_fixes),
+            updated_at=epoch_iso_sql("g.updated_at", fixes=iso_fixes),
+        ),
+        "__S_DOC__": p1_scar_document_sql(
+            id="s.id",
+            weight="s.weight",
+            related_ids="s.related_ids",
+            meta="s.meta",
+            created_at=epoch_iso_sql("s.created_at", fixes=iso_fixes),
+            updated_at=epoch_iso_sql("s.updated_at", fixes=iso_fixes),
+        ),
         "__DUAL_I__": _r("d.i", "dual"),
         "__DUAL_J__": _r("d.j", "dual"),
         "__SCAR_ENTROPY__": scar_entropy_sql("legacy_scars", "id"),

@@ -1,7 +1,10 @@
-"""SQL helpers: vetted identifiers, and the one epoch -> ISO-8601 formula in SQL.
+"""SQL helpers: vetted identifiers, the P1 document's layout, and the one epoch -> ISO-8601
+formula in SQL.
 
 Values are always bound parameters; identifiers pass through ``vetted_identifier``;
 ``table_exists`` asks the catalog about this connection's own database only.
+``p1_document_sql`` is the only SQL spelling of the P1 document (``json_object`` in
+``identity.DOCUMENT_KEYS`` order).
 
 ``EPOCH_ISO_MACROS`` is the only SQL that turns epoch seconds into the P1 document's
 ISO-8601 text; ``identity.epoch_to_iso`` is the Python reference and both write the same
@@ -28,7 +31,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from kimera_core.identity import EPOCH_END, EPOCH_MIN, PY_WHITESPACE, epoch_to_iso
+from kimera_core.identity import DOCUMENT_KEYS, EPOCH_END, EPOCH_MIN, PY_WHITESPACE, epoch_to_iso
 
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -38,6 +41,42 @@ def vetted_identifier(name: str) -> str:
     if not isinstance(name, str) or not _IDENT_RE.match(name):
         raise ValueError(f"not a plain SQL identifier: {name!r}")
     return f'"{name}"'
+
+
+def p1_document_sql(**column_exprs: str) -> str:
+    """The P1 JSON document in SQL: ``json_object`` with its keys in ``DOCUMENT_KEYS`` order.
+
+    ``column_exprs`` maps every key of ``identity.DOCUMENT_KEYS`` to the caller's fixed SQL
+    expression for its value (never user input), e.g. ``id="g.gid"``, ``raw="NULL"``,
+    ``created_at=epoch_iso_sql("g.created_at")``. Every writer of P1 documents in SQL (the
+    migration, the batch write path, the demo data) builds its document here, so the key
+    order is stated once. Raises ``ValueError`` when a key is missing or unknown.
+    """
+    missing = [k for k in DOCUMENT_KEYS if k not in column_exprs]
+    unknown = sorted(set(column_exprs) - set(DOCUMENT_KEYS))
+    if missing or unknown:
+        raise ValueError(f"P1 document keys: missing {missing}, unknown {unknown}")
+    pairs = ", ".join(f"'{k}', {column_exprs[k]}" for k in DOCUMENT_KEYS)
+    return f"json_object({pairs})"
+
+
+def p1_scar_document_sql(
+    *, id: str, weight: str, related_ids: str, meta: str, created_at: str, updated_at: str
+) -> str:
+    """A scar's P1 document (``p1_document_sql``): raw, echo, lang_axis and tags are null."""
+    return p1_document_sql(
+        id=id,
+        identity_type="'scar'",
+        raw="NULL",
+        echo="NULL",
+        lang_axis="NULL",
+        tags="NULL",
+        weight=weight,
+        related_ids=related_ids,
+        meta=meta,
+        created_at=created_at,
+        updated_at=updated_at,
+    )
 
 
 # Catalog views list attached databases too: only this connection's own main schema counts.

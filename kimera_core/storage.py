@@ -85,6 +85,7 @@ from kimera_core.sql import (
     epoch_iso_sql,
     install_epoch_iso_macros,
     install_value_macros,
+    p1_document_sql,
 )
 
 # The fault-injection points of a write, in the order a write passes them.
@@ -209,6 +210,19 @@ def _batch_identity_insert(fixes: bool) -> str:
     updated = epoch_iso_sql("p.updated_at", fixes=fixes)
     # a new identity's two timestamps are equal: the text is formatted once (the optimizer
     # computes the repeated expression once)
+    document = p1_document_sql(
+        id="p.id",
+        identity_type="p.identity_type",
+        raw="p.raw",
+        echo="p.echo",
+        lang_axis="p.lang_axis",
+        tags="p.tags::JSON",
+        weight="p.weight",
+        related_ids="p.related_ids::JSON",
+        meta="p.meta::JSON",
+        created_at=created,
+        updated_at=f"CASE WHEN p.updated_at = p.created_at THEN {created} ELSE {updated} END",
+    )
     return f"""
 INSERT INTO identities ({IDENTITY_ROW_COLUMNS})
 WITH {_BATCH_SRC},
@@ -218,12 +232,7 @@ kimera_batch_scars AS (
 ),
 kimera_batch_entropy AS ({entropy})
 SELECT p.id, p.identity_type,
-       json_object('id', p.id, 'identity_type', p.identity_type, 'raw', p.raw, 'echo', p.echo,
-                   'lang_axis', p.lang_axis, 'tags', p.tags::JSON, 'weight', p.weight,
-                   'related_ids', p.related_ids::JSON, 'meta', p.meta::JSON,
-                   'created_at', {created},
-                   'updated_at', CASE WHEN p.updated_at = p.created_at THEN {created}
-                                      ELSE {updated} END),
+       {document},
        p.created_at, p.updated_at, p.lang_axis, e.entropy
 FROM kimera_src p LEFT JOIN kimera_batch_entropy e ON e.key = p.id
 """

@@ -16,6 +16,8 @@ files, the duplicate count, the ISO text expressions); values are always bound p
 
 from __future__ import annotations
 
+from kimera_core.sql import p1_document_sql, p1_scar_document_sql
+
 # Documents equal as minified JSON; for a geoid, related_ids null and [] count as the same
 # (json_merge_patch moves the key, so both sides are patched alike).
 SAME_DOC_MACRO = """
@@ -55,6 +57,29 @@ SELECT c.*, e.entropy,
        END AS action
 FROM checked_out c LEFT JOIN e ON e.key = c.src_rowid
 """
+
+# The P1 documents a partition's rows become (__NAME__ tokens as below).
+_GEOID_DOC = p1_document_sql(
+    id="gid",
+    identity_type="'geoid'",
+    raw="raw",
+    echo="echo",
+    lang_axis="lang_axis",
+    tags="tags_j",
+    weight="weight",
+    related_ids="'[]'::JSON",
+    meta="meta_j",
+    created_at="__CREATED_ISO__",
+    updated_at="__UPDATED_ISO__",
+)
+_SCAR_DOC = p1_scar_document_sql(
+    id="p.id",
+    weight="weight",
+    related_ids="rel_j",
+    meta="meta_j",
+    created_at="__CREATED_ISO__",
+    updated_at="__UPDATED_ISO__",
+)
 
 # One statement per partition: parse once, validate, build the P1 document, compute entropy
 # with the bulk form's stages, and decide each row's action. __NAME__ tokens are replaced
@@ -122,10 +147,9 @@ WITH src AS (
             CASE WHEN updated_at < created_at THEN 'updated_before_created' END,
             CASE WHEN lang_axis IS NULL THEN 'null_lang_axis' END
         ], x -> x IS NOT NULL) AS warnings,
-        json_object('id', gid, 'identity_type', 'geoid', 'raw', raw, 'echo', echo,
-                    'lang_axis', lang_axis, 'tags', tags_j, 'weight', weight,
-                    'related_ids', '[]'::JSON, 'meta', meta_j,
-                    'created_at', __CREATED_ISO__, 'updated_at', __UPDATED_ISO__) AS doc
+        """
+    + _GEOID_DOC
+    + """ AS doc
     FROM terms t
 ), checked_out AS (
     SELECT key, 'geoid' AS identity_type, 'legacy_geoids' AS source_table, src_rowid, reasons,
@@ -212,10 +236,9 @@ WITH src AS (
             CASE WHEN p.created_at IS NULL AND p.updated_at IS NOT NULL THEN 'null_created_at' END,
             CASE WHEN p.updated_at < p.created_at THEN 'updated_before_created' END
         ], x -> x IS NOT NULL) AS warnings,
-        json_object('id', p.id, 'identity_type', 'scar', 'raw', NULL, 'echo', NULL,
-                    'lang_axis', NULL, 'tags', NULL, 'weight', weight,
-                    'related_ids', rel_j, 'meta', meta_j,
-                    'created_at', __CREATED_ISO__, 'updated_at', __UPDATED_ISO__) AS doc
+        """
+    + _SCAR_DOC
+    + """ AS doc
     FROM parsed p LEFT JOIN member_state ms ON ms.id = p.id
 ), checked_out AS (
     SELECT key, 'scar' AS identity_type, 'legacy_scars' AS source_table, src_rowid, reasons,

@@ -7,51 +7,20 @@ import shutil
 
 import duckdb
 import pytest
+from support.clean_migration import migrate_documents
 
 from kimera_core.compare import Tolerance
 from kimera_core.consistency import rows, verify
 from kimera_core.db import open_database
 from kimera_core.identity import Identity
 from kimera_core.legacy import LEGACY_IDENTITIES_ENTROPY_SQL, create_legacy_schema
-from kimera_core.sql import epoch_iso_fixes, epoch_iso_sql, install_epoch_iso_macros
 from kimera_core.storage import Storage
-
-# A clean migration, set-based: every legacy row as a P1 document in identities, its ISO
-# timestamps written by kimera_core.sql's formula (the one every writer of P1 documents uses).
-MIGRATE_SQL = """
-INSERT INTO identities
-SELECT gid, 'geoid',
-       json_object('id', gid, 'identity_type', 'geoid', 'raw', raw, 'echo', echo,
-                   'lang_axis', lang_axis, 'tags', tags, 'weight', weight, 'related_ids', NULL,
-                   'meta', meta, 'created_at', {created}, 'updated_at', {updated}),
-       created_at, updated_at, lang_axis, 0
-FROM legacy_geoids
-UNION ALL
-SELECT id, 'scar',
-       json_object('id', id, 'identity_type', 'scar', 'raw', NULL, 'echo', NULL,
-                   'lang_axis', NULL, 'tags', NULL, 'weight', weight,
-                   'related_ids', related_ids, 'meta', meta,
-                   'created_at', {created}, 'updated_at', {updated}),
-       created_at, updated_at, NULL, 0
-FROM legacy_scars
-"""
-EPOCHS_SQL = (
-    "SELECT created_at FROM legacy_geoids UNION ALL SELECT updated_at FROM legacy_geoids "
-    "UNION ALL SELECT created_at FROM legacy_scars UNION ALL SELECT updated_at FROM legacy_scars"
-)
 
 
 def migrate_clean(con):
     """Copy every legacy row into identities as its P1 document, its entropy_score by the
     bulk form (the columns agree with the document)."""
-    install_epoch_iso_macros(con)
-    with epoch_iso_fixes(con, EPOCHS_SQL) as fixes:
-        con.execute(
-            MIGRATE_SQL.format(
-                created=epoch_iso_sql("created_at", fixes=fixes),
-                updated=epoch_iso_sql("updated_at", fixes=fixes),
-            )
-        )
+    migrate_documents(con)
     con.execute(
         "UPDATE identities SET entropy_score = l.entropy "
         f"FROM ({LEGACY_IDENTITIES_ENTROPY_SQL}) l WHERE l.id = identities.id"
