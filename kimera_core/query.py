@@ -229,8 +229,11 @@ NEW_ENTROPY_TAG_KEYS_SQL = (
     "  FROM identities"
     ") WHERE " + _ENTROPY_FILTER
 )
-# The legacy tables as identities with their entropy (kimera_core.legacy), column 12 entropy.
-LEGACY_ENTROPY_SQL = (
+# The legacy tables as identities with their entropy (kimera_core.legacy), column 12 entropy:
+# the API's filtered page (named parameters of _ENTROPY_FILTER). Not
+# storage.LEGACY_ENTROPY_RANGE_SQL, Storage.find_by_entropy's plain range read without the
+# entropy column; both read the one legacy source, legacy.LEGACY_IDENTITIES_ENTROPY_SQL.
+LEGACY_ENTROPY_PAGE_SQL = (
     f"SELECT {LEGACY_IDENTITY_FIELDS}, entropy FROM ({LEGACY_IDENTITIES_ENTROPY_SQL}) "
     "WHERE " + _ENTROPY_FILTER
 )
@@ -478,7 +481,7 @@ def find_identities_by_entropy(
         found = _identities_by_ids(con, [k[0] for k in keys], source)
         hits = [Hit(found[k][0], e) for k, e in keys if k in found]
     else:
-        rows = con.execute(LEGACY_ENTROPY_SQL, params).fetchall()
+        rows = con.execute(LEGACY_ENTROPY_PAGE_SQL, params).fetchall()
         hits = [Hit(identity_from_legacy_row(r), r[11]) for r in rows]
     next_cursor = None
     if len(hits) > limit:

@@ -869,7 +869,7 @@ class Storage:
             metrics.ANY_TYPE,
             lambda: self._read(
                 "find_by_entropy",
-                lambda: self._legacy_query(LEGACY_ENTROPY_SQL, params),
+                lambda: self._legacy_query(LEGACY_ENTROPY_RANGE_SQL, params),
                 lambda: self._new_query(NEW_ENTROPY_SQL, params),
             ),
         )
@@ -914,7 +914,10 @@ NEW_LIST_SQL = (
     "SELECT data FROM identities WHERE (? IS NULL OR identity_type = ?) "
     "AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?"
 )
-LEGACY_ENTROPY_SQL = (
+# Storage.find_by_entropy's plain range read (positional low, high, limit; no entropy column).
+# Not query.LEGACY_ENTROPY_PAGE_SQL: the API's page filters by type, lang, tag and a cursor and
+# returns the entropy; both read the one legacy source, legacy.LEGACY_IDENTITIES_ENTROPY_SQL.
+LEGACY_ENTROPY_RANGE_SQL = (
     _LEGACY_SELECT.format(rows=LEGACY_IDENTITIES_ENTROPY_SQL)
     + " WHERE entropy BETWEEN ? AND ? ORDER BY entropy DESC, id LIMIT ?"
 )
