@@ -97,13 +97,10 @@ def migrate(
     started = time.perf_counter()
     _prepare_connection(con)
     if dry_run:
-        # Not db.transaction: a dry run is never committed, it always ends in ROLLBACK.
-        con.execute("BEGIN TRANSACTION")
-        try:
+        # commit=False: a dry run is never committed, it always ends in ROLLBACK.
+        with transaction(con, commit=False):
             ensure_schema(con)
             return _dry_run(con, partitions or auto_partitions(con), started, on_partition)
-        finally:
-            con.execute("ROLLBACK")
 
     ensure_schema(con)
     resumed = False
