@@ -136,7 +136,7 @@ def create_legacy_schema(con: duckdb.DuckDBPyConnection, *, indexes: bool = True
     """Create the P1 tables, sequence and indexes that are missing (idempotent, adds nothing else).
 
     ``indexes=False`` creates the tables only: a migration that dropped the secondary indexes
-    for its load restores them itself at its end (migration.py).
+    for its load restores them itself at its end (``kimera_core.migration.indexes``).
     """
     for statement in LEGACY_DDL:
         con.execute(statement)
