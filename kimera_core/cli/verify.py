@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, emit_json
-from kimera_core.consistency import DEFAULT_SAMPLE, VerificationReport
+from kimera_core.consistency import DEFAULT_SAMPLE, VerificationReport, count_of
 from kimera_core.consistency.report import EXCEPTIONS, FAILURES, Finding, exception_lines
 from kimera_core.db import connect
 from kimera_core.errors import KimeraError
@@ -143,13 +143,18 @@ def _print_counts(report: VerificationReport) -> None:
         console.print(f"  keys changed since the last verification: {report.keys_checked:,}")
     cache = report.checksums.get("digest_cache")
     if cache:
+        digested = count_of(cache["rows_digested"], "row digested", "rows digested")
         console.print(
-            f"  digest cache: {cache['reused']:,} of {cache['segments']:,} segments reused, "
-            f"{cache['rows_digested']:,} rows digested"
-            + (f", {cache['rejected']:,} entries rejected" if cache["rejected"] else "")
+            f"  digest cache: {cache['reused']:,} of "
+            f"{count_of(cache['segments'], 'segment', 'segments')} reused, {digested}"
+            + (
+                f", {count_of(cache['rejected'], 'entry', 'entries')} rejected"
+                if cache["rejected"]
+                else ""
+            )
             + (f", {cache['written']:,} written" if cache["written"] else "")
             if cache["enabled"]
-            else f"  digest cache off: {cache['rows_digested']:,} rows digested"
+            else f"  digest cache off: {digested}"
         )
 
 

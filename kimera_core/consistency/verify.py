@@ -36,6 +36,7 @@ from kimera_core.consistency.report import (
     Finding,
     VerificationReport,
     last_verification,
+    n_rows,
     record_verification,
     verdict_reasons,
 )
@@ -237,7 +238,7 @@ def _duplicates(
     report.duplicate_keys = Finding(
         total,
         [{"store": s, "id": i, "rows": n} for s, i, n in found],
-        [KeyEvidence(i, [], f"{n} rows in the {s} store") for s, i, n in found],
+        [KeyEvidence(i, [], f"{n_rows(n)} in the {s} store") for s, i, n in found],
         next_step("duplicate_keys", report.authoritative),
     )
 
