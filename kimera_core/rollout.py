@@ -155,7 +155,6 @@ def stage_history(con: duckdb.DuckDBPyConnection) -> list[dict[str, object]]:
 
 
 # --- gating: advance only on evidence, step back always -------------------------------------
-READS_NEW_FROM = STAGES.index("read-new")
 SCHEDULED_CHECKS_FROM = STAGES.index("verified") + 1  # past verified
 SOAK_STAGES: frozenset[str] = frozenset({"write-new", "legacy-retired"})
 SOAK_ENV = "KIMERA_ROLLOUT_SOAK_SECONDS"
