@@ -122,7 +122,12 @@ def geoid_entropy_json(meta_json: str | None, tags_json: str | None) -> float:
 
 
 def scar_entropy_json(related_ids_json: str | None, weight: float | None) -> float | None:
-    """scar_entropy over the JSON text of legacy_scars.related_ids."""
+    """scar_entropy over the JSON text of legacy_scars.related_ids; None as scar_entropy.
+
+    P1's public API: the existing system's scar formula (docs/entropy.md) over the legacy
+    column's text, the twin of ``geoid_entropy_json``. P1's own code computes entropy in bulk
+    (``scar_entropy_sql``); the tests check that SQL against this reference.
+    """
     return scar_entropy(_parse_json(related_ids_json), weight)
 
 
@@ -140,7 +145,12 @@ def effective_tau(entropy: float | None, tau_0: float = TAU_0_SECONDS, k: float 
 
 
 def decay_factor(age_seconds: float, tau_eff: float) -> float:
-    """exp(-age / tau_eff); 0 when tau_eff <= 0. A negative age (clock skew) counts as 0."""
+    """exp(-age / tau_eff), ages and tau in seconds; 0 when tau_eff <= 0.
+
+    A negative age (clock skew) counts as 0; a NaN age or tau raises ValueError. P1's public
+    API: the existing system's decay formula (docs/entropy.md), kept for callers that decay
+    an item; P1's own code does not call it (its tests check the formula).
+    """
     if math.isnan(age_seconds) or math.isnan(tau_eff):
         raise ValueError("age and tau must not be NaN")
     if tau_eff <= 0:
