@@ -37,7 +37,8 @@ GROUP BY ALL ORDER BY day, identity_type
 """
 
 # The upper bound of H: log2 of the number of distribution members (terms with a positive
-# intensity, else tags) for a geoid; log2(len(related_ids)) * |weight| for a scar.
+# intensity, else tags) for a geoid; log2(len(related_ids)) * |weight| for a scar, a missing
+# weight counting 1.0 as in the existing Python (docs/entropy.md).
 SANITY_SQL = """
 WITH s AS (
     SELECT id, identity_type, entropy_score AS h,
@@ -46,7 +47,7 @@ WITH s AS (
                     log2(greatest(coalesce(TRY(json_array_length(data, '$.meta.terms')), 0),
                                   coalesce(TRY(json_array_length(data, '$.tags')), 0), 1))
                 ELSE log2(greatest(coalesce(TRY(json_array_length(data, '$.related_ids')), 0), 1))
-                     * abs(coalesce(TRY_CAST(json_extract(data, '$.weight') AS DOUBLE), 0))
+                     * abs(coalesce(TRY_CAST(json_extract(data, '$.weight') AS DOUBLE), 1.0))
            END AS bound
     FROM identities
 ), judged AS (
@@ -152,9 +153,9 @@ def markdown_report(stats: EntropyStatistics, image_name: str | None = None) -> 
     labels = [f"{b:g}" for b in ENTROPY_BUCKETS_BITS] + ["+Inf"]
     lines += [
         "",
-        "## Histogram (rows with H <= bound, in bits)",
+        "## Histogram (rows per entropy bucket: above the previous edge, up to this one, in bits)",
         "",
-        "| H <= | " + " | ".join(d.identity_type for d in stats.distributions) + " |",
+        "| up to (bits) | " + " | ".join(d.identity_type for d in stats.distributions) + " |",
         "|---|" + "---:|" * len(stats.distributions),
     ]
     for label in labels:

@@ -136,8 +136,8 @@ def summary(db_path: Path, as_json: bool) -> None:
         )
     console.print(dist)
     if result.distributions:
-        hist = Table(title="Entropy histogram (rows with H <= bucket, bits)")
-        hist.add_column("<= bits", justify="right")
+        hist = Table(title="Entropy histogram (rows per bucket, by its upper edge in bits)")
+        hist.add_column("up to (bits)", justify="right")
         for d in result.distributions:
             hist.add_column(d.identity_type, justify="right")
         for label in result.distributions[0].histogram:
