@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import duckdb
@@ -263,22 +262,6 @@ def scar_to_row(scar: Scar) -> tuple[Any, ...]:
     )
 
 
-def insert_geoids(con: duckdb.DuckDBPyConnection, geoids: list[Geoid]) -> None:
-    con.executemany(
-        "INSERT INTO legacy_geoids (gid, raw, echo, lang_axis, tags, weight, meta, created_at, "
-        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [geoid_to_row(g) for g in geoids],
-    )
-
-
-def insert_scars(con: duckdb.DuckDBPyConnection, scars: list[Scar]) -> None:
-    con.executemany(
-        "INSERT INTO legacy_scars (id, weight, related_ids, meta, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        [scar_to_row(s) for s in scars],
-    )
-
-
 # --- the legacy tables as identities (the read path before read-new) ---------------------
 # Both tables in one shape: (identity_type, id, raw, echo, lang_axis, tags, weight,
 # related_ids, meta, created_at, updated_at), what identity_from_legacy_row reads.
@@ -328,18 +311,6 @@ def fetch_legacy_identity(con: duckdb.DuckDBPyConnection, identity_id: str) -> I
     return None if row is None else scar_from_row(row).to_identity()
 
 
-def iter_geoids(con: duckdb.DuckDBPyConnection, batch_size: int = 10_000) -> Iterator[Geoid]:
-    cur = con.execute(f"SELECT {GEOID_COLUMNS} FROM legacy_geoids ORDER BY gid")
-    while rows := cur.fetchmany(batch_size):
-        yield from map(geoid_from_row, rows)
-
-
-def iter_scars(con: duckdb.DuckDBPyConnection, batch_size: int = 10_000) -> Iterator[Scar]:
-    cur = con.execute(f"SELECT {SCAR_COLUMNS} FROM legacy_scars ORDER BY id")
-    while rows := cur.fetchmany(batch_size):
-        yield from map(scar_from_row, rows)
-
-
 # The columns of an identities row, in the order identities_row gives their values.
 IDENTITY_ROW_COLUMNS = "id, identity_type, data, created_at, updated_at, lang_axis, entropy_score"
 
@@ -358,16 +329,6 @@ def identities_row(identity: Identity, entropy: float | None) -> list[Any]:
         identity.lang_axis,
         entropy,
     ]
-
-
-def store_identity_p1(
-    con: duckdb.DuckDBPyConnection, identity: Identity, entropy: float | None
-) -> None:
-    """Write an identity the way P1 does: the JSON document plus its indexed columns."""
-    con.execute(
-        f"INSERT OR REPLACE INTO identities ({IDENTITY_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        identities_row(identity, entropy),
-    )
 
 
 def read_identity_p1(con: duckdb.DuckDBPyConnection, identity_id: str) -> Identity | None:

@@ -17,6 +17,13 @@ import duckdb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.legacy_rows import (
+    insert_geoids,
+    insert_scars,
+    iter_geoids,
+    iter_scars,
+    store_identity_p1,
+)
 
 from kimera_core.db import connect, open_database, read_header
 from kimera_core.errors import DatabaseOpenError, KimeraError
@@ -29,15 +36,10 @@ from kimera_core.legacy import (
     fetch_legacy_identity,
     geoid_to_row,
     identity_from_legacy_row,
-    insert_geoids,
-    insert_scars,
-    iter_geoids,
-    iter_scars,
     missing_tables,
     read_identity_p1,
     scar_to_row,
     secondary_indexes,
-    store_identity_p1,
     table_counts,
 )
 

@@ -6,10 +6,11 @@ import math
 
 import duckdb
 import pytest
+from support.legacy_rows import insert_geoids
 
 from kimera_core import textsearch
 from kimera_core.identity import Geoid
-from kimera_core.legacy import create_legacy_schema, insert_geoids
+from kimera_core.legacy import create_legacy_schema
 
 
 def test_latin_accents_and_case_fold_to_the_same_term():

@@ -12,12 +12,12 @@ import random
 import shutil
 
 import pytest
+from support.legacy_rows import insert_geoids, insert_scars
 
 from kimera_core.checksum import table_checksum
 from kimera_core.db import connect
 from kimera_core.demo import generate_demo_data
 from kimera_core.identity import Geoid, Scar
-from kimera_core.legacy import insert_geoids, insert_scars
 from kimera_core.migration import IDENTITY_COLUMNS, waiting_scars
 from kimera_core.rollout import get_stage
 from kimera_core.storage import Storage

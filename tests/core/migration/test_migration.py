@@ -15,6 +15,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from support.legacy_rows import insert_geoids, store_identity_p1
 
 from kimera_core.checksum import table_checksum
 from kimera_core.db import connect
@@ -25,10 +26,8 @@ from kimera_core.identity import Geoid, Identity, geoid_id
 from kimera_core.legacy import (
     create_legacy_schema,
     geoid_from_row,
-    insert_geoids,
     read_identity_p1,
     secondary_indexes,
-    store_identity_p1,
 )
 from kimera_core.migration import (
     IDENTITY_COLUMNS,

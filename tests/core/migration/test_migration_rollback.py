@@ -14,11 +14,12 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from support.legacy_rows import insert_geoids
 
 from kimera_core.checksum import table_checksum
 from kimera_core.db import connect
 from kimera_core.identity import Geoid
-from kimera_core.legacy import create_legacy_schema, insert_geoids
+from kimera_core.legacy import create_legacy_schema
 from kimera_core.migration import IDENTITY_COLUMNS, RollbackRefused, migrate, rollback
 from kimera_core.rollout import STAGES, get_stage, routing, set_stage
 

@@ -22,10 +22,11 @@ from legacy_reference import (
     structure_reasons,
     value_reasons,
 )
+from support.legacy_rows import insert_geoids
 
 from kimera_core.db import connect
 from kimera_core.identity import Geoid, Identity, geoid_id
-from kimera_core.legacy import create_legacy_schema, insert_geoids, read_identity_p1
+from kimera_core.legacy import create_legacy_schema, read_identity_p1
 from kimera_core.migration import migrate
 from kimera_core.storage import Storage, StorageError
 
