@@ -28,6 +28,7 @@ MIGRATION_PARTITION = "migration_partition"
 STEPS_DONE = "steps_done"  # beside MIGRATION_PARTITION: n of the run's planned steps
 STEPS_PLANNED = "steps_planned"  # a step: one table (geoids, scars) of one partition
 GATE = "gate"
+GATE_REPORT = "gate_report"  # the whole GateReport (every gate and the verification) once a step
 ENTROPY_STATISTICS = "entropy_statistics"
 ADVANCE = "advance"
 REPAIR_REPORT = "repair_report"

@@ -42,7 +42,7 @@ from kimera_pipelines.defs.entropy import (
     ENTROPY_SANITY_DESCRIPTION,
     entropy_sanity_result,
 )
-from kimera_pipelines.metadata import GATE, md_table
+from kimera_pipelines.metadata import GATE, GATE_REPORT, md_table
 from kimera_pipelines.resources import (
     IDENTITIES,
     IN_PROCESS,
@@ -161,8 +161,13 @@ def gate_result(gate: Gate, judged: GateReport) -> dg.AssetCheckResult:
 
 def gate_results(
     judged: GateReport, sanity: EntropySanity, selected: Set[dg.AssetCheckKey]
-) -> Iterable[dg.AssetCheckResult]:
-    """The selected gates' check results (a step may only report the checks it was given)."""
+) -> Iterable[dg.AssetCheckResult | dg.AssetObservation]:
+    """The whole ``GateReport`` once (an observation of rollout_stage, the verifier's report
+    included), then the selected gates' check results (a step reports only the checks it was
+    given)."""
+    yield dg.AssetObservation(
+        asset_key=ROLLOUT_STAGE, metadata={GATE_REPORT: dg.MetadataValue.json(judged.to_dict())}
+    )
     for gate in judged.gates:
         if dg.AssetCheckKey(ROLLOUT_STAGE, gate.name) in selected:
             yield gate_result(gate, judged)

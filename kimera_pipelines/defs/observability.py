@@ -27,7 +27,6 @@ stale (docs/observability.md).
 import json
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +39,6 @@ from kimera_core.metrics import pushed
 from kimera_core.metrics.pushed import JobRuns, MigrationProgress, Snapshot
 from kimera_core.migration import MigrationReport
 from kimera_core.report import EntropyStatistics
-from kimera_core.stats import Distribution
 from kimera_pipelines.defs.rollout import AUTO_ROLLBACK_TAG, ROLLOUT_STAGE
 from kimera_pipelines.metadata import (
     ENTROPY_STATISTICS,
@@ -112,15 +110,6 @@ def record_run_failure(context: dg.RunFailureSensorContext):
 
 
 # --- reading the typed reports back --------------------------------------------------------
-def entropy_statistics_from_dict(data: Mapping[str, Any]) -> EntropyStatistics:
-    """The inverse of ``EntropyStatistics.to_dict`` (until kimera_core.report has one)."""
-    return EntropyStatistics(
-        distributions=[Distribution(**d) for d in data["distributions"]],
-        daily=list(data.get("daily", [])),
-        computed_at=float(data["computed_at"]),
-    )
-
-
 @dataclass
 class RunReports:
     """The typed reports one run published (the latest of each kind) and when (Unix s)."""
@@ -186,7 +175,7 @@ def run_reports(instance: DagsterInstance, run_id: str, *, running: bool = False
             report = MigrationReport.from_dict(metadata[MIGRATION_REPORT].data)
             report_at = entry.timestamp
         if ENTROPY_STATISTICS in metadata:
-            found.entropy = entropy_statistics_from_dict(metadata[ENTROPY_STATISTICS].data)
+            found.entropy = EntropyStatistics.from_dict(metadata[ENTROPY_STATISTICS].data)
         if materialization.asset_key == ROLLOUT_STAGE and "stage" in metadata:
             found.stage, found.stage_at = str(metadata["stage"].value), entry.timestamp
     if report is not None:  # finished: every step of the run is done

@@ -2,9 +2,9 @@
 
 import dagster as dg
 
-from kimera_core.gates import CONSISTENCY_GATES, Gate
+from kimera_core.gates import CONSISTENCY_GATES, Gate, GateReport
 from kimera_pipelines.defs.consistency import consistency_daily_full, consistency_hourly
-from kimera_pipelines.metadata import GATE
+from kimera_pipelines.metadata import GATE, GATE_REPORT
 from pipelines.helpers import (
     ALL_BUCKETS,
     REQUIRED_CHECKS,
@@ -38,6 +38,18 @@ def test_each_gate_is_published_whole_beside_its_readable_entries(instance, data
         assert gate.counts == results[name].metadata["counts"].data
     field = Gate.from_dict(results["field_equality"].metadata[GATE].data)
     assert not field.passed and field.offending == 3
+    # the whole GateReport, the verifier's report inside it, once per step
+    observed = [
+        e.asset_observation_data.asset_observation.metadata[GATE_REPORT].data
+        for e in checks.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
+        and GATE_REPORT in e.asset_observation_data.asset_observation.metadata
+    ]
+    assert len(observed) == 1
+    report = GateReport.from_dict(observed[0])
+    assert report.gate("field_equality") == field
+    assert report.verification.field_mismatches.total == 3
+    assert report.verification.verdict == "inconsistent"
     assert results["field_equality"].metadata["offending"].value == 3
     assert sorted(s["id"] for s in field.sample) == sorted(planted)
     assert results["field_equality"].metadata["verifier_verdict"].value == "inconsistent"

@@ -1,6 +1,6 @@
 """Entropy statistics (published whole), the written report, and the sanity check."""
 
-from kimera_pipelines.defs.observability import entropy_statistics_from_dict
+from kimera_core.report import EntropyStatistics
 from kimera_pipelines.metadata import ENTROPY_STATISTICS
 from pipelines.helpers import ALL_BUCKETS, check_results, run_job
 
@@ -21,7 +21,7 @@ def test_entropy_statistics_are_published_whole(instance, database):
     assert run_job("migration_job", instance, database, tags=ALL_BUCKETS).success
     result = run_job("entropy_report_job", instance, database)
     meta = result.asset_materializations_for_node("entropy_distribution")[0].metadata
-    stats = entropy_statistics_from_dict(meta[ENTROPY_STATISTICS].data)
+    stats = EntropyStatistics.from_dict(meta[ENTROPY_STATISTICS].data)
     assert stats.to_dict() == meta[ENTROPY_STATISTICS].data
     by_type = {d.identity_type: d for d in stats.distributions}
     assert by_type["geoid"].count == meta["geoid/count"].value
