@@ -142,3 +142,68 @@ def test_the_core_never_imports_dagster():
         if any(name == "dagster" or name.startswith(("dagster.", "dagster_")) for name in names)
     ]
     assert not offenders, f"kimera_core imports Dagster in {offenders}"
+
+
+# docs/architecture.md's layers, lowest first: a module imports only its own layer or lower.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    (
+        "kimera_core.errors",
+        "kimera_core.db",
+        "kimera_core.sql",
+        "kimera_core.identity",
+        "kimera_core.legacy",
+        "kimera_core.entropy",
+        "kimera_core.checksum",
+        "kimera_core.compare",
+        "kimera_core.stats",
+        "kimera_core.report",
+        "kimera_core.rollout",
+        "kimera_core.upgrade",
+        "kimera_core.upgrade_worker",
+        "kimera_core.metrics.scraped",
+        "kimera_core.metrics.logs",
+    ),
+    (
+        "kimera_core.migration",
+        "kimera_core.consistency",
+        "kimera_core.storage",
+        "kimera_core.shadow",
+        "kimera_core.query",
+        "kimera_core.textsearch",
+        "kimera_core.semantic",
+        "kimera_core.demo",
+    ),
+    (
+        "kimera_core.gates",
+        "kimera_core.repair",
+        "kimera_core.workload",
+        "kimera_core.lattice",
+        "kimera_core.backup",
+        "kimera_core.metrics.pushed",
+    ),
+    ("kimera_core.cli", "kimera_core.api", "kimera_pipelines"),
+)
+
+
+def _layer(module: str) -> int | None:
+    for level, names in enumerate(LAYERS):
+        if any(module == n or module.startswith(n + ".") for n in names):
+            return level
+    return None
+
+
+def test_every_module_has_a_layer():
+    packages = {"kimera_core", "kimera_core.metrics"}  # re-exporting package roots
+    assert [m for m in MODULES if m not in packages and _layer(m) is None] == []
+
+
+def test_layers_point_one_way():
+    upward = [
+        f"{module} (layer {_layer(module)}) imports {target} (layer {_layer(target)})"
+        for module, targets in _graph().items()
+        for target in targets
+        if _layer(module) is not None
+        and _layer(target) is not None
+        and _layer(target) > _layer(module)
+    ]
+    assert upward == []
