@@ -412,12 +412,13 @@ def test_kill_9_at_random_points_converges_to_the_uninterrupted_state(tmp_path):
     rng = random.Random(20261125)
     kills = 0
     for _attempt in range(12):
+        started = time.perf_counter()
         proc = subprocess.Popen(
             [KIMERA, "migrate", "--db", str(victim), "--partitions", "16", "--json"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        time.sleep(rng.uniform(0.05, max(full, 0.5)))
+        time.sleep(rng.uniform(0.05, max(full, 0.1)))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -425,6 +426,12 @@ def test_kill_9_at_random_points_converges_to_the_uninterrupted_state(tmp_path):
             continue
         _, err = proc.communicate()
         assert proc.returncode == 0, err
+        if kills == 0:
+            # it finished before the first kill (the machine got faster than the reference
+            # run, shared with other jobs): start again from the source, killing sooner
+            full = (time.perf_counter() - started) / 2
+            shutil.copy(source, victim)
+            continue
         break
     else:
         subprocess.run(
