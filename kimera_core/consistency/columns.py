@@ -77,7 +77,7 @@ _PATHS = "[" + ", ".join(f"'{p}'" for p in DOCUMENT_PATHS) + "]"
 IDENTITY_ROWS_SQL = (
     """
 WITH kimera_p AS (
-    SELECT rowid AS rid, id, identity_type, data, created_at, updated_at, lang_axis,
+    SELECT id, identity_type, data, created_at, updated_at, lang_axis,
            entropy_score, json_extract(data, """
     + _PATHS
     + """)::VARCHAR[] AS f
@@ -112,29 +112,35 @@ assert tuple(_TESTS) == CHECKED_COLUMNS
 _DIFFS = ",\n        ".join(f"CASE WHEN NOT ({t}) THEN '{c}' END" for c, t in _TESTS.items())
 
 # The document's entropy by the bulk form, by the document's own type (what P1 reads; geoids:
-# meta.terms and tags, scars: related_ids and weight), joined back by rowid, and the names of
-# the columns that disagree.
+# meta.terms and tags, scars: related_ids and weight), and the names of the columns that
+# disagree. One stream, no join: the row rides through both bulk queries as their key (a
+# struct), each query computing its formula for its type and nothing for the other.
 COLUMN_CHECKS_SQL = (
-    """, kimera_eg_in AS (
-    SELECT rid AS key, f[12] AS terms_j,
-           TRY(CASE WHEN json_type(f[4]) = 'ARRAY' THEN json_array_length(f[4]) END) AS n_tags
-    FROM kimera_q WHERE f[11] = '"geoid"'
-), kimera_es_in AS (
-    SELECT rid, f[6] AS related, f[5] AS weight_text FROM kimera_q WHERE f[11] = '"scar"'
-), kimera_e AS (
-    SELECT * FROM ("""
-    + geoid_shannon_sql("kimera_eg_in")
-    + """)
-    UNION ALL SELECT * FROM ("""
-    + scar_entropy_sql("kimera_es_in", "rid", "related", "weight_text")
-    + """)
+    """, kimera_g_in AS (
+    SELECT q AS key, CASE WHEN f[11] = '"geoid"' THEN f[12] END AS terms_j,
+           CASE WHEN f[11] = '"geoid"' THEN TRY(CASE WHEN json_type(f[4]) = 'ARRAY'
+                                                  THEN json_array_length(f[4]) END) END AS n_tags
+    FROM kimera_q q
+), kimera_g AS ("""
+    + geoid_shannon_sql("kimera_g_in")
+    + """), kimera_s_in AS (
+    SELECT {'q': key, 'ge': entropy} AS key,
+           CASE WHEN key.f[11] = '"scar"' THEN key.f[6] END AS related, key.f[5] AS weight_text
+    FROM kimera_g
+), kimera_s AS ("""
+    + scar_entropy_sql("kimera_s_in", "key", "related", "weight_text")
+    + """), kimera_e AS (
+    SELECT unnest(key.q),
+           CASE key.q.f[11] WHEN '"geoid"' THEN key.ge WHEN '"scar"' THEN entropy END
+               AS doc_entropy
+    FROM kimera_s
 ), kimera_r AS (
-    SELECT q.*, e.entropy AS doc_entropy, list_filter([
+    SELECT *, list_filter([
         """
     + _DIFFS
     + """
     ], x -> x IS NOT NULL) AS column_diffs
-    FROM kimera_q q LEFT JOIN kimera_e e ON e.key = q.rid
+    FROM kimera_e
 )"""
 )
 
