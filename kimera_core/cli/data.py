@@ -7,8 +7,15 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, counts_table, emit_json
-from kimera_core.db import connect
+from kimera_core.cli.options import (
+    DB_OPTION,
+    JSON_OPTION,
+    WAIT_OPTION,
+    console,
+    counts_table,
+    emit_json,
+    open_db,
+)
 from kimera_core.demo import generate_demo_data
 from kimera_core.stats import legacy_summary
 
@@ -96,9 +103,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 @click.command()
 @DB_OPTION
 @JSON_OPTION
-def summary(db_path: Path, as_json: bool) -> None:
+@WAIT_OPTION
+def summary(db_path: Path, as_json: bool, wait_seconds: float) -> None:
     """Rows per legacy table and the entropy distribution by identity type."""
-    with connect(db_path, read_only=True) as con:
+    with open_db(db_path, wait=wait_seconds, read_only=True) as con:
         result = legacy_summary(con)
     if as_json:
         emit_json(result.to_dict())

@@ -10,8 +10,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kimera_core.cli.options import DB_OPTION, console, counts_table, db_option, emit_json
-from kimera_core.db import connect
+from kimera_core.cli.options import (
+    DB_OPTION,
+    WAIT_OPTION,
+    console,
+    counts_table,
+    db_option,
+    emit_json,
+    open_db,
+)
 from kimera_core.migration import (
     MigrationCounts,
     MigrationReport,
@@ -79,9 +86,15 @@ def _print_report(report: MigrationReport) -> None:
     help="Hash buckets per table (default: one per 250,000 rows; a resumed run keeps its own).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@WAIT_OPTION
 @click.pass_context
 def migrate_cmd(
-    ctx: click.Context, db_path: Path | None, dry_run: bool, partitions: int | None, as_json: bool
+    ctx: click.Context,
+    db_path: Path | None,
+    dry_run: bool,
+    partitions: int | None,
+    as_json: bool,
+    wait_seconds: float,
 ) -> None:
     """Backfill identities from legacy_geoids and legacy_scars (resumes an unfinished run).
 
@@ -112,7 +125,7 @@ def migrate_cmd(
             task, total=total, completed=done, rows=seen.read, description=f"{kind} bucket {bucket}"
         )
 
-    with progress, connect(db_path) as con:
+    with progress, open_db(db_path, wait=wait_seconds) as con:
         report = migrate(con, partitions=partitions, dry_run=dry_run, on_partition=on_partition)
     if as_json:
         emit_json(report.to_dict())
@@ -134,12 +147,15 @@ def migrate_cmd(
     ),
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def rollback_cmd(db_path: Path, run_id: str | None, force: bool, as_json: bool) -> None:
+@WAIT_OPTION
+def rollback_cmd(
+    db_path: Path, run_id: str | None, force: bool, as_json: bool, wait_seconds: float
+) -> None:
     """Undo what migration runs inserted or updated; identities the application changed since stay.
 
     Refused while the rollout stage reads from identities (read-new and later).
     """
-    with connect(db_path) as con:
+    with open_db(db_path, wait=wait_seconds) as con:
         report = rollback(con, run_id, force=force)
     if as_json:
         emit_json(report.to_dict())
@@ -160,9 +176,10 @@ def rollback_cmd(db_path: Path, run_id: str | None, force: bool, as_json: bool) 
 @migrate_cmd.command("status")
 @DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status_cmd(db_path: Path, as_json: bool) -> None:
+@WAIT_OPTION
+def status_cmd(db_path: Path, as_json: bool, wait_seconds: float) -> None:
     """Recent migration runs: status, partitions done, counts, identities checksum."""
-    with connect(db_path, read_only=True) as con:
+    with open_db(db_path, wait=wait_seconds, read_only=True) as con:
         runs = run_history(con)
     if as_json:
         emit_json(runs)
@@ -198,9 +215,12 @@ def status_cmd(db_path: Path, as_json: bool) -> None:
     help="Keys to show per reason.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def quarantine_cmd(db_path: Path, run_id: str | None, sample: int, as_json: bool) -> None:
+@WAIT_OPTION
+def quarantine_cmd(
+    db_path: Path, run_id: str | None, sample: int, as_json: bool, wait_seconds: float
+) -> None:
     """Quarantined legacy rows by reason, with sample keys (docs/migration.md explains each)."""
-    with connect(db_path, read_only=True) as con:
+    with open_db(db_path, wait=wait_seconds, read_only=True) as con:
         summary = quarantine_summary(con, run_id, sample)
     if as_json:
         emit_json(summary)

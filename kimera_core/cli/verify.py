@@ -16,10 +16,9 @@ import duckdb
 from rich.markup import escape
 from rich.table import Table
 
-from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, emit_json
+from kimera_core.cli.options import DB_OPTION, JSON_OPTION, WAIT_OPTION, console, emit_json, open_db
 from kimera_core.consistency import DEFAULT_SAMPLE, VerificationReport, count_of
 from kimera_core.consistency.report import EXCEPTIONS, FAILURES, Finding, exception_lines
-from kimera_core.db import connect
 from kimera_core.errors import KimeraError
 from kimera_core.gates import GateReport, judge_gates
 
@@ -29,6 +28,7 @@ EXIT_CONSISTENT, EXIT_INCONSISTENT, EXIT_ERROR = 0, 1, 2
 @click.command()
 @DB_OPTION
 @JSON_OPTION
+@WAIT_OPTION
 @click.option(
     "--sample",
     type=click.IntRange(min=0),
@@ -71,11 +71,12 @@ def verify(
     strict: bool,
     record: bool,
     cache: bool,
+    wait_seconds: float,
 ) -> None:
     """Compare legacy_geoids/legacy_scars with identities: exit 0 when they agree (explained
     exceptions listed), 1 when they do not, 2 when the check could not run."""
     try:
-        with connect(db_path, read_only=not record) as con:
+        with open_db(db_path, wait=wait_seconds, read_only=not record) as con:
             judged = judge_gates(
                 con,
                 incremental=incremental,

@@ -220,7 +220,7 @@ def test_could_not_run_exits_two_never_one(path, tmp_path):
     holder = duckdb.connect(str(path))  # another process holds the write lock
     try:
         locked = subprocess.run(
-            [str(KIMERA), "verify", "--db", str(path)],
+            [str(KIMERA), "verify", "--db", str(path), "--wait", "0"],
             capture_output=True,
             text=True,
             timeout=300,
@@ -230,3 +230,34 @@ def test_could_not_run_exits_two_never_one(path, tmp_path):
         holder.close()
     assert locked.returncode == 2 and locked.stderr.startswith("kimera: error:")
     assert "Traceback" not in locked.stderr
+
+
+def test_a_held_file_is_waited_for_aloud_and_verified_when_let_go(path, tmp_path):
+    hold = 4.0  # another process holds the file this long, then exits
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True);"
+            " time.sleep(float(sys.argv[2])); c.close()",
+            str(path),
+            str(hold),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waited = subprocess.run(
+            [str(KIMERA), "verify", "--db", str(path), "--no-record", "--wait", "60"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+    finally:
+        holder.wait(timeout=60)
+    said = waited.stderr.splitlines()
+    assert said and said[0].startswith("kimera: waiting for the database: held by PID ")
+    assert f"PID {holder.pid}" in said[0]
+    assert waited.returncode == 0, waited.stderr
