@@ -7,8 +7,14 @@ from pathlib import Path
 
 import click
 
-from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, emit_json
-from kimera_core.db import connect_waiting
+from kimera_core.cli.options import (
+    DB_OPTION,
+    JSON_OPTION,
+    WAIT_OPTION,
+    console,
+    emit_json,
+    open_db,
+)
 from kimera_core.repair import (
     RepairReport,
     keys_from_verification,
@@ -37,6 +43,7 @@ from kimera_core.repair import (
 @click.option("--dry-run", is_flag=True, help="Say what would be done; write nothing (read-only).")
 @click.option("--undo", "undo_id", metavar="REPAIR_ID", help="Put back what a repair changed.")
 @click.option("--actor", default="cli", show_default=True, help="Who repairs (journaled).")
+@WAIT_OPTION
 def repair_cmd(
     db_path: Path,
     as_json: bool,
@@ -45,6 +52,7 @@ def repair_cmd(
     dry_run: bool,
     undo_id: str | None,
     actor: str,
+    wait_seconds: float,
 ) -> None:
     """Re-sync keys from the store reads come from (legacy before read-new, identities after).
 
@@ -53,7 +61,7 @@ def repair_cmd(
     Exit 1 when a key was refused or still differs.
     """
     if undo_id:
-        with connect_waiting(db_path, on_wait=_tell) as con:
+        with open_db(db_path, wait=wait_seconds) as con:
             undone = undo_repair(con, undo_id)
         if as_json:
             emit_json({"repair_id": undone.repair_id, "restored": undone.restored})
@@ -66,7 +74,7 @@ def repair_cmd(
     if keys_text and verification is not None:
         raise click.UsageError("give --keys or --from-verification, not both")
     keys = [k.strip() for text in keys_text for k in text.split(",") if k.strip()]
-    with connect_waiting(db_path, read_only=dry_run, on_wait=_tell) as con:
+    with open_db(db_path, wait=wait_seconds, read_only=dry_run) as con:
         source = "keys given"
         if not keys:
             keys, source = keys_from_verification(con, verification)
@@ -77,10 +85,6 @@ def repair_cmd(
         _print(report)
     if not report.dry_run and not report.ok:
         sys.exit(1)
-
-
-def _tell(line: str) -> None:
-    click.echo(f"kimera: {line}", err=True)
 
 
 def _print(report: RepairReport) -> None:
