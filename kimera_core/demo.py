@@ -20,7 +20,7 @@ from typing import Any
 
 import duckdb
 
-from kimera_core.db import open_database, transaction
+from kimera_core.db import checkpoint, open_database, transaction
 from kimera_core.entropy import geoid_entropy_sql, scar_entropy_sql
 from kimera_core.errors import KimeraError
 from kimera_core.legacy import create_legacy_schema, missing_tables, table_counts
@@ -376,7 +376,7 @@ def generate_demo_data(
     try:
         with transaction(con):
             broken = _generate(con, params)
-        con.execute("CHECKPOINT")
+        checkpoint(con)
         counts = table_counts(con)
         assert not missing_tables(con)
     except BaseException:

@@ -30,7 +30,7 @@ from typing import Any
 import duckdb
 
 from kimera_core.checksum import Checksum, table_checksum
-from kimera_core.db import transaction
+from kimera_core.db import checkpoint, transaction
 from kimera_core.entropy import geoid_shannon_sql, scar_entropy_sql
 from kimera_core.errors import KimeraError
 from kimera_core.identity import IDENTITY_TYPES
@@ -281,7 +281,7 @@ def _finish(
                 run_id,
             ],
         )
-    con.execute("CHECKPOINT")
+    checkpoint(con)
     return report
 
 

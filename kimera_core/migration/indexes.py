@@ -16,7 +16,7 @@ import json
 
 import duckdb
 
-from kimera_core.db import transaction
+from kimera_core.db import checkpoint, transaction
 from kimera_core.legacy import restore_index, secondary_indexes
 from kimera_core.sql import vetted_identifier
 
@@ -60,11 +60,11 @@ def rebuild_indexes_one_at_a_time(con: duckdb.DuckDBPyConnection, run_id: str) -
     rebuilding skips those that exist, so a run killed in between resumes or rolls back as
     before.
     """
-    con.execute("CHECKPOINT")
+    checkpoint(con)
     for name, ddl in dropped_indexes(con, run_id).items():
         with transaction(con):
             restore_index(con, "identities", name, ddl)
-        con.execute("CHECKPOINT")
+        checkpoint(con)
 
 
 def restore_indexes(con: duckdb.DuckDBPyConnection, run_id: str) -> None:

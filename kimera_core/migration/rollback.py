@@ -20,7 +20,7 @@ from typing import Any
 import duckdb
 
 from kimera_core.checksum import table_checksum
-from kimera_core.db import transaction
+from kimera_core.db import checkpoint, transaction
 from kimera_core.errors import KimeraError
 from kimera_core.migration.indexes import restore_indexes
 from kimera_core.migration.schema import IDENTITY_COLUMNS, ensure_schema
@@ -111,7 +111,7 @@ def rollback(
         for rid in runs:
             _rollback_run(con, rid, report, sample)
     report.identities_checksum = table_checksum(con, "identities", IDENTITY_COLUMNS).to_dict()
-    con.execute("CHECKPOINT")
+    checkpoint(con)
     return report
 
 
