@@ -30,9 +30,11 @@ import duckdb
 
 from kimera_core.db import connect, transaction
 from kimera_core.demo import generate_demo_data
-from kimera_core.legacy import create_legacy_schema
+from kimera_core.legacy import LEGACY_INDEXES, create_legacy_schema
 from kimera_core.migration import migrate
 
+# P1's secondary indexes of identities, which the write floor must build
+P1_IDENTITY_INDEXES = tuple(name for name, table, _c, _d in LEGACY_INDEXES if table == "identities")
 KIMERA = str(Path(sys.executable).parent / "kimera")
 # Runs its arguments as a child and prints the child's peak RSS (KiB) as the last stderr line.
 PEAK_RSS_LAUNCHER = (
@@ -77,8 +79,32 @@ def write_floor(migrated: Path, target: Path) -> tuple[float, int]:
     create_legacy_schema(con)  # the missing P1 indexes, as the migration rebuilds them
     con.execute("CHECKPOINT")
     elapsed = time.perf_counter() - start
+    assert_p1_layout(con)
     con.close()
     return elapsed, rows
+
+
+def assert_p1_layout(con: duckdb.DuckDBPyConnection) -> None:
+    """The write floor paid for P1's primary key and all three secondary indexes of identities.
+
+    Asked of this database only (another one is attached and has them too).
+    """
+    names = {
+        r[0]
+        for r in con.execute(
+            "SELECT index_name FROM duckdb_indexes() WHERE database_name = current_database() "
+            "AND table_name = 'identities'"
+        ).fetchall()
+    }
+    missing = set(P1_IDENTITY_INDEXES) - names
+    primary = con.execute(
+        "SELECT count(*) FROM duckdb_constraints() WHERE database_name = current_database() "
+        "AND table_name = 'identities' AND constraint_type = 'PRIMARY KEY'"
+    ).fetchone()[0]
+    if missing or primary != 1:
+        raise SystemExit(
+            f"write floor without P1's layout: missing {missing}, primary keys {primary}"
+        )
 
 
 def peak_memory_of_cli_migration(db: Path) -> tuple[float, float, dict]:
