@@ -20,6 +20,12 @@ read-write is rewritten at checkpoint. ``open_database`` therefore refuses, befo
 sees the file, anything that is not a readable DuckDB file in a format this DuckDB reads;
 when DuckDB refuses a file an older DuckDB can read, the error names the release that
 wrote it and the command that upgrades a copy.
+
+Every opener here also takes a database server's address (``kimera://HOST:PORT``,
+``kimera_core.dbserver``) in place of a path: it then returns the server's proxy connection
+(``dbserver.client.RemoteConnection``), which answers the same calls. A path keeps the
+embedded behaviour unchanged. Nothing waits on a file lock through a server (the server
+owns the file); ``read_only`` and ``create`` apply to files only.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from pathlib import Path
 
 import duckdb
 
+from kimera_core.dbserver import client as dbclient
+from kimera_core.dbserver.protocol import is_address
 from kimera_core.errors import DatabaseOpenError
 
 MAGIC = b"DUCK"
@@ -206,8 +214,12 @@ def open_database(
     """Open a DuckDB file, or raise DatabaseOpenError naming the file and the cause.
 
     ``create=True`` makes a new file when none exists; an existing file must already be a
-    DuckDB database. A refused file is left byte-identical.
+    DuckDB database. A refused file is left byte-identical. A server address
+    (``kimera://HOST:PORT``) returns a ``RemoteConnection`` to that server instead
+    (DatabaseOpenError when it cannot be reached or refuses the token).
     """
+    if is_address(path):
+        return dbclient.connect(path)  # type: ignore[return-value]
     path = Path(path)
     if not path.exists():
         if not create:

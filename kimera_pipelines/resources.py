@@ -8,6 +8,11 @@ the file and for how long, instead of failing (``kimera_core.db.open_waiting``).
 cannot use fails the step with one line (``dg.Failure``). It also names the report and backup
 folders and prunes the rollout's backups to the newest ``backups_kept``.
 
+``database`` (``KIMERA_DB``) may also be a database server's address (``kimera://HOST:PORT``,
+``kimera db serve``): connections then go to the server, which owns the file, and nothing
+waits on a lock; the report and backup folders default to ``var/reports`` and
+``var/backups`` (an address has no folder), on the machine that runs the step.
+
 DuckDB allows one writer process per file. Runs are queued one at a time (dagster.yaml),
 execute in-process, and hold a connection only for one step; every step that opens the file
 is in the ``kimera_duckdb`` pool (``POOL``, limit 1). The webserver and the daemon never open
@@ -32,6 +37,7 @@ from dagster_duckdb import DuckDBResource
 from dagster_prometheus import PrometheusResource
 
 from kimera_core.db import open_waiting
+from kimera_core.dbserver.protocol import is_address
 from kimera_core.errors import DatabaseOpenError
 from kimera_core.metrics.pushed import pushgateway_address
 from kimera_core.sql import vetted_identifier
@@ -65,7 +71,7 @@ warnings.filterwarnings("ignore", message=".*PrometheusResource.*", category=dg.
 
 
 class KimeraDatabase(DuckDBResource):
-    """The Kimera DuckDB file, with folders for reports and backups next to it by default."""
+    """The Kimera DuckDB file (or server address), with report and backup folders."""
 
     database: str = DEFAULT_DB_PATH
     reports_dir: str = ""  # default: <db folder>/reports
@@ -110,15 +116,15 @@ class KimeraDatabase(DuckDBResource):
 
     @property
     def reports_path(self) -> Path:
-        return (
-            Path(self.reports_dir) if self.reports_dir else Path(self.database).parent / "reports"
-        )
+        return Path(self.reports_dir) if self.reports_dir else self._folder() / "reports"
 
     @property
     def backups_path(self) -> Path:
-        return (
-            Path(self.backups_dir) if self.backups_dir else Path(self.database).parent / "backups"
-        )
+        return Path(self.backups_dir) if self.backups_dir else self._folder() / "backups"
+
+    def _folder(self) -> Path:
+        """The database file's folder; ``var`` for a server address (it has no folder)."""
+        return Path("var") if is_address(self.database) else Path(self.database).parent
 
     def new_backup_path(self, run_id: str, suffix: str = "") -> Path:
         """A fresh backup folder: UTC time to the second, then the Dagster run id.

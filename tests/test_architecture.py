@@ -149,6 +149,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "kimera_core.errors",
         "kimera_core.db",
+        "kimera_core.dbserver",
         "kimera_core.sql",
         "kimera_core.identity",
         "kimera_core.legacy",

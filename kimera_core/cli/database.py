@@ -1,14 +1,22 @@
-"""``kimera db``: inspect, prepare and upgrade database files, back them up and restore them."""
+"""``kimera db``: inspect, prepare and upgrade database files, back them up and restore them;
+serve one to other processes (``serve``) and ask a server how it is (``status``)."""
 
 from __future__ import annotations
 
+import secrets
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import click
 
 from kimera_core.cli.backup import backup, restore
-from kimera_core.cli.options import DB_OPTION, JSON_OPTION, console, emit_json
+from kimera_core.cli.options import DB_OPTION, JSON_OPTION, DatabaseAddress, console, emit_json
 from kimera_core.db import connect
+from kimera_core.dbserver.protocol import TokenError, read_token, token_file, write_token_file
+from kimera_core.dbserver.server import DatabaseServer
+from kimera_core.errors import KimeraError
 from kimera_core.legacy import create_legacy_schema
 from kimera_core.upgrade import UpgradeReport, inspect_file, upgrade_file
 
@@ -101,6 +109,88 @@ def _print_upgrade(report: UpgradeReport) -> None:
         return
     console.print(f"Upgraded copy: {report.copy} (the original is untouched)", soft_wrap=True)
     console.print(f"next: kimera db upgrade --db {path} --replace", soft_wrap=True)
+
+
+@db.command("serve")
+@DB_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=5544,
+    show_default=True,
+    help="TCP port (0: any free port; the first line printed names it).",
+)
+def db_serve(db_path: Path, host: str, port: int) -> None:
+    """Own the database file and serve it to other processes until SIGTERM or Ctrl-C.
+
+    Prints the server's address (kimera://HOST:PORT) as the first line on stdout: pass it
+    as --db to any kimera command, or as KIMERA_DB to Dagster. Clients authenticate with the
+    token in KIMERA_DB_TOKEN or the token file (KIMERA_DB_TOKEN_FILE, default
+    ~/.config/kimera/db-token, mode 0600); with neither, a new token is written to that
+    file. Each client gets its own transaction; a client that goes away mid-transaction is
+    rolled back. docs/deployment.md.
+    """
+    if isinstance(db_path, DatabaseAddress):
+        raise click.ClickException(f"{db_path}: serve takes a database file, not an address")
+    if not db_path.exists():
+        raise click.ClickException(
+            f"{db_path}: no such file (create it with `kimera db init --db {db_path}`)"
+        )
+    try:
+        token = read_token()
+        if token is None:
+            token = secrets.token_urlsafe(32)
+            write_token_file(token_file(), token)
+            click.echo(f"kimera: new token written to {token_file()} (mode 0600)", err=True)
+        server = DatabaseServer(
+            db_path, token, host=host, port=port, log=lambda line: click.echo(line, err=True)
+        )
+        address = server.start()
+    except (KimeraError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(str(address))
+    sys.stdout.flush()
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    click.echo(f"serving {db_path} at {address} (pid {server.status()['pid']})", err=True)
+    server.serve_forever()
+    click.echo("stopped: clients closed, file checkpointed", err=True)
+
+
+@db.command("status")
+@DB_OPTION
+@JSON_OPTION
+def db_status(db_path: Path, as_json: bool) -> None:
+    """A database server's health: its file, pid, DuckDB release, uptime and clients."""
+    if not isinstance(db_path, DatabaseAddress):
+        raise click.ClickException(
+            f"{db_path}: a file, not a server address; `kimera db info` describes a file"
+        )
+    try:
+        with connect(db_path) as con:
+            status = con.status()  # type: ignore[attr-defined]
+    except (KimeraError, TokenError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        emit_json(status)
+        return
+    console.print(
+        f"[bold]{db_path}[/bold]: {'healthy' if status['healthy'] else 'stopping'}, serving "
+        f"{status['database']} (pid {status['pid']}, DuckDB {status['duckdb']}, up "
+        f"{status['uptime_seconds']:,.0f} s)",
+        soft_wrap=True,
+    )
+    console.print(f"  clients: {status['clients']}")
+    for client in status["client_list"]:
+        console.print(f"    {client['peer']}  pid {client['pid']}  {client['program']}")
 
 
 db.add_command(backup)

@@ -1,4 +1,10 @@
-"""What every ``kimera`` command shares: the ``--db`` and ``--json`` options, JSON output, the console."""
+"""What every ``kimera`` command shares: the ``--db`` and ``--json`` options, JSON output, the console.
+
+``--db`` takes a DuckDB file or a database server's address (``kimera://HOST:PORT``, from
+``kimera db serve``): a file arrives as a ``Path``, an address as a ``DatabaseAddress`` (a
+``str`` that keeps its two slashes, which a ``Path`` would fold), and every opener of
+``kimera_core.db`` takes either.
+"""
 
 from __future__ import annotations
 
@@ -14,18 +20,47 @@ from rich.console import Console
 from rich.table import Table
 
 from kimera_core.db import connect_waiting
+from kimera_core.dbserver.protocol import is_address, parse_address
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 
+class DatabaseAddress(str):
+    """A database server's address given as ``--db`` (``kimera://HOST:PORT``).
+
+    A ``str``, so ``kimera_core.db`` opens it; ``exists()`` is True (the server holds the
+    file) so a command's "no such file" check passes it through to the open.
+    """
+
+    def exists(self) -> bool:
+        return True
+
+
+class DatabaseParam(click.ParamType):
+    """``--db``: a DuckDB file (``Path``, not a directory) or a server address."""
+
+    name = "path|kimera://host:port"
+    _file = click.Path(dir_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, (Path, DatabaseAddress)):
+            return value
+        if is_address(value):
+            try:
+                return DatabaseAddress(str(parse_address(value)))
+            except ValueError as exc:
+                self.fail(str(exc), param, ctx)
+        return self._file.convert(value, param, ctx)
+
+
 def db_option(required: bool = True) -> Any:
-    """The ``--db PATH`` option (a DuckDB file), given to the command as ``db_path``."""
+    """The ``--db`` option (a DuckDB file or a server address), given as ``db_path``."""
     return click.option(
         "--db",
         "db_path",
         required=required,
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="DuckDB database file.",
+        type=DatabaseParam(),
+        help="DuckDB database file, or a database server's address (kimera://HOST:PORT).",
     )
 
 

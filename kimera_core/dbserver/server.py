@@ -1,0 +1,347 @@
+"""The database server: this process owns the DuckDB file; each client gets its own cursor.
+
+DuckDB allows one writing process per file but any number of connections inside it, each
+with its own transaction, run concurrently under MVCC (DuckDB releases the GIL while it
+executes). So the server opens the file once (``kimera_core.db.open_database``: header
+checked first) and gives every accepted TCP connection one thread and one ``cursor()`` of
+that connection, used by that thread only. A client's ``BEGIN ... COMMIT`` is therefore a
+real DuckDB transaction, bound parameters stay bound parameters, and temporary macros and
+registered Arrow tables live as long as the client's connection.
+
+The first frame must be ``hello`` with the token (``hmac.compare_digest``); anything else
+closes the connection. When a client goes away (closed, killed, network gone: TCP keepalive)
+its open transaction is rolled back and its cursor closed, so nothing half-done is ever
+committed. A COMMIT that returned to the client is in DuckDB's WAL: a killed server recovers
+it on the next open.
+
+At start the server creates the legacy schema once (``legacy.create_legacy_schema``: every
+``Storage`` asks for it, and two clients creating one table at once would conflict on
+DuckDB's catalog). ``create_function`` imports the function on the server, only from a
+``kimera_core.`` module by its qualified name (nothing else is ever imported or run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import importlib
+import os
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from kimera_core.db import checkpoint, open_database
+from kimera_core.dbserver.protocol import (
+    Address,
+    ProtocolError,
+    arrow_reader,
+    arrow_to_bytes,
+    decode_params,
+    encode_value,
+    recv_frame,
+    send_frame,
+)
+from kimera_core.legacy import create_legacy_schema
+
+AUTH_TIMEOUT_SECONDS = 10.0
+UDF_MODULE_PREFIX = "kimera_core."
+UDF_OPTIONS = ("type", "null_handling", "exception_handling", "side_effects")
+
+
+@dataclass
+class ClientInfo:
+    """One connected client: its peer address, what it said it is, since when (epoch s)."""
+
+    peer: str
+    pid: int | None = None
+    program: str | None = None
+    connected_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "peer": self.peer,
+            "pid": self.pid,
+            "program": self.program,
+            "connected_at": self.connected_at,
+        }
+
+
+class DatabaseServer:
+    """Serve the DuckDB file at ``path`` on ``host:port`` (0: a free port) to token holders.
+
+    ``start()`` opens the file and listens; ``address`` is then the ``kimera://`` address
+    clients pass as ``--db``; ``serve_forever()`` blocks; ``stop()`` (from another thread or
+    a signal handler) closes every client (rolling back their open transactions),
+    checkpoints and closes the file. Raises DatabaseOpenError when the file cannot be used.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        token: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if not token:
+            raise ValueError("the server needs a non-empty token")
+        self.path = Path(path)
+        self._token = token.encode("utf-8")
+        self._host, self._port = host, port
+        self._log = log or (lambda line: None)
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._listener: _Listener | None = None
+        self._lock = threading.Lock()
+        self._clients: dict[socket.socket, ClientInfo] = {}
+        self.started_at = time.time()
+
+    # --- life cycle -------------------------------------------------------------------
+    def start(self) -> Address:
+        """Open the file, create the legacy schema, listen; returns the address."""
+        self._con = open_database(self.path)
+        create_legacy_schema(self._con)
+        self._listener = _Listener((self._host, self._port), self)
+        host, port = self._listener.server_address[:2]
+        self.started_at = time.time()
+        return Address(str(host), int(port))
+
+    @property
+    def address(self) -> Address:
+        if self._listener is None:
+            raise RuntimeError("the server is not started")
+        host, port = self._listener.server_address[:2]
+        return Address(str(host), int(port))
+
+    def serve_forever(self) -> None:
+        if self._listener is None:
+            raise RuntimeError("the server is not started")
+        self._listener.serve_forever(poll_interval=0.2)
+
+    def stop(self) -> None:
+        """Stop listening, drop every client (their transactions roll back), checkpoint, close."""
+        if self._listener is not None:
+            self._listener.shutdown()
+            self._listener.server_close()
+        with self._lock:
+            sockets = list(self._clients)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + 10
+        while self.client_count() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._con is not None:
+            with contextlib.suppress(duckdb.Error):
+                checkpoint(self._con)
+            self._con.close()
+            self._con = None
+
+    # --- state ------------------------------------------------------------------------
+    def client_count(self) -> int:
+        with self._lock:
+            return len(self._clients)
+
+    def status(self) -> dict[str, Any]:
+        """Health: the file, this server's pid, DuckDB release, uptime and the clients."""
+        with self._lock:
+            clients = [info.to_dict() for info in self._clients.values()]
+        return {
+            "healthy": self._con is not None,
+            "database": str(self.path),
+            "pid": os.getpid(),
+            "duckdb": duckdb.__version__,
+            "started_at": self.started_at,
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "clients": len(clients),
+            "client_list": clients,
+        }
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:  # cursor() touches the shared connection
+            if self._con is None:
+                raise duckdb.ConnectionException("the database server is stopping")
+            return self._con.cursor()
+
+    # --- one client -------------------------------------------------------------------
+    def handle(self, sock: socket.socket, peer: str) -> None:
+        """Serve one client connection until it closes (run in the connection's thread)."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        info = self._authenticate(sock, peer)
+        if info is None:
+            return
+        cur = self._cursor()
+        with self._lock:
+            self._clients[sock] = info
+        self._log(f"client connected: {peer} pid {info.pid} ({info.program})")
+        try:
+            session = _Session(self, cur)
+            while True:
+                frame = recv_frame(sock)
+                if frame is None:
+                    break
+                header, body = frame
+                reply, payload = session.dispatch(header, body)
+                send_frame(sock, reply, payload)
+                if header.get("op") == "close":
+                    break
+        except (OSError, ProtocolError, ValueError):
+            pass  # the client went away mid-frame: its transaction rolls back below
+        finally:
+            with self._lock:
+                self._clients.pop(sock, None)
+            with contextlib.suppress(duckdb.Error):
+                cur.execute("ROLLBACK")  # no-op error when no transaction is open
+            with contextlib.suppress(duckdb.Error):
+                cur.close()
+            self._log(f"client gone: {peer} pid {info.pid}")
+
+    def _authenticate(self, sock: socket.socket, peer: str) -> ClientInfo | None:
+        sock.settimeout(AUTH_TIMEOUT_SECONDS)
+        try:
+            frame = recv_frame(sock)
+        except (OSError, ProtocolError, ValueError):
+            return None
+        if frame is None:
+            return None
+        header, _body = frame
+        token = header.get("token")
+        if header.get("op") != "hello" or not isinstance(token, str):
+            ok = False
+        else:
+            ok = hmac.compare_digest(token.encode("utf-8"), self._token)
+        if not ok:
+            self._log(f"refused {peer}: bad token")
+            with contextlib.suppress(OSError):
+                send_frame(sock, _error_reply(PermissionError("bad token")))
+            return None
+        sock.settimeout(None)
+        pid = header.get("pid")
+        program = header.get("program")
+        send_frame(sock, {"ok": True, "duckdb": duckdb.__version__, "database": str(self.path)})
+        return ClientInfo(
+            peer=peer,
+            pid=pid if isinstance(pid, int) else None,
+            program=program if isinstance(program, str) else None,
+        )
+
+
+class _Session:
+    """The operations of one client connection on its own cursor."""
+
+    def __init__(self, server: DatabaseServer, cur: duckdb.DuckDBPyConnection) -> None:
+        self.server = server
+        self.cur = cur
+
+    def dispatch(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        op = header.get("op")
+        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            return _error_reply(ProtocolError(f"unknown operation {op!r}")), b""
+        try:
+            return handler(header, body)
+        except Exception as exc:  # every failure goes back to the client, typed
+            return _error_reply(exc), b""
+
+    def op_execute(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        params = decode_params(header.get("params"))
+        self.cur.execute(header["sql"], params)
+        return {"ok": True, "description": _description(self.cur)}, b""
+
+    def op_executemany(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        rows = [decode_params(p) for p in header["params"]]
+        self.cur.executemany(header["sql"], rows)
+        return {"ok": True, "description": _description(self.cur)}, b""
+
+    def op_fetch(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        size = header.get("size")
+        rows = self.cur.fetchall() if size is None else self.cur.fetchmany(int(size))
+        return {"ok": True, "rows": [encode_value(list(row)) for row in rows]}, b""
+
+    def op_arrow(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        return {"ok": True}, arrow_to_bytes(self.cur.fetch_arrow_table())
+
+    def op_register(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        self.cur.register(header["name"], arrow_reader(body).read_all())
+        return {"ok": True}, b""
+
+    def op_unregister(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        self.cur.unregister(header["name"])
+        return {"ok": True}, b""
+
+    def op_create_function(
+        self, header: dict[str, Any], body: bytes
+    ) -> tuple[dict[str, Any], bytes]:
+        function = allowed_function(header["module"], header["qualname"])
+        options = {k: header[k] for k in UDF_OPTIONS if header.get(k) is not None}
+        self.cur.create_function(
+            header["name"], function, header.get("parameters"), header.get("return_type"), **options
+        )
+        return {"ok": True}, b""
+
+    def op_remove_function(
+        self, header: dict[str, Any], body: bytes
+    ) -> tuple[dict[str, Any], bytes]:
+        self.cur.remove_function(header["name"])
+        return {"ok": True}, b""
+
+    def op_status(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        return {"ok": True, "status": self.server.status()}, b""
+
+    def op_close(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        return {"ok": True}, b""
+
+
+def allowed_function(module: str, qualname: str) -> Callable[..., Any]:
+    """The function ``module.qualname``, only from a ``kimera_core.`` module; PermissionError."""
+    if not module.startswith(UDF_MODULE_PREFIX) or not all(
+        part.isidentifier() and not part.startswith("__") for part in qualname.split(".")
+    ):
+        raise PermissionError(
+            f"{module}.{qualname}: the server registers functions from kimera_core modules only"
+        )
+    target: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise PermissionError(f"{module}.{qualname} is not a function")
+    return target
+
+
+def _description(cur: duckdb.DuckDBPyConnection) -> list[list[str]] | None:
+    description = cur.description
+    if description is None:
+        return None
+    return [[str(column[0]), str(column[1])] for column in description]
+
+
+def _error_reply(exc: BaseException) -> dict[str, Any]:
+    return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Listener
+
+    def handle(self) -> None:
+        host, port = self.client_address[:2]
+        self.server.owner.handle(self.request, f"{host}:{port}")
+
+
+class _Listener(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], owner: DatabaseServer) -> None:
+        self.owner = owner
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
