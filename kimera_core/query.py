@@ -10,10 +10,15 @@ first does; text search pages by ``offset`` (at most ``MAX_OFFSET``), since BM25
 recomputed per query anyway.
 
 In the legacy stages entropy is computed from ``meta`` / ``tags`` / ``related_ids`` by the
-same set-based SQL the migration uses (``kimera_core.entropy``): correct but a full scan, so
-entropy queries are fast only once reads come from ``identities`` (its ``entropy_score``).
-An identity whose entropy is unknown (a scar whose weight is not a finite number) is never in
-an entropy range.
+same set-based SQL the migration uses (``kimera_core.entropy``). Through SQL that is a full
+scan per query. A read-only database (``kimera serve``) cannot change, so its
+``ReadSnapshot`` computes that scan once, at load, into an in-memory order (``EntropyOrder``)
+of whichever store the stage reads: a page is then a binary search, and in the legacy stages
+it holds the legacy rows with their own entropy, exactly what the scan returns, whatever
+``identities`` holds (a twin missing or divergent changes nothing). ``identities`` is not
+used as an index of legacy: in the stages that read legacy, legacy is authoritative and its
+answers must not depend on the store being checked against it. An identity whose entropy is
+unknown (a scar whose weight is not a finite number) is never in an entropy range.
 
 Every parameter is checked before any SQL runs and refused with ``QueryError`` (the API's
 400 ``bad_request``): a text holding a lone surrogate (UTF-8 cannot encode it), a number
@@ -44,6 +49,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from kimera_core import semantic, textsearch
 from kimera_core.db import connect
@@ -245,6 +251,7 @@ NEW_BY_ID_SQL = "SELECT data, entropy_score FROM identities WHERE id = ?"
 # data as VARCHAR: the JSON type's conversion to Python costs twice as much for the same str
 NEW_BY_IDS_SQL = "SELECT data::VARCHAR, entropy_score FROM identities WHERE id IN ({marks})"
 LEGACY_GEOIDS_BY_IDS_SQL = f"SELECT {GEOID_COLUMNS} FROM legacy_geoids WHERE gid IN ({{marks}})"
+LEGACY_SCARS_BY_IDS_SQL = f"SELECT {SCAR_COLUMNS} FROM legacy_scars WHERE id IN ({{marks}})"
 
 # Scars whose related_ids hold the id: a substring test first (cheap) then the exact one.
 NEW_RELATED_SQL = """
@@ -264,10 +271,24 @@ ORDER BY id LIMIT $limit
 
 
 # --- in-memory orders of a database that cannot change -----------------------------------
-ENTROPY_ORDER_SQL = """
-SELECT id, entropy_score AS entropy, identity_type, lang_axis FROM identities
+# Every identity with an entropy in the entropy query's order (id, entropy, type, language,
+# tags as the tag filter reads them), per store: the identities table's entropy_score
+# column, or the legacy tables' entropy by the bulk formulas (one scan, at load: the same
+# values the legacy page's scan computes). The type breaks a tie of (entropy, id) between a
+# geoid and a scar sharing an id.
+ENTROPY_ORDER_SQL = {
+    "new": """
+SELECT id, entropy_score AS entropy, identity_type, lang_axis,
+       TRY_CAST(data->'$.tags' AS VARCHAR[]) AS tags
+FROM identities
 WHERE entropy_score IS NOT NULL ORDER BY entropy_score DESC, id
-"""
+""",
+    "legacy": f"""
+SELECT id, entropy, identity_type, lang_axis, TRY_CAST(tags AS VARCHAR[]) AS tags
+FROM ({LEGACY_IDENTITIES_ENTROPY_SQL})
+WHERE entropy IS NOT NULL ORDER BY entropy DESC, id, identity_type
+""",
+}
 
 
 def is_read_only(con: duckdb.DuckDBPyConnection) -> bool:
@@ -279,14 +300,20 @@ def is_read_only(con: duckdb.DuckDBPyConnection) -> bool:
 
 
 class EntropyOrder:
-    """Every identity with an entropy, in the entropy query's order, as numpy arrays.
+    """Every identity of one store with an entropy, in the entropy query's order, in numpy.
 
+    ``source``: 'new' (``identities.entropy_score``) or 'legacy' (the legacy tables' entropy
+    by the bulk formulas, computed here once: a scan of both tables, ~2 s at a million rows).
     A page is a binary search to the range (and the cursor) and a walk forward through the
-    type / language codes until the page is full: no scan of the rows in range.
+    type / language codes until the page is full: no scan of the rows in range. A tag
+    filter walks the tag's rows instead (``tag_rows``: per tag, the ascending positions of
+    the rows whose tags hold it, as ``list_contains(TRY_CAST(tags AS VARCHAR[]), tag)``
+    finds them in SQL: the same cast, so the same rows).
     """
 
-    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
-        table = con.execute(ENTROPY_ORDER_SQL).arrow()
+    def __init__(self, con: duckdb.DuckDBPyConnection, source: str = "new") -> None:
+        self.source = source
+        table = con.execute(ENTROPY_ORDER_SQL[source]).arrow()
         if isinstance(table, pa.RecordBatchReader):
             table = table.read_all()
         self.entropy = table.column("entropy").to_numpy().astype(np.float64)
@@ -297,13 +324,33 @@ class EntropyOrder:
             raise RuntimeError("entropy order: NaN rows are not first")
         self.neg = -self.entropy[self.nan :]  # ascending, for searchsorted
         self.types, self.type_codes = self._codes(table.column("identity_type"))
+        self.type_names: list[str] = list(self.type_codes)
         self.langs, self.lang_codes = self._codes(table.column("lang_axis"))
+        self.tag_rows, self.tag_spans = self._tag_rows(table.column("tags").combine_chunks())
 
     @staticmethod
     def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, dict[str, int]]:
         encoded = column.combine_chunks().dictionary_encode()
         codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
         return codes, {v: i for i, v in enumerate(encoded.dictionary.to_pylist())}
+
+    @staticmethod
+    def _tag_rows(tags: pa.Array) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+        """Positions grouped by tag, ascending and distinct within a tag, and each tag's span."""
+        encoded = pc.list_flatten(tags).dictionary_encode()
+        codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        rows = pc.list_parent_indices(tags).to_numpy(zero_copy_only=False).astype(np.int64)
+        keep = codes >= 0
+        codes, rows = codes[keep], rows[keep]
+        order = np.lexsort((rows, codes))
+        codes, rows = codes[order], rows[order]
+        first = np.ones(len(rows), bool)  # a tag listed twice in one row counts once
+        first[1:] = (codes[1:] != codes[:-1]) | (rows[1:] != rows[:-1])
+        codes, rows = codes[first], rows[first]
+        names = encoded.dictionary.to_pylist()
+        bounds = np.searchsorted(codes, np.arange(len(names) + 1))
+        spans = {t: (int(bounds[i]), int(bounds[i + 1])) for i, t in enumerate(names)}
+        return rows, spans
 
     def _first_at_most(self, value: float) -> int:
         return self.nan + int(np.searchsorted(self.neg, -value, "left"))
@@ -328,8 +375,9 @@ class EntropyOrder:
         lang: str | None,
         cursor: tuple[float, str] | None,
         limit: int,
-    ) -> list[tuple[str, float]]:
-        """(id, entropy) of the first ``limit`` rows of the range after the cursor."""
+        tag: str | None = None,
+    ) -> list[tuple[str, float, str]]:
+        """(id, entropy, identity type) of the first ``limit`` rows of the range after the cursor."""
         start = 0 if high is None else self._first_at_most(high)
         end = len(self.ids) if low is None else self._after_last_at_least(low)
         if cursor is not None:
@@ -343,19 +391,24 @@ class EntropyOrder:
                 if value not in table:
                     return []
                 wanted.append((codes, table[value]))
+        rows: np.ndarray | None = None  # the positions a tag filter allows, ascending
+        if tag is not None:
+            if tag not in self.tag_spans:
+                return []
+            rows = self.tag_rows[slice(*self.tag_spans[tag])]
+            rows = rows[np.searchsorted(rows, start) : np.searchsorted(rows, end)]
+        total = max(0, end - start) if rows is None else len(rows)
         found: list[int] = []
-        step = 4 * limit
-        while start < end and len(found) < limit:
-            stop = min(end, start + step)
-            if wanted:
-                mask = np.ones(stop - start, bool)
-                for codes, code in wanted:
-                    mask &= codes[start:stop] == code
-                found.extend((start + np.flatnonzero(mask)[: limit - len(found)]).tolist())
-            else:
-                found.extend(range(start, min(stop, start + limit - len(found))))
-            start, step = stop, step * 4
-        return [(self.ids[i], float(self.entropy[i])) for i in found]
+        at, step = 0, 4 * limit
+        while at < total and len(found) < limit:
+            stop = min(total, at + step)
+            chunk = np.arange(start + at, start + stop) if rows is None else rows[at:stop]
+            for codes, code in wanted:
+                chunk = chunk[codes[chunk] == code]
+            found.extend(chunk[: limit - len(found)].tolist())
+            at, step = stop, step * 4
+        names = self.type_names
+        return [(self.ids[i], float(self.entropy[i]), names[self.types[i]]) for i in found]
 
 
 class ReadSnapshot:
@@ -385,14 +438,12 @@ class ReadSnapshot:
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         return self._con.cursor()
 
-    def entropy_order(self) -> EntropyOrder | None:
-        """The entropy order of identities (None in the legacy stages: the SQL answers)."""
-        if self.source != "new":
-            return None
+    def entropy_order(self) -> EntropyOrder:
+        """The entropy order of the store the stage reads (built on first use)."""
         with self._lock:
             if self._entropy is None:
                 with self._cursor() as cur:
-                    self._entropy = EntropyOrder(cur)
+                    self._entropy = EntropyOrder(cur, self.source)
             return self._entropy
 
     def postings(self) -> textsearch.Postings:
@@ -442,7 +493,10 @@ def find_identities_by_entropy(
     """Identities with entropy in [min_entropy, max_entropy], highest first (ties by id).
 
     ``snapshot``: the in-memory order of this read-only database (``ReadSnapshot``), used
-    for the identities store without a tag filter (tags live in the JSON documents).
+    for the store it was built from: in the legacy stages its entropies are the legacy rows'
+    own (the bulk formulas, computed at load), so a page holds exactly the rows and values
+    the scan would. Without one, a page is one SQL statement (in the legacy stages a scan
+    of both legacy tables, which computes every row's entropy).
     """
     low = _check_number("min_entropy", min_entropy)
     high = _check_number("max_entropy", max_entropy)
@@ -463,23 +517,20 @@ def find_identities_by_entropy(
         "c_id": c_id,
         "limit": limit + 1,
     }
-    order = snapshot.entropy_order() if snapshot is not None and tag is None else None
-    if source == "new":
-        if order is not None and snapshot is not None and snapshot.source == source:
-            keys = order.page(
-                low,
-                high,
-                identity_type=params["type"],
-                lang=lang,
-                cursor=None if c_entropy is None else (c_entropy, c_id),
-                limit=limit + 1,
-            )
-        else:
-            keys = con.execute(
-                NEW_ENTROPY_TAG_KEYS_SQL if tag is not None else NEW_ENTROPY_KEYS_SQL, params
-            ).fetchall()
-        found = _identities_by_ids(con, [k[0] for k in keys], source)
-        hits = [Hit(found[k][0], e) for k, e in keys if k in found]
+    if snapshot is not None and snapshot.source == source:
+        keys = snapshot.entropy_order().page(
+            low,
+            high,
+            identity_type=params["type"],
+            lang=lang,
+            tag=tag,
+            cursor=None if c_entropy is None else (c_entropy, c_id),
+            limit=limit + 1,
+        )
+        hits = _hits(con, keys, source)
+    elif source == "new":
+        sql = NEW_ENTROPY_TAG_KEYS_SQL if tag is not None else NEW_ENTROPY_KEYS_SQL
+        hits = _hits(con, [(k, e, None) for k, e in con.execute(sql, params).fetchall()], source)
     else:
         rows = con.execute(LEGACY_ENTROPY_PAGE_SQL, params).fetchall()
         hits = [Hit(identity_from_legacy_row(r), r[11]) for r in rows]
@@ -591,6 +642,27 @@ def search_semantic(
     found = _identities_by_ids(con, [key for key, _ in nearest], source)
     hits = [Hit(found[k][0], found[k][1], s) for k, s in nearest if k in found]
     return Page(hits, source, paging="none")
+
+
+def _hits(
+    con: duckdb.DuckDBPyConnection, keys: list[tuple[str, float, str | None]], source: str
+) -> list[Hit]:
+    """The hits of a page's (id, entropy, identity type) keys, in that order, the rows read
+    by primary key; the entropy is the key's. A legacy key names its table by its type."""
+    if source == "new":
+        found = _identities_by_ids(con, [k for k, _, _ in keys], source)
+        return [Hit(found[k][0], e) for k, e, _ in keys if k in found]
+    by_type: dict[str, dict[str, Identity]] = {}
+    for kind, sql, from_row in (
+        ("geoid", LEGACY_GEOIDS_BY_IDS_SQL, geoid_from_row),
+        ("scar", LEGACY_SCARS_BY_IDS_SQL, scar_from_row),
+    ):
+        ids = [k for k, _, t in keys if t == kind]
+        rows = (
+            con.execute(sql.format(marks=", ".join("?" * len(ids))), ids).fetchall() if ids else []
+        )
+        by_type[kind] = {r[0]: from_row(r).to_identity() for r in rows}
+    return [Hit(by_type[t][k], e) for k, e, t in keys if k in by_type.get(t or "", {})]
 
 
 def _identities_by_ids(
