@@ -3,7 +3,7 @@
 ``RemoteConnection`` answers the calls the project makes on a DuckDB connection:
 ``execute(sql, params)`` (returns itself, as DuckDB's does), ``executemany``, ``fetchone``,
 ``fetchall``, ``fetchmany``, ``description``, ``arrow()`` (a RecordBatchReader, as DuckDB
-1.5's), ``fetch_arrow_table()``, ``register(name, arrow)``, ``unregister``,
+1.5's), ``to_arrow_table()`` (and its old name ``fetch_arrow_table()``), ``register(name, arrow)``, ``unregister``,
 ``create_function`` / ``remove_function`` (a function of a ``kimera_core.`` module, imported
 by name on the server), ``cursor()`` (a new connection: its own server-side cursor and
 transaction context), ``close`` and the context manager. One request, one reply; each
@@ -130,10 +130,12 @@ class RemoteConnection:
         reply, _ = self._call({"op": "fetch", "size": size})
         return [tuple(decode_value(row)) for row in reply["rows"]]
 
-    def fetch_arrow_table(self) -> pa.Table:
+    def to_arrow_table(self) -> pa.Table:
         """The rest of the result as an Arrow table."""
         _reply, payload = self._call({"op": "arrow"})
         return arrow_reader(payload).read_all()
+
+    fetch_arrow_table = to_arrow_table  # DuckDB's older name for it
 
     def arrow(self) -> pa.RecordBatchReader:
         """The rest of the result as a RecordBatchReader (what DuckDB 1.5's ``arrow()`` gives)."""

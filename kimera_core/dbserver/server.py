@@ -51,6 +51,7 @@ from kimera_core.dbserver.protocol import (
 from kimera_core.legacy import create_legacy_schema
 
 AUTH_TIMEOUT_SECONDS = 10.0
+STOP_TIMEOUT_SECONDS = 20.0
 UDF_MODULE_PREFIX = "kimera_core."
 UDF_OPTIONS = ("type", "null_handling", "exception_handling", "side_effects")
 
@@ -100,7 +101,8 @@ class DatabaseServer:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._listener: _Listener | None = None
         self._lock = threading.Lock()
-        self._clients: dict[socket.socket, ClientInfo] = {}
+        self._clients: dict[socket.socket, tuple[ClientInfo, duckdb.DuckDBPyConnection]] = {}
+        self._stopping = False
         self.started_at = time.time()
 
     # --- life cycle -------------------------------------------------------------------
@@ -126,23 +128,31 @@ class DatabaseServer:
         self._listener.serve_forever(poll_interval=0.2)
 
     def stop(self) -> None:
-        """Stop listening, drop every client (their transactions roll back), checkpoint, close."""
+        """Stop listening, drop every client (their transactions roll back), checkpoint, close.
+
+        Each client's thread rolls back and closes its own cursor; the file is closed only
+        when every one has (a running statement is interrupted first), never under them.
+        """
+        with self._lock:
+            self._stopping = True
+            clients = list(self._clients.items())
         if self._listener is not None:
             self._listener.shutdown()
             self._listener.server_close()
-        with self._lock:
-            sockets = list(self._clients)
-        for sock in sockets:
+        for sock, (_info, cur) in clients:
+            with contextlib.suppress(duckdb.Error):
+                cur.interrupt()
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
         while self.client_count() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self._con is not None:
+            time.sleep(0.02)
+        with self._lock:
+            con, self._con = self._con, None
+        if con is not None and not self.client_count():
             with contextlib.suppress(duckdb.Error):
-                checkpoint(self._con)
-            self._con.close()
-            self._con = None
+                checkpoint(con)
+            con.close()
 
     # --- state ------------------------------------------------------------------------
     def client_count(self) -> int:
@@ -152,9 +162,9 @@ class DatabaseServer:
     def status(self) -> dict[str, Any]:
         """Health: the file, this server's pid, DuckDB release, uptime and the clients."""
         with self._lock:
-            clients = [info.to_dict() for info in self._clients.values()]
+            clients = [info.to_dict() for info, _cur in self._clients.values()]
         return {
-            "healthy": self._con is not None,
+            "healthy": self._con is not None and not self._stopping,
             "database": str(self.path),
             "pid": os.getpid(),
             "duckdb": duckdb.__version__,
@@ -164,12 +174,6 @@ class DatabaseServer:
             "client_list": clients,
         }
 
-    def _cursor(self) -> duckdb.DuckDBPyConnection:
-        with self._lock:  # cursor() touches the shared connection
-            if self._con is None:
-                raise duckdb.ConnectionException("the database server is stopping")
-            return self._con.cursor()
-
     # --- one client -------------------------------------------------------------------
     def handle(self, sock: socket.socket, peer: str) -> None:
         """Serve one client connection until it closes (run in the connection's thread)."""
@@ -178,11 +182,15 @@ class DatabaseServer:
         info = self._authenticate(sock, peer)
         if info is None:
             return
-        cur = self._cursor()
-        with self._lock:
-            self._clients[sock] = info
+        with self._lock:  # registered with its cursor at once: stop() waits for it
+            if self._con is None or self._stopping:
+                return
+            cur = self._con.cursor()
+            self._clients[sock] = (info, cur)
         self._log(f"client connected: {peer} pid {info.pid} ({info.program})")
         try:
+            # counted before it is told: a status right after connecting includes it
+            send_frame(sock, {"ok": True, "duckdb": duckdb.__version__, "database": str(self.path)})
             session = _Session(self, cur)
             while True:
                 frame = recv_frame(sock)
@@ -196,12 +204,12 @@ class DatabaseServer:
         except (OSError, ProtocolError, ValueError):
             pass  # the client went away mid-frame: its transaction rolls back below
         finally:
-            with self._lock:
-                self._clients.pop(sock, None)
             with contextlib.suppress(duckdb.Error):
                 cur.execute("ROLLBACK")  # no-op error when no transaction is open
             with contextlib.suppress(duckdb.Error):
                 cur.close()
+            with self._lock:  # only now: stop() closes the file when no cursor is left
+                self._clients.pop(sock, None)
             self._log(f"client gone: {peer} pid {info.pid}")
 
     def _authenticate(self, sock: socket.socket, peer: str) -> ClientInfo | None:
@@ -226,7 +234,6 @@ class DatabaseServer:
         sock.settimeout(None)
         pid = header.get("pid")
         program = header.get("program")
-        send_frame(sock, {"ok": True, "duckdb": duckdb.__version__, "database": str(self.path)})
         return ClientInfo(
             peer=peer,
             pid=pid if isinstance(pid, int) else None,
@@ -267,7 +274,7 @@ class _Session:
         return {"ok": True, "rows": [encode_value(list(row)) for row in rows]}, b""
 
     def op_arrow(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
-        return {"ok": True}, arrow_to_bytes(self.cur.fetch_arrow_table())
+        return {"ok": True}, arrow_to_bytes(self.cur.to_arrow_table())
 
     def op_register(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
         self.cur.register(header["name"], arrow_reader(body).read_all())
