@@ -6,6 +6,7 @@ import contextlib
 import http.server
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -119,6 +120,61 @@ def graphql(port: int, query: str, variables: dict | None = None) -> dict:
     return payload["data"]
 
 
+def start_dagster_dev(tmp: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int, Path]:
+    """(process, port, log path) of a new `dagster dev` with DAGSTER_HOME under ``tmp``.
+
+    ``env`` is added to this process's environment (``KIMERA_DB``: a file or a database
+    server's address, ``KIMERA_DB_TOKEN``, ...). Waits until the webserver answers and the
+    code location is loaded; the caller stops it with ``stop_process_group`` (the log file
+    stays open in the child only).
+    """
+    home = tmp / "dagster_home"
+    home.mkdir()
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    port = free_port()
+    log_path = tmp / "dagster_dev.log"
+    dagster = Path(sys.executable).parent / "dagster"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [
+                str(dagster),
+                "dev",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-w",
+                str(ROOT / "workspace.yaml"),
+            ],
+            cwd=ROOT,
+            env={**os.environ, "DAGSTER_HOME": str(home), **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(
+            lambda: (
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2).status
+                == 200
+            ),
+            timeout=180,
+            what="dagster webserver",
+        )
+        wait_until(
+            lambda: graphql(
+                port,
+                "{ repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }",
+            )["repositoriesOrError"]["nodes"],
+            timeout=120,
+            what="code location",
+        )
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return proc, port, log_path
+
+
 def shared_dagster_dev(request, tmp_path_factory):
     """(port, db path, log path) of one `dagster dev` for the whole session, started on demand.
 
@@ -127,55 +183,15 @@ def shared_dagster_dev(request, tmp_path_factory):
     if "port" in _DAGSTER_DEV:
         return _DAGSTER_DEV["port"], _DAGSTER_DEV["db"], _DAGSTER_DEV["log"]
     tmp = tmp_path_factory.mktemp("dagster_dev")
-    home = tmp / "dagster_home"
-    home.mkdir()
-    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     db = tmp / "kimera.duckdb"
     generate_demo_data(db, geoids=1000, scars=400, seed=11, broken_share=0.02)
-    port = free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(home), "KIMERA_DB": str(db)}
-    log_path = tmp / "dagster_dev.log"
-    log = log_path.open("w")
-    dagster = Path(sys.executable).parent / "dagster"
-    proc = subprocess.Popen(
-        [
-            str(dagster),
-            "dev",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-w",
-            str(ROOT / "workspace.yaml"),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc, port, log_path = start_dagster_dev(tmp, {"KIMERA_DB": str(db)})
 
     def stop() -> None:
         stop_process_group(proc)
-        log.close()
         _DAGSTER_DEV.clear()
 
     request.addfinalizer(stop)
-    wait_until(
-        lambda: (
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2).status == 200
-        ),
-        timeout=180,
-        what="dagster webserver",
-    )
-    wait_until(
-        lambda: graphql(
-            port,
-            "{ repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }",
-        )["repositoriesOrError"]["nodes"],
-        timeout=120,
-        what="code location",
-    )
     _DAGSTER_DEV.update(port=port, db=db, log=log_path)
     return port, db, log_path
 
@@ -215,3 +231,56 @@ def check_executions(port: int, check: str, asset: str = "identities", limit: in
         {"key": {"path": [asset]}, "check": check, "limit": limit},
     )
     return data["assetCheckExecutions"]
+
+
+def run_logs(port: int, run_id: str) -> list[str]:
+    """Every event message of a run (step logs, engine events), a step failure's error after it."""
+    data = graphql(
+        port,
+        """query($runId: ID!) { logsForRun(runId: $runId, limit: 10000) {
+             ... on EventConnection { events {
+               ... on MessageEvent { message }
+               ... on ExecutionStepFailureEvent { error { message } } } } } }""",
+        {"runId": run_id},
+    )
+    lines = []
+    for event in data["logsForRun"]["events"]:
+        lines.append(event.get("message") or "")
+        if event.get("error"):
+            lines.append(event["error"]["message"])
+    return lines
+
+
+# --- a real `kimera db serve` (server mode, docs/deployment.md) ----------------------------------
+@contextlib.contextmanager
+def kimera_db_server(db: Path, token: str, log_path: Path) -> Iterator[tuple[str, int]]:
+    """(address, pid) of `kimera db serve --db db` on a free 127.0.0.1 port; stopped by PID.
+
+    The token goes through ``KIMERA_DB_TOKEN`` (never the command line); the server's
+    stderr goes to ``log_path``. On exit: SIGTERM to its PID (clients dropped, the file
+    checkpointed and closed), SIGKILL if it has not stopped within 30 s.
+    """
+    kimera = Path(sys.executable).parent / "kimera"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [str(kimera), "db", "serve", "--db", str(db), "--port", "0"],
+            env={**os.environ, "KIMERA_DB_TOKEN": token},
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        address = proc.stdout.readline().strip() if ready else ""
+        if not address.startswith("kimera://"):
+            raise RuntimeError(f"kimera db serve did not start: {address!r}")
+        yield address, proc.pid
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        proc.stdout.close()
