@@ -1,21 +1,26 @@
-"""Query latency on 1 M identities: through the HTTP API and in-process, p50 / p99.
+"""Query latency on 1 M identities in a stage that reads legacy and in read-new, p50 / p99.
 
     python bench/bench_query.py [--geoids 700000 --scars 300000] [--queries 300]
 
 Builds (once, reused) a demo database of geoids + scars, migrates it, sets the stage to
-read-new (reads from identities) and builds the text index; then runs the same random
-queries (entropy range, text search, by-id lookup) three ways, back to back per query:
-through a real `kimera serve` over HTTP (one keep-alive client, sequential), in-process as
-the server runs them (with the ReadSnapshot of the read-only file), and in-process through
-SQL only. Semantic search: bench/bench_semantic.py. Prints JSON; docs/benchmarks.md
-records a run.
+read-new (reads from identities) and builds the text index from identities; and a copy in
+`verified` (dual write on, backfill done, reads from the legacy tables) with the text index
+built from legacy. Then runs the same random queries (entropy range, text search, by-id
+lookup) against both, back to back per query so that load from other processes hits all
+alike: through a real `kimera serve` per file over HTTP (one keep-alive client each,
+sequential), in-process as the server runs them (with the ReadSnapshot of the read-only
+file), and in-process through SQL only (for the legacy file only the first
+--legacy-sql-queries of each kind: there an entropy page is a scan of both legacy tables).
+Semantic search: bench/bench_semantic.py. Prints JSON; docs/benchmarks.md records runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,6 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import httpx
@@ -36,6 +42,12 @@ from kimera_core import query, textsearch  # noqa: E402
 from kimera_core.demo import generate_demo_data  # noqa: E402
 from kimera_core.migration import migrate  # noqa: E402
 from kimera_core.rollout import set_stage  # noqa: E402
+
+# dual write on, backfill complete and verified, reads still from the legacy tables
+LEGACY_STAGE = "verified"
+STORES = ("legacy", "new")
+KINDS = ("entropy", "text", "by_id")
+TARGET_MS = {"p50_ms": 20.0, "p99_ms": 50.0}
 
 WORDS = [
     "river",
@@ -87,6 +99,23 @@ def prepare(path: Path, geoids: int, scars: int) -> dict[str, float]:
     return timings
 
 
+def prepare_legacy(path: Path, legacy: Path) -> dict[str, float]:
+    """A copy of the read-new database in ``LEGACY_STAGE``, text indexed from legacy."""
+    timings: dict[str, float] = {}
+    if legacy.exists():
+        return timings
+    partial = legacy.with_suffix(".partial")
+    shutil.copy(path, partial)
+    with duckdb.connect(str(partial)) as con:
+        set_stage(con, LEGACY_STAGE, "bench", "query benchmark, legacy reads")
+        t = time.perf_counter()
+        textsearch.build_text_index(con, "legacy")
+        timings["legacy_text_index_s"] = round(time.perf_counter() - t, 1)
+        con.execute("CHECKPOINT")
+    partial.rename(legacy)
+    return timings
+
+
 def workload(con: duckdb.DuckDBPyConnection, n: int, seed: int) -> list[tuple[str, dict]]:
     rng = random.Random(seed)
     ids = [
@@ -132,12 +161,13 @@ def served(path: Path, facts: dict) -> Iterator[httpx.Client]:
     its start-up time (with the snapshot load) and its peak memory."""
     port = free_port()
     kimera = Path(sys.executable).parent / "kimera"
-    proc = subprocess.Popen(
-        [str(kimera), "serve", "--db", str(path), "--port", str(port), "--no-index"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with path.with_suffix(".serve.log").open("w") as log:  # why a server did not start
+        proc = subprocess.Popen(
+            [str(kimera), "serve", "--db", str(path), "--port", str(port), "--no-index"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     t = time.perf_counter()
     try:
@@ -154,36 +184,57 @@ def served(path: Path, facts: dict) -> Iterator[httpx.Client]:
 
 
 def side_by_side(
-    con: duckdb.DuckDBPyConnection,
-    snapshot: query.ReadSnapshot,
-    client: httpx.Client,
+    cons: dict[str, duckdb.DuckDBPyConnection],
+    snapshots: dict[str, query.ReadSnapshot],
+    clients: dict[str, httpx.Client],
     plan: list[tuple[str, dict]],
+    legacy_sql_queries: int,
 ) -> dict:
-    """Each query three ways back to back (so load from other processes hits all alike):
-    over HTTP, in-process as the server runs it (snapshot), in-process through SQL only."""
-    ways = {
-        "http": lambda k, p: request(client, k, p),
-        "in_process": lambda k, p: call(con, k, p, snapshot),
-        "in_process_sql": lambda k, p: call(con, k, p, None),
-    }
+    """Each query every way against both stores, back to back: over HTTP, in-process as the
+    server runs it (snapshot), in-process through SQL only (legacy: the first few only)."""
+    ways: dict[tuple[str, str], Any] = {}
+    for store in STORES:
+        con, snapshot, client = cons[store], snapshots[store], clients[store]
+        ways[store, "http"] = lambda k, p, c=client: request(c, k, p)
+        ways[store, "in_process"] = lambda k, p, c=con, s=snapshot: call(c, k, p, s)
+        ways[store, "in_process_sql"] = lambda k, p, c=con: call(c, k, p, None)
     for kind, p in plan[:30]:  # warm-up: connection, DuckDB buffers, code paths
-        for way in ways.values():
-            way(kind, p)
-    times = {w: {"entropy": [], "text": [], "by_id": []} for w in ways}
+        for (store, way), run in ways.items():
+            if store == "new" or way != "in_process_sql":
+                run(kind, p)
+    times = {w: {k: [] for k in KINDS} for w in ways}
     for kind, p in plan:
-        for name, way in ways.items():
+        for (store, way), run in ways.items():
+            scan = (store, way) == ("legacy", "in_process_sql")
+            if scan and len(times[store, way][kind]) >= legacy_sql_queries:
+                continue
             t = time.perf_counter()
-            way(kind, p)
-            times[name][kind].append((time.perf_counter() - t) * 1000)
-    out: dict = {w: {k: summary(v) for k, v in kinds.items()} for w, kinds in times.items()}
-    out["http_over_in_process_p50"] = {
-        k: round(out["http"][k]["p50_ms"] / out["in_process"][k]["p50_ms"], 2)
-        for k in times["http"]
+            run(kind, p)
+            times[store, way][kind].append((time.perf_counter() - t) * 1000)
+    out: dict = {store: {} for store in STORES}
+    for (store, way), kinds in times.items():
+        out[store][way] = {k: summary(v) for k, v in kinds.items() if v}
+    for store in STORES:
+        result = out[store]
+        result["http_over_in_process_p50"] = {
+            k: round(result["http"][k]["p50_ms"] / result["in_process"][k]["p50_ms"], 2)
+            for k in KINDS
+        }
+        result["sql_over_snapshot_p50"] = {
+            k: round(result["in_process_sql"][k]["p50_ms"] / result["in_process"][k]["p50_ms"], 2)
+            for k in KINDS
+            if k in result["in_process_sql"]
+        }
+    out["http_legacy_over_new_p50"] = {
+        k: round(out["legacy"]["http"][k]["p50_ms"] / out["new"]["http"][k]["p50_ms"], 2)
+        for k in KINDS
     }
-    out["sql_over_snapshot_p50"] = {
-        k: round(out["in_process_sql"][k]["p50_ms"] / out["in_process"][k]["p50_ms"], 2)
-        for k in times["http"]
-    }
+    out["http_targets_met"] = all(
+        out[store]["http"][k][m] <= limit
+        for store in STORES
+        for k in KINDS
+        for m, limit in TARGET_MS.items()
+    )
     return out
 
 
@@ -193,18 +244,36 @@ def main() -> None:
     parser.add_argument("--geoids", type=int, default=700_000)
     parser.add_argument("--scars", type=int, default=300_000)
     parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--legacy-sql-queries", type=int, default=10)
     args = parser.parse_args()
-    out: dict = {"duckdb": duckdb.__version__}
-    out["prepare"] = prepare(args.db, args.geoids, args.scars)
-    with duckdb.connect(str(args.db), read_only=True) as con:
-        out["identities"] = con.execute("SELECT count(*) FROM identities").fetchone()[0]
-        plan = workload(con, args.queries, seed=3)
-        t = time.perf_counter()
-        snapshot = query.ReadSnapshot(con)
-        snapshot.warm()
-        out["snapshot_load_s"] = round(time.perf_counter() - t, 1)
-        with served(args.db, out) as client:
-            out.update(side_by_side(con, snapshot, client, plan))
+    paths = {"new": args.db, "legacy": args.db.with_name(args.db.stem + "_legacy.duckdb")}
+    out: dict = {"duckdb": duckdb.__version__, "legacy_stage": LEGACY_STAGE}
+    out["prepare"] = prepare(paths["new"], args.geoids, args.scars)
+    out["prepare"].update(prepare_legacy(paths["new"], paths["legacy"]))
+    with contextlib.ExitStack() as stack:
+        cons, snapshots, clients = {}, {}, {}
+        for store in STORES:
+            con = stack.enter_context(duckdb.connect(str(paths[store]), read_only=True))
+            cons[store] = con
+            t = time.perf_counter()
+            snapshots[store] = query.ReadSnapshot(con)
+            if snapshots[store].source != store:
+                raise SystemExit(f"{paths[store]} reads {snapshots[store].source}, not {store}")
+            snapshots[store].warm()
+            out[f"{store}_snapshot_load_s"] = round(time.perf_counter() - t, 1)
+        out["identities"] = cons["new"].execute("SELECT count(*) FROM identities").fetchone()[0]
+        out["legacy_rows"] = (
+            cons["legacy"]
+            .execute(
+                "SELECT (SELECT count(*) FROM legacy_geoids) + (SELECT count(*) FROM legacy_scars)"
+            )
+            .fetchone()[0]
+        )
+        plan = workload(cons["new"], args.queries, seed=3)
+        for store in STORES:
+            facts = out.setdefault(f"{store}_serve", {})
+            clients[store] = stack.enter_context(served(paths[store], facts))
+        out.update(side_by_side(cons, snapshots, clients, plan, args.legacy_sql_queries))
     print(json.dumps(out, indent=2, ensure_ascii=False))
 
 

@@ -517,6 +517,7 @@ def find_identities_by_entropy(
         "c_id": c_id,
         "limit": limit + 1,
     }
+    rows: list[tuple[Any, ...]] | None = None
     if snapshot is not None and snapshot.source == source:
         keys = snapshot.entropy_order().page(
             low,
@@ -527,18 +528,20 @@ def find_identities_by_entropy(
             cursor=None if c_entropy is None else (c_entropy, c_id),
             limit=limit + 1,
         )
-        hits = _hits(con, keys, source)
     elif source == "new":
         sql = NEW_ENTROPY_TAG_KEYS_SQL if tag is not None else NEW_ENTROPY_KEYS_SQL
-        hits = _hits(con, [(k, e, None) for k, e in con.execute(sql, params).fetchall()], source)
+        keys = [(k, e, None) for k, e in con.execute(sql, params).fetchall()]
     else:
         rows = con.execute(LEGACY_ENTROPY_PAGE_SQL, params).fetchall()
-        hits = [Hit(identity_from_legacy_row(r), r[11]) for r in rows]
+        keys = [(r[1], r[11], r[0]) for r in rows]
+    if rows is None:  # the key after the page only says there is a next page: not read
+        hits = _hits(con, keys[:limit], source)
+    else:
+        hits = [Hit(identity_from_legacy_row(r), r[11]) for r in rows[:limit]]
     next_cursor = None
-    if len(hits) > limit:
-        hits = hits[:limit]
-        last = hits[-1]
-        next_cursor = encode_cursor([last.entropy, last.identity.id])
+    if len(keys) > limit:
+        key, entropy, _ = keys[limit - 1]
+        next_cursor = encode_cursor([entropy, key])
     return Page(hits, source, next_cursor)
 
 
@@ -657,28 +660,37 @@ def _hits(
         ("geoid", LEGACY_GEOIDS_BY_IDS_SQL, geoid_from_row),
         ("scar", LEGACY_SCARS_BY_IDS_SQL, scar_from_row),
     ):
-        ids = [k for k, _, t in keys if t == kind]
-        rows = (
-            con.execute(sql.format(marks=", ".join("?" * len(ids))), ids).fetchall() if ids else []
-        )
+        rows = _rows_by_keys(con, sql, [k for k, _, t in keys if t == kind])
         by_type[kind] = {r[0]: from_row(r).to_identity() for r in rows}
     return [Hit(by_type[t][k], e) for k, e, t in keys if k in by_type.get(t or "", {})]
+
+
+# Keys per statement of a by-keys read: DuckDB (dynamic_or_filter_threshold, 50 in 1.5)
+# pushes the keys of an IN list into the table scan as a filter only up to this many; a 51st
+# key doubled the read's time at a million rows (measured), so larger pages read in chunks.
+KEYS_PER_READ = 50
+
+
+def _rows_by_keys(con: duckdb.DuckDBPyConnection, sql: str, keys: list[str]) -> list[tuple]:
+    """The rows of ``sql`` (a by-keys read with a ``{marks}`` IN list) for ``keys``."""
+    assert len(keys) <= MAX_LIMIT + 1
+    rows: list[tuple] = []
+    for at in range(0, len(keys), KEYS_PER_READ):
+        chunk = keys[at : at + KEYS_PER_READ]
+        rows += con.execute(sql.format(marks=", ".join("?" * len(chunk))), chunk).fetchall()
+    return rows
 
 
 def _identities_by_ids(
     con: duckdb.DuckDBPyConnection, ids: list[str], source: str
 ) -> dict[str, tuple[Identity, float | None]]:
-    if not ids:
-        return {}
-    assert len(ids) <= MAX_LIMIT + 1
-    marks = ", ".join("?" * len(ids))
     out: dict[str, tuple[Identity, float | None]] = {}
     if source == "new":
-        for data, entropy in con.execute(NEW_BY_IDS_SQL.format(marks=marks), ids).fetchall():
+        for data, entropy in _rows_by_keys(con, NEW_BY_IDS_SQL, ids):
             identity = Identity.from_document(data)
             out[identity.id] = (identity, entropy)
         return out
-    for row in con.execute(LEGACY_GEOIDS_BY_IDS_SQL.format(marks=marks), ids).fetchall():
+    for row in _rows_by_keys(con, LEGACY_GEOIDS_BY_IDS_SQL, ids):
         identity = geoid_from_row(row).to_identity()
         out[identity.id] = (identity, identity_entropy(identity))
     return out
