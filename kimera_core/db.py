@@ -38,12 +38,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 
 from kimera_core.dbserver import client as dbclient
 from kimera_core.dbserver.protocol import is_address
 from kimera_core.errors import DatabaseOpenError
+
+T = TypeVar("T")
 
 MAGIC = b"DUCK"
 HEADER_BYTES = 4096 + 2 * 4096  # main header and the two database headers
@@ -290,6 +293,50 @@ def transaction(
             con.execute("ROLLBACK")
         raise
     con.execute("COMMIT" if commit else "ROLLBACK")
+
+
+# DuckDB aborts a transaction that wrote what a concurrent one wrote first (MVCC, optimistic):
+# "Conflict on update!", "Conflict on tuple deletion!", "Catalog write-write conflict on
+# create ...", or at COMMIT "Failed to commit: PRIMARY KEY or UNIQUE constraint violation"
+# for a key another transaction inserted meanwhile. Only the server mode (several
+# transactions in one process) meets these; an embedded file has one writer at a time.
+CONFLICT_MARKERS = ("conflict", "failed to commit")
+CONFLICT_ATTEMPTS = 5
+CONFLICT_BACKOFF_SECONDS = 0.01
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is DuckDB aborting a transaction for a concurrent one's write."""
+    text = str(exc).lower()
+    return isinstance(exc, duckdb.TransactionException) and any(
+        marker in text for marker in CONFLICT_MARKERS
+    )
+
+
+def retry_conflicts(
+    con: duckdb.DuckDBPyConnection,
+    work: Callable[[duckdb.DuckDBPyConnection], T],
+    *,
+    attempts: int = CONFLICT_ATTEMPTS,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """``work(con)`` in one ``transaction``; run again (rolled back first) when DuckDB aborts it
+    for a concurrent transaction's write, up to ``attempts`` times in all, waiting 10, 20,
+    40 ... ms between; returns what ``work`` returns.
+
+    ``work`` must be a whole unit of work that can run again from the start (it reads what it
+    writes from the database, inside the transaction). Any other error, or a conflict on the
+    last attempt, is raised as it came.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with transaction(con):
+                return work(con)
+        except duckdb.TransactionException as exc:
+            if attempt == attempts or not is_conflict(exc):
+                raise
+        sleep(CONFLICT_BACKOFF_SECONDS * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 
 def checkpoint(con: duckdb.DuckDBPyConnection) -> bool:

@@ -11,6 +11,10 @@ application would make them see; dashboards and alerts are proven against these 
 The rate is kept by sleeping to each tick's slot (not a fixed pause after an operation),
 so a slow operation is caught up rather than lowering the rate. The loop stops after
 ``seconds`` or when its stop event is set (``stop_on_signals``: SIGINT, SIGTERM).
+
+``track=True`` keeps every acknowledged write (a store or delete that returned) by id, the
+last one winning: the ids that must be in the stores and those that must not, which the
+online tests check against both stores after the run (a server killed, a migration beside).
 """
 
 from __future__ import annotations
@@ -38,13 +42,33 @@ class WorkloadReport:
     # operation (store, store_invalid, fetch, search, list, find_by_entropy, delete) ->
     # {"success": n, "failure": n}
     operations: dict[str, dict[str, int]] = field(default_factory=dict)
+    # with track=True: id -> True (its last acknowledged write stored it) / False (deleted)
+    acknowledged: dict[str, bool] | None = None
 
     def count(self, operation: str, outcome: str) -> None:
         by_outcome = self.operations.setdefault(operation, {"success": 0, "failure": 0})
         by_outcome[outcome] += 1
 
+    def acknowledge(self, identity_id: str, present: bool) -> None:
+        """Record a write that returned (tracking only): ``present`` after it, or deleted."""
+        if self.acknowledged is not None:
+            self.acknowledged[identity_id] = present
+
+    @property
+    def present_ids(self) -> list[str]:
+        """Ids whose last acknowledged write stored them (tracking only; else empty)."""
+        return sorted(k for k, v in (self.acknowledged or {}).items() if v)
+
+    @property
+    def deleted_ids(self) -> list[str]:
+        """Ids whose last acknowledged write deleted them (tracking only; else empty)."""
+        return sorted(k for k, v in (self.acknowledged or {}).items() if not v)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"seconds": round(self.seconds, 3), "operations": self.operations}
+        out: dict[str, Any] = {"seconds": round(self.seconds, 3), "operations": self.operations}
+        if self.acknowledged is not None:
+            out["acknowledged"] = {"present": self.present_ids, "deleted": self.deleted_ids}
+        return out
 
 
 def random_geoid(rng: random.Random, now: float) -> Identity:
@@ -93,6 +117,7 @@ def run_workload(
     seed: int = 7,
     failure_share: float = 0.0,
     stop: threading.Event | None = None,
+    track: bool = False,
 ) -> WorkloadReport:
     """Drive ``storage`` at ``rate`` operations per second for ``seconds`` (0: until stopped).
 
@@ -100,10 +125,11 @@ def run_workload(
     lists, entropy range queries and deletes. ``failure_share`` of geoid stores carry an
     invalid timestamp (NaN), which the storage refuses: counted as ``store_invalid``
     failures. A ``StorageError`` is counted, never raised; any other exception propagates.
+    ``track``: keep each acknowledged write's id in ``report.acknowledged``.
     """
     rng = random.Random(seed)
     stop = stop or threading.Event()
-    report = WorkloadReport()
+    report = WorkloadReport(acknowledged={} if track else None)
     ids: list[str] = []
     started = time.monotonic()
     interval = 1.0 / rate
@@ -123,12 +149,14 @@ def run_workload(
                 else:
                     operation = "store"
                 storage.store(item)
+                report.acknowledge(item.id, True)
                 ids.append(item.id)
             elif roll < 0.5:
                 operation = "store"
                 geoids = [i for i in ids if not i.startswith("scar_")] or ids
                 item = random_scar(rng, geoids, now)
                 storage.store(item)
+                report.acknowledge(item.id, True)
                 ids.append(item.id)
             elif roll < 0.75:
                 operation = "fetch"
@@ -147,6 +175,7 @@ def run_workload(
                 operation = "delete"
                 victim = ids.pop(rng.randrange(len(ids)))
                 storage.delete(victim)
+                report.acknowledge(victim, False)
             report.count(operation, "success")
         except StorageError:
             report.count(operation, "failure")
