@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import shutil
 import statistics
@@ -273,7 +274,10 @@ def main() -> None:
         for store in STORES:
             facts = out.setdefault(f"{store}_serve", {})
             clients[store] = stack.enter_context(served(paths[store], facts))
+        # the machine is shared: its 1-minute load average around the measured part
+        out["load_average_before"] = round(os.getloadavg()[0], 1)
         out.update(side_by_side(cons, snapshots, clients, plan, args.legacy_sql_queries))
+        out["load_average_after"] = round(os.getloadavg()[0], 1)
     print(json.dumps(out, indent=2, ensure_ascii=False))
 
 

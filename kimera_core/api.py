@@ -99,6 +99,16 @@ class ApiError(Exception):
         self.status, self.error, self.message = status, error, message
 
 
+def _answer(content: dict[str, Any]) -> JSONResponse:
+    """A 200 answer of plain JSON values (``Page.to_dict`` / ``Hit.to_dict``), encoded once.
+
+    Returning the response skips FastAPI's ``jsonable_encoder``, which walks every value of
+    an already plain answer again: 2.6 ms of CPU for a 50-identity page, as much as reading
+    the page's rows. The bytes are the same (Starlette's ``JSONResponse`` encodes both ways).
+    """
+    return JSONResponse(content)
+
+
 def _error(status: int, error: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": error, "message": message, **extra}, status_code=status)
 
@@ -224,15 +234,23 @@ def create_app(
             status = textsearch.index_status(cur, source)
         return {"status": "ok", "stage": stage, "source": source, "text_index": status.to_dict()}
 
-    @app.get("/identities/{identity_id}", summary="One identity by id, with its entropy")
-    def get_identity(identity_id: IdentityId) -> dict[str, Any]:
+    @app.get(
+        "/identities/{identity_id}",
+        summary="One identity by id, with its entropy",
+        response_model=dict[str, Any],
+    )
+    def get_identity(identity_id: IdentityId) -> JSONResponse:
         with cursor() as cur:
             hit = timed("fetch", cur, lambda: query.get_identity(cur, identity_id, source=source()))
         if hit is None:
             raise ApiError(404, "not_found", f"no identity with id {identity_id!r}")
-        return hit.to_dict()
+        return _answer(hit.to_dict())
 
-    @app.get("/identities", summary="Identities by entropy range, highest entropy first")
+    @app.get(
+        "/identities",
+        summary="Identities by entropy range, highest entropy first",
+        response_model=dict[str, Any],
+    )
     def find_by_entropy(
         min_entropy: Entropy = None,
         max_entropy: Entropy = None,
@@ -243,7 +261,7 @@ def create_app(
         tag: Annotated[str | None, Query(max_length=MAX_FILTER_CHARS)] = None,
         limit: Limit = query.DEFAULT_LIMIT,
         cursor_: Cursor = None,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         with cursor() as cur:
             page = timed(
                 "find_by_entropy",
@@ -260,12 +278,16 @@ def create_app(
                     snapshot=snapshot(),
                 ),
             )
-        return page.to_dict()
+        return _answer(page.to_dict())
 
-    @app.get("/identities/{identity_id}/related", summary="The scars that touch an identity")
+    @app.get(
+        "/identities/{identity_id}/related",
+        summary="The scars that touch an identity",
+        response_model=dict[str, Any],
+    )
     def related(
         identity_id: IdentityId, limit: Limit = query.DEFAULT_LIMIT, cursor_: Cursor = None
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         with cursor() as cur:
             if query.get_identity(cur, identity_id, source=source()) is None:
                 raise ApiError(404, "not_found", f"no identity with id {identity_id!r}")
@@ -276,15 +298,19 @@ def create_app(
                     cur, identity_id, limit=limit, cursor=cursor_, source=source()
                 ),
             )
-        return page.to_dict()
+        return _answer(page.to_dict())
 
-    @app.get("/search", summary="Geoids ranked by BM25 relevance to a text")
+    @app.get(
+        "/search",
+        summary="Geoids ranked by BM25 relevance to a text",
+        response_model=dict[str, Any],
+    )
     def search(
         q: TextQuery,
         lang: Annotated[str | None, Query(max_length=MAX_FILTER_CHARS)] = None,
         limit: Annotated[int, Query(ge=1, le=100, description="Page size (1 to 100).")] = 20,
         offset: Annotated[int, Query(ge=0, le=query.MAX_OFFSET)] = 0,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         return searched(
             q,
             lambda cur: query.search_text(
@@ -292,11 +318,11 @@ def create_app(
             ),
         )
 
-    def searched(q: str, call: Callable[[duckdb.DuckDBPyConnection], query.Page]) -> dict:
+    def searched(q: str, call: Callable[[duckdb.DuckDBPyConnection], query.Page]) -> JSONResponse:
         if not q.strip():
             raise ApiError(400, "bad_request", "q must contain a word")
         with cursor() as cur:
-            return timed("search", cur, lambda: call(cur)).to_dict()
+            return _answer(timed("search", cur, lambda: call(cur)).to_dict())
 
     class LockedEncoder:
         """The model, loaded on first use, one text at a time (it is CPU-bound anyway)."""
@@ -307,14 +333,18 @@ def create_app(
                     state["encoder"] = semantic.Encoder()  # SemanticUnavailable: a 503
                 return state["encoder"].encode(texts)
 
-    @app.get("/search/semantic", summary="Geoids nearest in meaning to a text (all-MiniLM-L6-v2)")
+    @app.get(
+        "/search/semantic",
+        summary="Geoids nearest in meaning to a text (all-MiniLM-L6-v2)",
+        response_model=dict[str, Any],
+    )
     def search_semantic(
         q: TextQuery,
         limit: Annotated[
             int,
             Query(ge=1, le=query.MAX_SEMANTIC_LIMIT, description="How many (1 to 50)."),
         ] = 10,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         return searched(
             q,
             lambda cur: query.search_semantic(
