@@ -103,6 +103,7 @@ def verify(
     cache: bool = True,
     strict: bool = False,
     clock: Callable[[], float] = time.time,
+    fast_path: bool = True,
 ) -> VerificationReport:
     """Verify that the legacy tables and identities agree; full, or incremental since the last run.
 
@@ -113,7 +114,9 @@ def verify(
     the digests of rows unchanged since they were cached (kimera_verify_digests) and, when the
     connection is writable, caches the digests it computes; False computes every digest and
     writes nothing. ``strict``: explained exceptions (quarantine, legacy stale) count as
-    failures. ``clock`` gives ``started_at`` (epoch seconds).
+    failures. ``clock`` gives ``started_at`` (epoch seconds). ``fast_path=False`` digests
+    every segment by the normalised forms and uses no cache: the full comparison the fast path
+    (``consistency.expected``) is proven against; the findings are the same, only slower.
     """
     if sample < 0:
         raise ValueError("sample must not be negative")
@@ -145,8 +148,8 @@ def verify(
     rows.clear(con)
     _counts(con, report)
     if base is None:
-        segments.digest_segments(con, report, cache)
         report.checksums["excluded_rows"] = segments.exclude_keys(con)
+        segments.digest_segments(con, report, cache, fast_path)
         _duplicates(con, report, sample, keys=None)
         bits, leaves = segments.bisect(con, report)
         report.checksums["pass_seconds"] = round(

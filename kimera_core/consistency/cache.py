@@ -1,0 +1,149 @@
+"""The digest cache ``kimera_verify_digests``: per source table and fine segment, the sums a
+verification computed, sealed with the recipe they were computed under.
+
+An entry holds, for the rows of one table in one fine segment (``segments.FINE_BITS``):
+``rows``, ``fingerprint_sum`` (a mixed ``hash()`` of the key and every stored column, read
+verbatim, nothing parsed), ``digest_sum`` (the fast digests: for a legacy table the
+``identities`` row the migration writes for each row, ``expected``; for ``identities`` its
+fingerprint), ``normal_sum`` (the normalised digests of ``sources``, NULL when the segment
+was never compared by them) and ``column_mismatches`` (``identities`` rows whose columns
+disagree with their document; 0 for the legacy tables). The seal is
+``hash(recipe, store, segment, rows, fingerprint_sum, digest_sum, column_mismatches,
+normal_sum)``.
+
+Every verification fingerprints every row afresh; a segment takes its cached sums only when
+its row count and fingerprint sum equal the entry's and the seal holds, so rows changed by
+any writer since are digested again (docs/consistency.md gives the argument). An entry is
+written only with sums of the same rows computed in this run or taken from a sealed entry of
+the same rows; a table's entries change in one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import duckdb
+
+from kimera_core.db import transaction
+
+DIGESTS_DDL = """CREATE TABLE IF NOT EXISTS kimera_verify_digests (
+    store TEXT NOT NULL,            -- the source table: legacy_geoids, legacy_scars, identities
+    segment UBIGINT NOT NULL,       -- hash(key) >> (64 - FINE_BITS)
+    rows BIGINT NOT NULL,           -- rows in the segment
+    fingerprint_sum HUGEINT NOT NULL,  -- sum of the rows' fingerprints (stored columns, verbatim)
+    digest_sum HUGEINT NOT NULL,    -- sum of the rows' fast digests (the expected identities row)
+    seal UBIGINT NOT NULL,          -- hash(recipe, store, segment, rows, fingerprint_sum,
+                                    --      digest_sum, column_mismatches, normal_sum)
+    column_mismatches BIGINT,       -- identities rows whose columns disagree with the document
+    normal_sum HUGEINT              -- sum of the rows' normalised digests, when computed
+)"""
+# A cache of an older layout gains the columns; its entries fail the seal (another recipe).
+DIGESTS_UPGRADE_SQL: tuple[str, ...] = (
+    "ALTER TABLE kimera_verify_digests ADD COLUMN IF NOT EXISTS column_mismatches BIGINT",
+    "ALTER TABLE kimera_verify_digests ADD COLUMN IF NOT EXISTS normal_sum HUGEINT",
+)
+LAYOUT_SQL = """
+SELECT count(*) FILTER (WHERE column_name = 'normal_sum'), count(*)
+FROM information_schema.columns
+WHERE table_catalog = current_database() AND table_schema = 'main'
+  AND table_name = 'kimera_verify_digests'
+"""
+_SEAL = (
+    "hash($recipe, store, segment, rows, fingerprint_sum, digest_sum, column_mismatches, "
+    "normal_sum)"
+)
+# The cached sums of each segment of {fp} (seg, n, fsum) whose rows and fingerprint sum are
+# unchanged: an entry counts only if its seal holds.
+LOOKUP_SQL = f"""
+SELECT f.seg, f.n, f.fsum, c.digest_sum AS xsum, c.normal_sum AS nsum, c.column_mismatches AS bad,
+       c.segment IS NOT NULL AS hit
+FROM {{fp}} f LEFT JOIN (
+    SELECT segment, rows, fingerprint_sum, digest_sum, normal_sum, column_mismatches
+    FROM kimera_verify_digests WHERE store = $store AND seal = {_SEAL}) c
+ON f.seg = c.segment AND f.n = c.rows AND f.fsum = c.fingerprint_sum
+"""
+STATS_SQL = f"""
+SELECT store, count(*) AS entries, count(*) FILTER (WHERE seal = {_SEAL}) AS sealed
+FROM kimera_verify_digests GROUP BY store
+"""
+# Keep only the store's sealed entries of {table}'s segments that are not ``dirty`` (about to
+# be rewritten): stale, rejected and emptied segments go; with {all}, every entry goes.
+PRUNE_SQL = f"""
+DELETE FROM kimera_verify_digests WHERE store = $store AND ({{all}}
+    OR seal IS DISTINCT FROM {_SEAL}
+    OR segment NOT IN (SELECT seg FROM {{table}} WHERE NOT dirty))
+"""
+WRITE_SQL = """
+INSERT INTO kimera_verify_digests
+    (store, segment, rows, fingerprint_sum, digest_sum, seal, column_mismatches, normal_sum)
+SELECT $store, seg, n, fsum, xsum, hash($recipe, $store, seg, n, fsum, xsum, bad, nsum), bad, nsum
+FROM {table} WHERE {which}
+"""
+
+
+def recipe(base: str, variant: object) -> str:
+    """The recipe of this run: ``base`` (the module's SQL, macros, widths and DuckDB version)
+    and the ``variant`` the SQL was built for (e.g. which legacy columns are typed JSON)."""
+    return hashlib.sha256(json.dumps([base, repr(variant)]).encode()).hexdigest()
+
+
+def base_recipe(parts: dict[str, object]) -> str:
+    """sha256 of ``parts`` (JSON): what a cached sum was computed with."""
+    return hashlib.sha256(
+        json.dumps({"duckdb": duckdb.__version__, **parts}, default=repr).encode()
+    ).hexdigest()
+
+
+def writable(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether ``con``'s own database accepts writes."""
+    row = con.execute(
+        "SELECT readonly FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchone()
+    return row is not None and not row[0]
+
+
+def ready(con: duckdb.DuckDBPyConnection, can_write: bool) -> bool:
+    """Whether the cache exists in the current layout (an older one is upgraded when the
+    connection is writable, else not used)."""
+    current, columns = con.execute(LAYOUT_SQL).fetchone()
+    if current:
+        return True
+    if not (columns and can_write):
+        return False
+    for statement in DIGESTS_UPGRADE_SQL:
+        con.execute(statement)
+    return True
+
+
+def stats(con: duckdb.DuckDBPyConnection, run_recipe: str) -> dict[str, tuple[int, int]]:
+    """Per store: (entries, entries whose seal holds)."""
+    rows = con.execute(STATS_SQL, {"recipe": run_recipe}).fetchall()
+    return {store: (int(n), int(sealed)) for store, n, sealed in rows}
+
+
+def lookup_sql(fp: str) -> str:
+    """SQL (parameters: ``params``) for each segment of the temp table ``fp`` (seg, n, fsum)
+    with its sealed cached sums, NULL where there is none (``hit`` false)."""
+    return LOOKUP_SQL.format(fp=fp)
+
+
+def params(store: str, run_recipe: str) -> dict[str, str]:
+    """The parameters of ``lookup``'s SQL and of ``persist``."""
+    return {"store": store, "recipe": run_recipe}
+
+
+def persist(
+    con: duckdb.DuckDBPyConnection, store: str, table: str, run_recipe: str, everything: bool
+) -> int:
+    """Make the store's entries those of the temp table ``table`` (seg, n, fsum, xsum, nsum,
+    bad, dirty): rewrite its ``dirty`` rows (all with ``everything``), keep sealed entries of
+    its other rows, drop the rest; returns the entries written. One transaction."""
+    con.execute(DIGESTS_DDL)
+    for statement in DIGESTS_UPGRADE_SQL:
+        con.execute(statement)
+    bound = params(store, run_recipe)
+    with transaction(con):
+        con.execute(PRUNE_SQL.format(table=table, all="true" if everything else "false"), bound)
+        which = "true" if everything else "dirty"
+        return con.execute(WRITE_SQL.format(table=table, which=which), bound).fetchone()[0]
