@@ -42,7 +42,7 @@ from typing import TypeVar
 
 import duckdb
 
-from kimera_core.dbserver import client as dbclient
+from kimera_core.dbserver.client import connect as connect_server
 from kimera_core.dbserver.protocol import is_address
 from kimera_core.errors import DatabaseOpenError
 
@@ -222,7 +222,7 @@ def open_database(
     (DatabaseOpenError when it cannot be reached or refuses the token).
     """
     if is_address(path):
-        return dbclient.connect(path)  # type: ignore[return-value]
+        return connect_server(path)  # type: ignore[return-value]
     path = Path(path)
     if not path.exists():
         if not create:
@@ -301,15 +301,27 @@ def transaction(
 # for a key another transaction inserted meanwhile. Only the server mode (several
 # transactions in one process) meets these; an embedded file has one writer at a time.
 CONFLICT_MARKERS = ("conflict", "failed to commit")
+# A key inserted and committed by another transaction after this one's snapshot fails the
+# INSERT itself: "Duplicate key ... violates primary key constraint" (a ConstraintException).
+DUPLICATE_KEY_MARKER = "duplicate key"
 CONFLICT_ATTEMPTS = 5
 CONFLICT_BACKOFF_SECONDS = 0.01
 
 
-def is_conflict(exc: BaseException) -> bool:
-    """Whether ``exc`` is DuckDB aborting a transaction for a concurrent one's write."""
+def is_conflict(exc: BaseException, *, duplicate_keys: bool = False) -> bool:
+    """Whether ``exc`` is DuckDB aborting a transaction for a concurrent one's write.
+
+    ``duplicate_keys=True`` counts a duplicate-key error too: right for work that inserts
+    only keys it found absent in its own snapshot, where a duplicate can only be a key a
+    concurrent transaction committed meanwhile (the migration's partition insert).
+    """
     text = str(exc).lower()
-    return isinstance(exc, duckdb.TransactionException) and any(
-        marker in text for marker in CONFLICT_MARKERS
+    if isinstance(exc, duckdb.TransactionException):
+        return any(marker in text for marker in CONFLICT_MARKERS)
+    return (
+        duplicate_keys
+        and isinstance(exc, duckdb.ConstraintException)
+        and DUPLICATE_KEY_MARKER in text
     )
 
 
@@ -318,22 +330,24 @@ def retry_conflicts(
     work: Callable[[duckdb.DuckDBPyConnection], T],
     *,
     attempts: int = CONFLICT_ATTEMPTS,
+    duplicate_keys: bool = False,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
     """``work(con)`` in one ``transaction``; run again (rolled back first) when DuckDB aborts it
-    for a concurrent transaction's write, up to ``attempts`` times in all, waiting 10, 20,
-    40 ... ms between; returns what ``work`` returns.
+    for a concurrent transaction's write (``is_conflict``; ``duplicate_keys`` as there), up to
+    ``attempts`` times in all, waiting 10, 20, 40 ... ms between; returns what ``work`` returns.
 
     ``work`` must be a whole unit of work that can run again from the start (it reads what it
-    writes from the database, inside the transaction). Any other error, or a conflict on the
-    last attempt, is raised as it came.
+    writes from the database, inside the transaction), and must not run statements after a
+    failed one (DuckDB refuses them in an aborted transaction, hiding the first error). Any
+    other error, or a conflict on the last attempt, is raised as it came.
     """
     for attempt in range(1, attempts + 1):
         try:
             with transaction(con):
                 return work(con)
-        except duckdb.TransactionException as exc:
-            if attempt == attempts or not is_conflict(exc):
+        except (duckdb.TransactionException, duckdb.ConstraintException) as exc:
+            if attempt == attempts or not is_conflict(exc, duplicate_keys=duplicate_keys):
                 raise
         sleep(CONFLICT_BACKOFF_SECONDS * 2 ** (attempt - 1))
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises

@@ -149,7 +149,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "kimera_core.errors",
         "kimera_core.db",
-        "kimera_core.dbserver",
+        "kimera_core.dbserver.client",
+        "kimera_core.dbserver.protocol",
         "kimera_core.sql",
         "kimera_core.identity",
         "kimera_core.legacy",
@@ -181,6 +182,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "kimera_core.lattice",
         "kimera_core.backup",
         "kimera_core.metrics.pushed",
+        "kimera_core.dbserver",  # the server (client and protocol are leaves, above)
     ),
     ("kimera_core.cli", "kimera_core.api", "kimera_pipelines"),
 )

@@ -14,10 +14,15 @@ its open transaction is rolled back and its cursor closed, so nothing half-done 
 committed. A COMMIT that returned to the client is in DuckDB's WAL: a killed server recovers
 it on the next open.
 
-At start the server creates the legacy schema once (``legacy.create_legacy_schema``: every
-``Storage`` asks for it, and two clients creating one table at once would conflict on
-DuckDB's catalog). ``create_function`` imports the function on the server, only from a
-``kimera_core.`` module by its qualified name (nothing else is ever imported or run).
+At start the server creates, once, the tables clients create on first use (``SHARED_SCHEMA``:
+the legacy tables and ``dual_write_log``, the rollout stage, the shadow-read mismatches, the
+migration's run tables). Every ``Storage`` asks for some of them as it opens, and two
+clients creating one table at the same moment abort one another on DuckDB's catalog
+("Catalog write-write conflict", seen with two writers opening at once); once they exist,
+``CREATE TABLE IF NOT EXISTS`` writes nothing and conflicts with nobody. This is why the
+server sits with the orchestration modules: it imports the engines' DDL, never their logic.
+``create_function`` imports the function on the server, only from a ``kimera_core.`` module
+by its qualified name (nothing else is ever imported or run).
 """
 
 from __future__ import annotations
@@ -49,11 +54,27 @@ from kimera_core.dbserver.protocol import (
     send_frame,
 )
 from kimera_core.legacy import create_legacy_schema
+from kimera_core.migration.schema import ensure_schema as ensure_migration_schema
+from kimera_core.rollout import ensure_rollout_tables
+from kimera_core.shadow import SHADOW_DDL
 
 AUTH_TIMEOUT_SECONDS = 10.0
 STOP_TIMEOUT_SECONDS = 20.0
 UDF_MODULE_PREFIX = "kimera_core."
 UDF_OPTIONS = ("type", "null_handling", "exception_handling", "side_effects")
+
+
+def _create_shadow_table(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(SHADOW_DDL)
+
+
+# What clients create on first use, created once by the server at start (module docstring).
+SHARED_SCHEMA: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (
+    create_legacy_schema,
+    ensure_rollout_tables,
+    _create_shadow_table,
+    ensure_migration_schema,
+)
 
 
 @dataclass
@@ -107,9 +128,10 @@ class DatabaseServer:
 
     # --- life cycle -------------------------------------------------------------------
     def start(self) -> Address:
-        """Open the file, create the legacy schema, listen; returns the address."""
+        """Open the file, create ``SHARED_SCHEMA``, listen; returns the address."""
         self._con = open_database(self.path)
-        create_legacy_schema(self._con)
+        for create in SHARED_SCHEMA:
+            create(self._con)
         self._listener = _Listener((self._host, self._port), self)
         host, port = self._listener.server_address[:2]
         self.started_at = time.time()

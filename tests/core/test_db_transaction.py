@@ -91,3 +91,27 @@ def test_the_last_conflict_and_any_other_error_are_raised_as_they_came(con):
     with pytest.raises(duckdb.ConstraintException):
         retry_conflicts(con, failing, sleep=lambda s: None)
     assert len(calls) == 1 and not is_conflict(duckdb.ConstraintException("Conflict"))
+
+
+def test_a_duplicate_key_counts_as_a_conflict_only_when_asked(con):
+    other = con.cursor()
+    calls = []
+
+    def insert_if_absent(c):
+        calls.append(1)
+        absent = c.execute("SELECT count(*) = 0 FROM t WHERE a = 7").fetchone()[0]
+        if len(calls) == 1:
+            other.execute("INSERT INTO t VALUES (7)")  # a concurrent writer commits it first
+        if absent:
+            c.execute("INSERT INTO t VALUES (7)")
+        return "inserted" if absent else "found"
+
+    with pytest.raises(duckdb.ConstraintException, match="Duplicate key"):
+        retry_conflicts(con, insert_if_absent, sleep=lambda s: None)
+    assert len(calls) == 1
+    other.execute("DELETE FROM t")
+    calls.clear()
+    assert retry_conflicts(con, insert_if_absent, duplicate_keys=True, sleep=lambda s: None) == (
+        "found"
+    )
+    assert len(calls) == 2 and rows(con) == [7]

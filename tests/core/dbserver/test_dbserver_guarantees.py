@@ -313,3 +313,31 @@ def test_readers_see_one_stage_or_the_next_never_a_half_moved_one(served):
     for reader in readers:
         reader.join(timeout=30)
     assert len(seen) > 40 and set(seen) == set(stages)  # never the default of a missing row
+
+
+def test_writers_opening_at_once_on_a_new_file_do_not_conflict_on_the_catalog(
+    tmp_path, token, servers
+):
+    path = tmp_path / "new.duckdb"
+    open_database(path, create=True).close()  # no table at all: the server creates them
+    server = servers(path, token)
+    errors: list[BaseException] = []
+    connections = [open_database(server.address) for _ in range(8)]
+    gate = threading.Barrier(len(connections))
+
+    def open_storage(con) -> None:
+        try:
+            gate.wait(timeout=30)
+            for _ in range(5):  # what every Storage does as it opens
+                Storage(con)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_storage, args=(c,)) for c in connections]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for con in connections:
+        con.close()
+    assert errors == []
