@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -41,14 +43,14 @@ def api_db(demo_db, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def api_url(api_db, tmp_path_factory):
+@contextmanager
+def serving(path: Path, log: Path) -> Iterator[str]:
+    """A real `kimera serve` of ``path`` on a free port (its output in ``log``): its URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("api-log") / "serve.log"
     kimera = Path(sys.executable).parent / "kimera"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [str(kimera), "serve", "--db", str(api_db), "--port", str(port)],
+            [str(kimera), "serve", "--db", str(path), "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -64,3 +66,21 @@ def api_url(api_db, tmp_path_factory):
         yield url
     finally:
         stop_process_group(proc)
+
+
+@pytest.fixture(scope="session")
+def api_url(api_db, tmp_path_factory):
+    with serving(api_db, tmp_path_factory.mktemp("api-log") / "serve.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def legacy_api(api_db, tmp_path_factory) -> Iterator[tuple[Path, str]]:
+    """(path, URL) of a real `kimera serve` of a copy of the API database in verified (reads
+    from the legacy tables; serve builds the text index from legacy before it opens)."""
+    path = tmp_path_factory.mktemp("api-legacy") / "legacy.duckdb"
+    shutil.copy(api_db, path)
+    with duckdb.connect(str(path)) as con:
+        set_stage(con, "verified", "test", "API tests read legacy")
+    with serving(path, path.with_suffix(".log")) as url:
+        yield path, url

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from kimera_core import semantic
+from kimera_core import query, semantic
 from kimera_core.api import create_app
 from kimera_core.entropy import identity_entropy
 from kimera_core.identity import Geoid
@@ -232,3 +232,51 @@ def test_an_api_on_a_writing_connection_serves_a_write_at_once(tmp_path, api_db)
         after = local.get("/identities", params=params).json()
         assert new.id in {i["id"] for i in after["items"]}
         assert local.get(f"/identities/{new.id}").json()["raw"] == new.raw
+
+
+# --- a stage that reads legacy: the server's answers are the legacy scan's ----------------
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"min_entropy": 1, "max_entropy": 2},
+        {"min_entropy": 0, "max_entropy": 0},  # ties at zero, by id
+        {"identity_type": "scar", "max_entropy": 3},
+        {"lang": "ar", "tag": "memory"},
+    ],
+)
+def test_a_legacy_stage_server_pages_are_the_legacy_scans_pages(legacy_api, filters):
+    path, url = legacy_api
+    with (
+        httpx.Client(base_url=url, timeout=30) as http,
+        duckdb.connect(str(path), read_only=True) as con,
+    ):
+        cursor = None
+        for _ in range(4):
+            params = {**filters, "limit": 17, **({"cursor": cursor} if cursor else {})}
+            served = http.get("/identities", params=params).json()
+            scanned = query.find_identities_by_entropy(
+                con, **{**filters, "cursor": cursor}, limit=17
+            )
+            assert served == scanned.to_dict() and served["source"] == "legacy"
+            cursor = served["next_cursor"]
+            if cursor is None:
+                break
+
+
+def test_a_legacy_stage_server_finds_by_id_and_text_in_legacy(legacy_api):
+    path, url = legacy_api
+    with (
+        httpx.Client(base_url=url, timeout=30) as http,
+        duckdb.connect(str(path), read_only=True) as con,
+    ):
+        assert http.get("/healthz").json()["text_index"]["source"] == "legacy"
+        gid, scar = con.execute(
+            "SELECT (SELECT min(gid) FROM legacy_geoids), (SELECT min(id) FROM legacy_scars)"
+        ).fetchone()
+        for key in (gid, scar):
+            assert http.get(f"/identities/{key}").json() == (
+                query.get_identity(con, key, source="legacy").to_dict()
+            )
+        found = http.get("/search", params={"q": "river", "limit": 5}).json()
+        assert found["source"] == "legacy" and found["items"]
+        assert found == query.search_text(con, "river", limit=5).to_dict()
