@@ -129,7 +129,8 @@ def db_serve(db_path: Path, host: str, port: int) -> None:
     token in KIMERA_DB_TOKEN or the token file (KIMERA_DB_TOKEN_FILE, default
     ~/.config/kimera/db-token, mode 0600); with neither, a new token is written to that
     file. Each client gets its own transaction; a client that goes away mid-transaction is
-    rolled back. docs/deployment.md.
+    rolled back. Exits 3 when DuckDB invalidates the database (restart it: the WAL is
+    replayed). docs/deployment.md.
     """
     if isinstance(db_path, DatabaseAddress):
         raise click.ClickException(f"{db_path}: serve takes a database file, not an address")
@@ -162,6 +163,14 @@ def db_serve(db_path: Path, host: str, port: int) -> None:
     signal.signal(signal.SIGINT, stop)
     click.echo(f"serving {db_path} at {address} (pid {server.status()['pid']})", err=True)
     server.serve_forever()
+    server.wait_stopped(60)  # stop() runs in its own thread: let it close the file first
+    if server.fatal_error:
+        click.echo(
+            f"kimera: DuckDB invalidated {db_path} ({server.fatal_error}); start the server "
+            "again: it replays the write-ahead log (every acknowledged COMMIT)",
+            err=True,
+        )
+        sys.exit(3)
     click.echo("stopped: clients closed, file checkpointed", err=True)
 
 

@@ -12,7 +12,9 @@ The first frame must be ``hello`` with the token (``hmac.compare_digest``); anyt
 closes the connection. When a client goes away (closed, killed, network gone: TCP keepalive)
 its open transaction is rolled back and its cursor closed, so nothing half-done is ever
 committed. A COMMIT that returned to the client is in DuckDB's WAL: a killed server recovers
-it on the next open.
+it on the next open. When DuckDB invalidates the database (a ``FatalException``: nothing
+works until a restart), the server stops itself and ``kimera db serve`` exits with status 3,
+so a supervisor restarts it and the WAL is replayed.
 
 At start the server creates, once, the tables clients create on first use (``SHARED_SCHEMA``:
 the legacy tables and ``dual_write_log``, the rollout stage, the shadow-read mismatches, the
@@ -124,6 +126,8 @@ class DatabaseServer:
         self._lock = threading.Lock()
         self._clients: dict[socket.socket, tuple[ClientInfo, duckdb.DuckDBPyConnection]] = {}
         self._stopping = False
+        self.fatal_error: str | None = None
+        self._stopped = threading.Event()
         self.started_at = time.time()
 
     # --- life cycle -------------------------------------------------------------------
@@ -175,6 +179,21 @@ class DatabaseServer:
             with contextlib.suppress(duckdb.Error):
                 checkpoint(con)
             con.close()
+        self._stopped.set()
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until ``stop()`` has closed the file (True), or ``timeout`` seconds (False)."""
+        return self._stopped.wait(timeout)
+
+    def invalidated(self, message: str) -> None:
+        """DuckDB invalidated the database (a FatalException): nothing can be served until a
+        restart, which replays the WAL. Record why and stop; ``fatal_error`` says it."""
+        with self._lock:
+            if self.fatal_error is not None:
+                return
+            self.fatal_error = message.splitlines()[0]
+        self._log(f"DuckDB invalidated the database, stopping: {self.fatal_error}")
+        threading.Thread(target=self.stop, daemon=True).start()
 
     # --- state ------------------------------------------------------------------------
     def client_count(self) -> int:
@@ -186,7 +205,8 @@ class DatabaseServer:
         with self._lock:
             clients = [info.to_dict() for info, _cur in self._clients.values()]
         return {
-            "healthy": self._con is not None and not self._stopping,
+            "healthy": self._con is not None and not self._stopping and not self.fatal_error,
+            "fatal_error": self.fatal_error,
             "database": str(self.path),
             "pid": os.getpid(),
             "duckdb": duckdb.__version__,
@@ -277,6 +297,9 @@ class _Session:
             return _error_reply(ProtocolError(f"unknown operation {op!r}")), b""
         try:
             return handler(header, body)
+        except duckdb.FatalException as exc:
+            self.server.invalidated(str(exc))
+            return _error_reply(exc), b""
         except Exception as exc:  # every failure goes back to the client, typed
             return _error_reply(exc), b""
 

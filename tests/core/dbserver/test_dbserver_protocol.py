@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import duckdb
@@ -22,6 +23,7 @@ from kimera_core import textsearch
 from kimera_core.db import checkpoint, open_database, transaction
 from kimera_core.dbserver.client import RemoteConnection
 from kimera_core.dbserver.protocol import parse_address
+from kimera_core.dbserver.server import DatabaseServer
 from kimera_core.errors import DatabaseOpenError
 
 
@@ -163,6 +165,7 @@ def test_each_client_has_its_own_transaction(served):
 
 HOLDER = """
 import sys
+import threading
 from kimera_core.db import open_database
 con = open_database(sys.argv[1])
 con.execute("BEGIN TRANSACTION")
@@ -283,3 +286,20 @@ def test_a_server_needs_a_file_not_an_address(tmp_path, token):
         text=True,
     )
     assert done.returncode != 0 and "no such file" in done.stderr
+
+
+def test_a_database_duckdb_invalidated_stops_the_server_with_the_reason(tmp_path, token):
+    path = tmp_path / "invalid.duckdb"
+    open_database(path, create=True).close()
+    server = DatabaseServer(path, token)
+    address = server.start()
+    serving = threading.Thread(target=server.serve_forever)
+    serving.start()
+    with open_database(str(address)) as con:
+        assert con.status()["healthy"] and con.status()["fatal_error"] is None
+        server.invalidated("FATAL Error: database has been invalidated\nOriginal error: ...")
+        serving.join(timeout=30)
+        assert not serving.is_alive() and server.wait_stopped(30)
+        with pytest.raises(duckdb.ConnectionException):
+            con.execute("SELECT 1")
+    assert server.fatal_error == "FATAL Error: database has been invalidated"
