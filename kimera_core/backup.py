@@ -36,6 +36,7 @@ import duckdb
 
 from kimera_core.checksum import Checksum, table_checksum
 from kimera_core.db import open_database, read_header, transaction
+from kimera_core.dbserver.protocol import is_address
 from kimera_core.errors import KimeraError
 from kimera_core.sql import vetted_identifier
 
@@ -157,7 +158,16 @@ def sql_path_literal(path: str | os.PathLike[str]) -> str:
 
 
 def backup_database(db_path: str | os.PathLike[str], to_dir: str | os.PathLike[str]) -> Manifest:
-    """Write a consistent backup of ``db_path`` into the new or empty directory ``to_dir``."""
+    """Write a consistent backup of ``db_path`` into the new or empty directory ``to_dir``.
+
+    ``db_path`` is a file or a database server's address (``kimera://HOST:PORT``). Through a
+    server the export is written by the server process, so ``to_dir`` must be a path both
+    see (the same machine or a shared mount): a staging folder the client cannot see after
+    the export is refused with one line, and the manifest names the address and the server's
+    status instead of the file's header and size. Raises BackupError.
+    """
+    remote = is_address(db_path)
+    address = os.fspath(db_path)
     db_path, to_dir = Path(db_path), Path(to_dir)
     sql_path_literal(to_dir)  # refuse before doing any work
     if to_dir.exists():
@@ -165,8 +175,9 @@ def backup_database(db_path: str | os.PathLike[str], to_dir: str | os.PathLike[s
             raise BackupError(f"{to_dir}: exists and is not a directory")
         if any(to_dir.iterdir()):
             raise BackupError(f"{to_dir}: directory is not empty; choose a new backup directory")
-    header = read_header(db_path)
-    con = open_database(db_path, read_only=True)
+    header = None if remote else read_header(db_path)
+    con = open_database(address if remote else db_path, read_only=True)
+    source = {"address": address, "server": con.status()} if remote else None
     to_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = to_dir.parent / f".{to_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     try:
@@ -187,15 +198,22 @@ def backup_database(db_path: str | os.PathLike[str], to_dir: str | os.PathLike[s
             raise BackupError(f"{db_path}: export failed ({_first_line(exc)})") from None
         finally:
             con.close()
-        manifest = Manifest(
-            created_at=datetime.now(UTC).isoformat(),
-            source={
+        if remote and not (staging / "schema.sql").is_file():
+            raise BackupError(
+                f"{address}: the server wrote the export to {staging.absolute()}, which this "
+                "machine cannot see; back up on the server's machine or into a shared folder"
+            )
+        if header is not None:
+            source = {
                 "path": str(db_path.absolute()),
                 "bytes": db_path.stat().st_size,
                 "written_by": header.written_by,
                 "storage_version": header.storage_version,
                 "library_version": header.library_version,
-            },
+            }
+        manifest = Manifest(
+            created_at=datetime.now(UTC).isoformat(),
+            source=source,
             duckdb_version=duckdb.__version__,
             tables=tables,
             sequences=sequences,
@@ -336,7 +354,16 @@ def verify_backup(from_dir: str | os.PathLike[str]) -> Manifest:
 def restore_database(
     from_dir: str | os.PathLike[str], db_path: str | os.PathLike[str], *, force: bool = False
 ) -> RestoreReport:
-    """Restore a backup into ``db_path``, verified against the manifest before it replaces anything."""
+    """Restore a backup into ``db_path``, verified against the manifest before it replaces anything.
+
+    ``db_path`` must be a file: a restore replaces the whole file, which a running database
+    server owns, so an address is refused (stop the server, restore its file, start it again).
+    """
+    if is_address(db_path):
+        raise BackupError(
+            f"{os.fspath(db_path)}: a restore replaces the database file, which the server "
+            "owns; stop `kimera db serve`, restore into its file, then start it again"
+        )
     started = time.perf_counter()
     from_dir, db_path = Path(from_dir), Path(db_path)
     manifest = verify_backup(from_dir)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from support.servers import kimera_db_server
 
 import kimera_core.backup as backup_module
 from kimera_core.backup import (
@@ -574,3 +575,22 @@ def test_cli_db_help_lists_backup_and_restore():
     result = kimera("db", "restore", "--help")
     for option in ("--from", "--db", "--force", "--json"):
         assert option in result.stdout
+
+
+def test_backup_through_a_database_server_matches_the_file(source, tmp_path, monkeypatch):
+    """An advance through an address backs up via the server: same tables, same checksums."""
+    token = "t" * 32
+    monkeypatch.setenv("KIMERA_DB_TOKEN", token)
+    with kimera_db_server(source, token, tmp_path / "server.log") as (address, _pid):
+        manifest = backup_database(address, tmp_path / "via-server")
+        with pytest.raises(BackupError, match="stop `kimera db serve`"):
+            restore_database(tmp_path / "via-server", address, force=True)
+    assert manifest.source["address"] == address
+    assert manifest.source["server"]["healthy"] is True
+    direct = backup_database(source, tmp_path / "direct")
+    assert {n: (t.rows, t.checksum) for n, t in manifest.tables.items()} == {
+        n: (t.rows, t.checksum) for n, t in direct.tables.items()
+    }
+    restored = tmp_path / "restored.duckdb"
+    restore_database(tmp_path / "via-server", restored)
+    assert all_checksums(restored) == all_checksums(source)
