@@ -1,12 +1,28 @@
-"""Dual-write benchmarks: single-write latency off/on against the bare two-INSERT floor, and batches.
+"""Dual-write benchmarks: single-write latency against the bare INSERT floors, and batches.
 
-Usage: .venv/bin/python bench/bench_dual_write.py [--writes 3000] [--rounds 6]
-       [--batch-rows 1000000] [--batch-size 100000]      (--writes 0: batches only)
+Usage: .venv/bin/python bench/bench_dual_write.py [--writes 3000] [--repeat 3]
+       [--batch-rows 1000000] [--batch-size 100000] [--info]     (--writes 0: batches only)
 
-Variants are interleaved (single writes in rounds, batches turn by turn), each on its own
-database file, so the machine's noise hits them alike; read the ratios, which are measured
-in the same run. Batches report wall and CPU seconds (CPU is less disturbed by other jobs on
-a shared machine); the variants on tables without P1's keys and indexes are for information.
+Everything is measured side by side in one run, ``--repeat`` times, and the ratios of each
+run are printed, then their best and median: the machine is shared and noisy, so read the
+ratios, never an absolute figure alone.
+
+Single writes take turns write by write (each variant on its own database file), so the
+machine's noise hits them alike. The floors write the same rows, in one transaction each:
+
+* ``floor``: BEGIN, two bare parameterised ``INSERT ... VALUES`` (``identities``,
+  ``legacy_geoids``), COMMIT: the issue's reference (target: dual write p50 <= 1.2x);
+* ``floor, SELECT form``: the same two INSERTs spelled ``INSERT ... SELECT ?`` as
+  ``kimera_core.storage`` spells them (DuckDB plans that cheaper);
+* ``three-INSERT floor``: that, plus the ``dual_write_log`` row P1's layout requires: the
+  least any dual write with its log can cost.
+
+Batches take turns batch by batch, each variant on its own file. ``bare two-table insert``
+inserts the identities rows ready-made (document and entropy computed before timing) and the
+legacy rows (target: dual write throughput >= 0.9x); ``bare + log rows`` adds the batch's
+``dual_write_log`` rows. Batches report wall and CPU seconds (CPU is less disturbed by other
+jobs on a shared machine). ``--info`` adds the same two on tables without P1's keys and
+indexes.
 """
 
 from __future__ import annotations
@@ -15,6 +31,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -23,9 +40,41 @@ import pyarrow as pa
 from kimera_core.db import open_database
 from kimera_core.entropy import identity_entropy
 from kimera_core.identity import Identity
-from kimera_core.legacy import LEGACY_DDL, LEGACY_INDEXES, create_legacy_schema, geoid_to_row
+from kimera_core.legacy import (
+    GEOID_COLUMNS,
+    IDENTITY_ROW_COLUMNS,
+    LEGACY_DDL,
+    LEGACY_INDEXES,
+    create_legacy_schema,
+    geoid_to_row,
+    identities_row,
+)
 from kimera_core.sql import vetted_identifier
-from kimera_core.storage import GEOID_INSERT, IDENTITY_INSERT, Storage
+from kimera_core.storage import (
+    BATCH_LOG_INSERT,
+    BATCH_VIEW,
+    GEOID_INSERT,
+    IDENTITY_INSERT,
+    LOG_INSERT,
+    Storage,
+)
+
+# The textbook bare INSERTs, the issue's floor (storage spells them INSERT ... SELECT ?).
+VALUES_IDENTITY_INSERT = (
+    f"INSERT INTO identities ({IDENTITY_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+VALUES_GEOID_INSERT = (
+    f"INSERT INTO legacy_geoids ({GEOID_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+GEOID_DETAILS = '{"identity_type": "geoid", "stores": ["identities", "legacy"]}'
+
+DUAL = "dual-write on"
+FLOOR = "floor: BEGIN + 2 INSERTs + COMMIT"
+FLOOR_SELECT = "floor, SELECT form"
+FLOOR_LOG = "three-INSERT floor (+ log row)"
+BATCH_DUAL = "dual-write store_arrow"
+BATCH_BARE = "bare two-table insert"
+BATCH_BARE_LOG = "bare + log rows"
 
 
 def identity(i: int, tag: str) -> Identity:
@@ -50,64 +99,56 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1e3
 
 
-def floor_writer(con, fold_begin: bool):
-    """The floor: two bare parameterised INSERTs of the same rows in one transaction."""
+def floor_writer(con: duckdb.DuckDBPyConnection, inserts: tuple[str, str], log: bool):
+    """BEGIN, the two INSERTs (and the log row), COMMIT; rows built as dual write builds them."""
+    identity_sql, geoid_sql = inserts
 
     def write(item: Identity) -> None:
-        new_row = [
-            item.id,
-            item.identity_type,
-            item.to_json(),
-            item.created_at,
-            item.updated_at,
-            item.lang_axis,
-            identity_entropy(item),
-        ]
+        new_row = identities_row(item, identity_entropy(item))
         legacy_row = geoid_to_row(item.to_legacy())
-        if fold_begin:
-            con.execute("BEGIN TRANSACTION; " + IDENTITY_INSERT, new_row)
-        else:
-            con.execute("BEGIN TRANSACTION")
-            con.execute(IDENTITY_INSERT, new_row)
-        con.execute(GEOID_INSERT, legacy_row)
+        con.execute("BEGIN TRANSACTION")
+        con.execute(identity_sql, new_row)
+        con.execute(geoid_sql, legacy_row)
+        if log:
+            con.execute(LOG_INSERT, [time.time(), item.id, "store", "success", GEOID_DETAILS])
         con.execute("COMMIT")
 
     return write
 
 
-def single_writes(tmp: Path, writes: int, rounds: int) -> dict[str, list[float]]:
-    variants = {}
+def single_writes(tmp: Path, writes: int, run: int) -> dict[str, list[float]]:
+    """Wall seconds per write of each variant; the variants take turns write by write."""
+    variants: dict[str, tuple[Callable[[Identity], object], duckdb.DuckDBPyConnection]] = {}
     for name, stage in (
         ("dual-write off (legacy-only)", "legacy-only"),
         ("new store only (write-new)", "write-new"),
-        ("dual-write on", "dual-write"),
+        (DUAL, "dual-write"),
     ):
-        storage = Storage.open(str(tmp / f"{stage}.duckdb"), stage=stage, shadow_sample=0.0)
+        storage = Storage.open(str(tmp / f"s{run}-{stage}.duckdb"), stage=stage, shadow_sample=0.0)
         variants[name] = (storage.store, storage.con)
-    for name, fold in (("floor: BEGIN + 2 INSERTs + COMMIT", False), ("floor, BEGIN folded", True)):
-        con = open_database(tmp / f"floor{int(fold)}.duckdb", create=True)
+    for i, (name, inserts, log) in enumerate(
+        (
+            (FLOOR, (VALUES_IDENTITY_INSERT, VALUES_GEOID_INSERT), False),
+            (FLOOR_SELECT, (IDENTITY_INSERT, GEOID_INSERT), False),
+            (FLOOR_LOG, (IDENTITY_INSERT, GEOID_INSERT), True),
+        )
+    ):
+        con = open_database(tmp / f"s{run}-floor{i}.duckdb", create=True)
         create_legacy_schema(con)
-        variants[name] = (floor_writer(con, fold), con)
+        variants[name] = (floor_writer(con, inserts, log), con)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    per_round = writes // rounds
-    for r in range(rounds):
+    for v, (write, _) in enumerate(variants.values()):
+        for i in range(20):  # warm up every code path
+            write(identity(i, f"w{v}_"))
+    for i in range(writes):
         for v, (name, (write, _)) in enumerate(variants.items()):
-            items = [identity(r * per_round + i, f"v{v}_") for i in range(per_round)]
-            for item in items[:20]:  # warm up this round's code path
-                write(dataclass_copy(item, "w"))
-            for item in items:
-                t0 = time.perf_counter()
-                write(item)
-                times[name].append(time.perf_counter() - t0)
+            item = identity(i, f"v{v}_")
+            t0 = time.perf_counter()
+            write(item)
+            times[name].append(time.perf_counter() - t0)
     for _, con in variants.values():
         con.close()
     return times
-
-
-def dataclass_copy(item: Identity, prefix: str) -> Identity:
-    import dataclasses
-
-    return dataclasses.replace(item, id=prefix + item.id)
 
 
 def arrow_batch(con, start: int, rows: int) -> pa.Table:
@@ -145,7 +186,7 @@ def create_unindexed(con) -> None:
         con.execute(ddl.replace(" PRIMARY KEY", ""))
 
 
-def dual_writer(path: Path, indexed: bool):
+def dual_writer(path: Path, indexed: bool, log: bool = True):
     con = open_database(path, create=True)
     if not indexed:
         create_unindexed(con)
@@ -160,51 +201,55 @@ def dual_writer(path: Path, indexed: bool):
     return write, con
 
 
-def bare_writer(path: Path, indexed: bool):
-    """The floor: the same rows, identities rows ready-made, two INSERTs in one transaction."""
+def bare_writer(path: Path, indexed: bool, log: bool = False):
+    """The floor: the same rows, identities rows ready-made, two INSERTs in one transaction
+    (and, with ``log``, the batch's dual_write_log rows as store_arrow writes them)."""
     con = open_database(path, create=True)
     if indexed:
         create_legacy_schema(con)
     else:
         create_unindexed(con)
+    details = {"now": time.time(), "geoid": GEOID_DETAILS, "scar": GEOID_DETAILS}
 
     def write(part: pa.Table, ready: pa.Table) -> None:
-        con.register("part", part)
+        con.register(BATCH_VIEW, part)
         con.register("ready", ready)
         try:
             con.execute("BEGIN TRANSACTION")
             con.execute("INSERT INTO identities SELECT * FROM ready")
             con.execute(
                 "INSERT INTO legacy_geoids SELECT id, raw, echo, lang_axis, tags, weight, meta, "
-                "created_at, updated_at FROM part"
+                f"created_at, updated_at FROM {BATCH_VIEW}"
             )
+            if log:
+                con.execute(BATCH_LOG_INSERT, details)
             con.execute("COMMIT")
         finally:
-            con.unregister("part")
+            con.unregister(BATCH_VIEW)
             con.unregister("ready")
 
     return write, con
 
 
-BATCH_VARIANTS = {
-    "dual-write store_arrow": (dual_writer, True),
-    "bare two-table insert": (bare_writer, True),
-    "dual-write, no indexes (info)": (dual_writer, False),
-    "bare, no indexes (info)": (bare_writer, False),
-}
+def batch_variants(info: bool) -> dict[str, tuple[Callable, bool, bool]]:
+    variants = {
+        BATCH_DUAL: (dual_writer, True, True),
+        BATCH_BARE: (bare_writer, True, False),
+        BATCH_BARE_LOG: (bare_writer, True, True),
+    }
+    if info:
+        variants["dual-write, no indexes (info)"] = (dual_writer, False, True)
+        variants["bare, no indexes (info)"] = (bare_writer, False, False)
+    return variants
 
 
-def batches(tmp: Path, total: int, batch_rows: int) -> dict[str, tuple[float, float]]:
+def batches(
+    tmp: Path, parts: list[pa.Table], ready: list[pa.Table], run: int, info: bool
+) -> dict[str, tuple[float, float]]:
     """(wall s, CPU s) per variant; the variants take turns batch by batch, each on its file."""
-    scratch = open_database(tmp / "scratch.duckdb", create=True)
-    parts = [
-        arrow_batch(scratch, s, min(batch_rows, total - s)) for s in range(0, total, batch_rows)
-    ]
-    scratch.close()
-    ready = [ready_rows(part) for part in parts]
     writers = {
-        name: make(tmp / f"batch{i}.duckdb", indexed)
-        for i, (name, (make, indexed)) in enumerate(BATCH_VARIANTS.items())
+        name: make(tmp / f"b{run}-{i}.duckdb", indexed, log)
+        for i, (name, (make, indexed, log)) in enumerate(batch_variants(info).items())
     }
     spent = {name: [0.0, 0.0] for name in writers}
     for part, rows in zip(parts, ready, strict=True):
@@ -218,62 +263,97 @@ def batches(tmp: Path, total: int, batch_rows: int) -> dict[str, tuple[float, fl
     return {name: (wall, cpu) for name, (wall, cpu) in spent.items()}
 
 
-def report_single_writes(tmp: Path, writes: int, rounds: int) -> None:
-    times = single_writes(tmp, writes, rounds)
-    print(f"single-identity writes ({writes:,} per variant, interleaved in {rounds} rounds)")
+def report_single(times: dict[str, list[float]], writes: int, run: int) -> dict[str, float]:
+    print(f"run {run}: single-identity writes ({writes:,} per variant, taking turns)")
     print(f"  {'variant':<36} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
     for name, values in times.items():
         print(
             f"  {name:<36} {pct(values, 0.5):8.3f} {pct(values, 0.99):8.3f} "
             f"{statistics.fmean(values) * 1e3:8.3f}"
         )
-    on = pct(times["dual-write on"], 0.5)
-    off = pct(times["dual-write off (legacy-only)"], 0.5)
-    new_only = pct(times["new store only (write-new)"], 0.5)
-    floor = pct(times["floor: BEGIN + 2 INSERTs + COMMIT"], 0.5)
-    floor_folded = pct(times["floor, BEGIN folded"], 0.5)
-    print(f"  dual-write p50 / floor p50                 {on / floor:6.2f}x (target <= 1.20)")
-    print(f"  dual-write p50 / floor (BEGIN folded) p50  {on / floor_folded:6.2f}x")
-    print(
-        f"  dual-write overhead vs legacy-only write   {100 * (on / off - 1):+6.1f} % (P1: +164 %)"
-    )
-    print(f"  dual-write overhead vs new-only write      {100 * (on / new_only - 1):+6.1f} %")
+    p50 = {name: pct(values, 0.5) for name, values in times.items()}
+    ratios = {
+        "dual-write p50 / floor p50 (target <= 1.20)": p50[DUAL] / p50[FLOOR],
+        "dual-write p50 / floor, SELECT form p50": p50[DUAL] / p50[FLOOR_SELECT],
+        "dual-write p50 / three-INSERT floor p50": p50[DUAL] / p50[FLOOR_LOG],
+        "three-INSERT floor p50 / floor p50": p50[FLOOR_LOG] / p50[FLOOR],
+        "dual-write p50 / legacy-only write p50": p50[DUAL] / p50["dual-write off (legacy-only)"],
+    }
+    for label, value in ratios.items():
+        print(f"  {label:<48} {value:6.2f}x")
+    return ratios
+
+
+def report_batches(spent: dict[str, tuple[float, float]], rows: int, size: int, run: int):
+    print(f"run {run}: batched writes ({rows:,} identities in batches of {size:,}, turn by turn)")
+    print(f"  {'variant':<32} {'wall s':>7} {'ids/s':>9} {'CPU s':>7} {'ids/CPU s':>10}")
+    for name, (wall, cpu) in spent.items():
+        print(f"  {name:<32} {wall:7.2f} {rows / wall:9,.0f} {cpu:7.2f} {rows / cpu:10,.0f}")
+    ratios = {}
+    for label, ours, bare in (
+        ("dual-write / bare throughput (target >= 0.90)", BATCH_DUAL, BATCH_BARE),
+        ("bare + log rows / bare throughput", BATCH_BARE_LOG, BATCH_BARE),
+        ("dual-write / bare + log rows throughput", BATCH_DUAL, BATCH_BARE_LOG),
+        (
+            "no indexes (info): dual / bare",
+            "dual-write, no indexes (info)",
+            "bare, no indexes (info)",
+        ),
+    ):
+        if ours not in spent:
+            continue
+        ratios[f"{label}, wall"] = spent[bare][0] / spent[ours][0]
+        ratios[f"{label}, CPU"] = spent[bare][1] / spent[ours][1]
+    for label, value in ratios.items():
+        print(f"  {label:<60} {value:5.2f}")
+    return ratios
+
+
+def summary(title: str, runs: list[dict[str, float]], best: Callable) -> None:
+    print(f"{title}: best and median of {len(runs)} runs")
+    for label in runs[0]:
+        values = [r[label] for r in runs]
+        print(f"  {label:<60} best {best(values):5.2f}  median {statistics.median(values):5.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--writes", type=int, default=3000, help="single writes per variant (0: skip)"
+        "--writes", type=int, default=3000, help="single writes per variant and run (0: skip)"
     )
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--repeat", type=int, default=3, help="runs, each measuring all variants")
     parser.add_argument(
         "--batch-rows", type=int, default=1_000_000, help="identities in batches (0: skip)"
     )
     parser.add_argument("--batch-size", type=int, default=100_000)
+    parser.add_argument("--info", action="store_true", help="also the tables without indexes")
     args = parser.parse_args()
 
+    single_runs: list[dict[str, float]] = []
+    batch_runs: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        if args.writes:
-            report_single_writes(Path(tmp), args.writes, args.rounds)
-
-        n = args.batch_rows
-        if n <= 0:
-            return
-        spent = batches(Path(tmp), n, args.batch_size)
-        print(f"batched writes ({n:,} identities in batches of {args.batch_size:,}, turn by turn)")
-        print(f"  {'variant':<32} {'wall s':>7} {'ids/s':>9} {'CPU s':>7} {'ids/CPU s':>10}")
-        for name, (wall, cpu) in spent.items():
-            print(f"  {name:<32} {wall:7.2f} {n / wall:9,.0f} {cpu:7.2f} {n / cpu:10,.0f}")
-        for label, ours, bare in (
-            ("P1 tables", "dual-write store_arrow", "bare two-table insert"),
-            ("no indexes (info)", "dual-write, no indexes (info)", "bare, no indexes (info)"),
-        ):
-            wall = spent[bare][0] / spent[ours][0]
-            cpu = spent[bare][1] / spent[ours][1]
-            print(
-                f"  ratio dual-write / bare throughput, {label:<18} wall {wall:5.2f}  CPU {cpu:5.2f}"
-            )
-        print("  targets: dual-write >= 300,000 ids/s; ratio >= 0.80 on the P1 tables")
+        folder = Path(tmp)
+        parts: list[pa.Table] = []
+        ready: list[pa.Table] = []
+        n, size = args.batch_rows, args.batch_size
+        if n > 0:
+            scratch = open_database(folder / "scratch.duckdb", create=True)
+            parts = [arrow_batch(scratch, s, min(size, n - s)) for s in range(0, n, size)]
+            scratch.close()
+            ready = [ready_rows(part) for part in parts]
+        for run in range(1, args.repeat + 1):
+            if args.writes:
+                times = single_writes(folder, args.writes, run)
+                single_runs.append(report_single(times, args.writes, run))
+            if n > 0:
+                spent = batches(folder, parts, ready, run, args.info)
+                batch_runs.append(report_batches(spent, n, size, run))
+            for path in folder.glob(f"[sb]{run}-*"):
+                path.unlink()
+    if single_runs:
+        summary("single writes, ratios (lower is better)", single_runs, min)
+    if batch_runs:
+        summary("batches, throughput ratios (higher is better)", batch_runs, max)
 
 
 if __name__ == "__main__":

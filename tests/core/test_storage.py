@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 
+import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kimera_core.checksum import table_checksum
 from kimera_core.db import connect
@@ -18,6 +21,7 @@ from kimera_core.storage import (
     Storage,
     StorageError,
     get_dual_write_stats,
+    identities_to_arrow,
 )
 
 STORES = ("identities", "legacy_geoids", "legacy_scars", "dual_write_log")
@@ -493,3 +497,75 @@ def test_a_type_change_rolled_back_keeps_the_old_row(tmp_path):
         con = storage.con
         assert con.execute("SELECT id FROM legacy_scars").fetchall() == [("scar_0001",)]
         assert con.execute("SELECT count(*) FROM legacy_geoids").fetchone() == (0,)
+
+
+def test_a_batch_with_malformed_json_is_refused_with_its_reason(storage):
+    batch = identities_to_arrow([geoid(1), geoid(2)])
+    meta = batch.column_names.index("meta")
+    batch = batch.set_column(meta, "meta", pa.array(['{"terms": []}', '{"terms": [']))
+    before = checksums(storage.con)
+    with pytest.raises(StorageError, match="malformed JSON"):
+        storage.store_arrow(batch)
+    assert checksums(storage.con) == before
+    assert [(r[0], r[2]) for r in log_rows(storage.con)] == [
+        ("g0001", "failed"),
+        ("g0002", "failed"),
+    ]
+
+
+# An intensity's JSON text as a client may send it in a batch: finite, or not as a double.
+INTENSITY_TEXTS = st.one_of(
+    st.sampled_from(["NaN", "-Infinity", "Infinity", "1e308", "1e309", "-1E+400", "1.5e-400"]),
+    st.integers(min_value=-(10**330), max_value=10**330).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.builds(lambda m, e: f"{m}e{e}", st.integers(-99, 99), st.integers(-400, 400)),
+)
+
+
+def python_number(text: str) -> tuple[bool, bool]:
+    """The plain reference, Python's JSON reading of a number: (a float that is not finite,
+    not finite as a double at all: such a float or an integer beyond the double range)."""
+    value = json.loads(text)
+    if isinstance(value, float):
+        return not math.isfinite(value), not math.isfinite(value)
+    try:
+        float(value)
+    except OverflowError:
+        return False, True
+    return False, False
+
+
+@pytest.fixture(scope="module")
+def batch_storage(tmp_path_factory):
+    path = tmp_path_factory.mktemp("numbers") / "n.duckdb"
+    with Storage.open(str(path), stage="dual-write", shadow_sample=0.0) as storage:
+        yield storage
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    intensities=st.lists(INTENSITY_TEXTS, min_size=1, max_size=3),
+    elsewhere=st.one_of(st.none(), INTENSITY_TEXTS),
+    key=st.uuids(),
+)
+def test_a_batch_names_exactly_the_value_rules_its_numbers_break(
+    batch_storage, intensities, elsewhere, key
+):
+    """meta.terms is checked only where the meta text hints at a non-finite number: a batch
+    is refused for non_finite_intensity and non_finite_number exactly as Python reads them."""
+    terms = ", ".join(f'{{"symbol": "s{i}", "intensity": {t}}}' for i, t in enumerate(intensities))
+    other = "" if elsewhere is None else f', "other": [{elsewhere}]'
+    batch = identities_to_arrow([geoid(1, id=str(key))])
+    meta = pa.array([f'{{"terms": [{terms}]{other}}}'])
+    batch = batch.set_column(batch.column_names.index("meta"), "meta", meta)
+    read = [python_number(t) for t in [*intensities, *([elsewhere] if elsewhere else [])]]
+    bad_number = any(bad_float for bad_float, _ in read)
+    bad_intensity = any(not_double for _, not_double in read[: len(intensities)])
+    if not (bad_number or bad_intensity):
+        assert batch_storage.store_arrow(batch) == 1
+        return
+    with pytest.raises(StorageError) as refused:
+        batch_storage.store_arrow(batch)
+    message = str(refused.value)
+    assert ("non_finite_intensity" in message) == bad_intensity, message
+    assert ("non_finite_number" in message) == bad_number, message
