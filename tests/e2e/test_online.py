@@ -12,15 +12,16 @@ Then it asserts that nothing waited on or failed for a lock (Dagster run logs, t
 report, the server's log), that no write failed (``dual_write_log`` and the writer), and
 that every write the writer saw acknowledged is in both stores.
 
-Two product gaps are worked around, each only when its run fails with its own message
-(``UNBALANCED``, ``NO_BACKUP``), and the test then ends as an expected failure naming them:
-every other assertion has run by then, and once both are fixed it simply passes.
+One product gap is worked around, only when the migration run fails with its message
+(``UNBALANCED``), and the test then ends as an expected failure naming it: every other
+assertion has run by then, and once it is fixed the test simply passes.
 
 Run as a script (``python test_online.py ADDRESS REPORT``) this file is the writer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -49,7 +50,7 @@ from support.servers import (
 
 from kimera_core.db import open_database
 from kimera_core.demo import generate_demo_data
-from kimera_core.rollout import get_stage, set_stage, stage_history
+from kimera_core.rollout import get_stage, stage_history
 from kimera_core.storage import Storage
 from kimera_core.workload import random_geoid, random_scar
 from kimera_pipelines.resources import ALL_BUCKETS_TAGS
@@ -60,13 +61,10 @@ WRITES_PER_SECOND = 20
 # DuckDB's lock errors ("Could not set lock on file", "Conflicting lock is held"), the
 # project's lock wait ("waiting for the database: held by PID ..."), transaction conflicts
 TO_READ_NEW = {"ops": {"rollout": {"config": {"target": "read-new"}}}}
-# Product gaps this test works around until they are fixed (it then xfails, naming them):
-# the migration's reconciliation counts legacy rows after its partitions, so the rows the
-# live dual write adds meanwhile unbalance it (kimera_core/migration/engine.py), and the
-# backup an advance takes before it moves a stage needs a file, not an address
-# (kimera_core/backup.py).
+# The product gap this test works around until it is fixed (it then xfails, naming it): the
+# migration's reconciliation counts legacy rows after its partitions, so the rows the live
+# dual write adds meanwhile unbalance it (kimera_core/migration/engine.py).
 UNBALANCED = "does not balance"
-NO_BACKUP = "no such file"
 LOCK_TROUBLE = re.compile(r"\block(ed|s)?\b|conflict|waiting for the database", re.IGNORECASE)
 
 
@@ -105,11 +103,23 @@ def write_until_stopped(address: str, report: Path) -> None:
         out.write(json.dumps({"done": True, "stage": storage.stage}) + "\n")
 
 
+def _stop(writer: subprocess.Popen) -> None:
+    """SIGTERM to the writer's PID and wait for its last line (idempotent)."""
+    if writer.poll() is None:
+        writer.send_signal(signal.SIGTERM)
+    writer.wait(timeout=60)
+
+
 def _read_report(report: Path) -> list[dict]:
     return [json.loads(line) for line in report.read_text().splitlines() if line.strip()]
 
 
 # --- the test ------------------------------------------------------------------------------
+def _why(port: int, run_id: str) -> list[str]:
+    """The lines of a run's log that say what failed (for an assertion's message)."""
+    return [m for m in run_logs(port, run_id) if re.search(r"fail|did not pass|error", m, re.I)]
+
+
 def _stage(address: str) -> str:
     with open_database(address) as con:
         return get_stage(con)
@@ -166,7 +176,7 @@ def test_the_live_rollout_through_the_database_server(tmp_path, monkeypatch):
         run_id = launch_run(port, job, **kwargs)
         runs.append(run_id)
         status = wait_for_run(port, run_id)
-        assert expect is None or status == expect, (job, run_logs(port, run_id)[-5:])
+        assert expect is None or status == expect, (job, status, _why(port, run_id))
         return run_id, status
 
     def blocked(job: str, run_id: str, known: str) -> None:
@@ -175,7 +185,8 @@ def test_the_live_rollout_through_the_database_server(tmp_path, monkeypatch):
         assert known in messages, (job, messages[-2000:])
         blockers.append(f"{job}: {known}")
 
-    with kimera_db_server(db, token, server_log) as (address, _):
+    with contextlib.ExitStack() as cleanup:
+        address, _ = cleanup.enter_context(kimera_db_server(db, token, server_log))
         writer = subprocess.Popen(
             [sys.executable, __file__, address, str(report)],
             env={
@@ -184,52 +195,41 @@ def test_the_live_rollout_through_the_database_server(tmp_path, monkeypatch):
                 "KIMERA_ID_DUAL_WRITE": "1",  # deployed with dual write on
                 "PYTHONPATH": str(ROOT / "tests"),  # for this file's imports
             },
-            stderr=(tmp_path / "writer.err").open("w"),
+            stderr=cleanup.enter_context((tmp_path / "writer.err").open("w")),
         )
-        dagster = None
-        try:
-            wait_until(lambda: len(_read_report(report)) > 5, 60, what="the writer's first writes")
-            dagster, port, dagster_log = start_dagster_dev(tmp_path, {"KIMERA_DB": address, **env})
+        cleanup.callback(_stop, writer)
+        wait_until(lambda: len(_read_report(report)) > 5, 60, what="the writer's first writes")
+        dagster, port, dagster_log = start_dagster_dev(tmp_path, {"KIMERA_DB": address, **env})
+        cleanup.callback(stop_process_group, dagster)
 
-            # migrate and check while the application writes
-            migration, status = run("migration_job", None, tags=ALL_BUCKETS_TAGS)
-            if status != "SUCCESS":
-                blocked("migration_job", migration, UNBALANCED)
-            run("consistency_check_job")
-            advance, status = run("advance_rollout_job", None, run_config=TO_READ_NEW)
-            if status != "SUCCESS":
-                blocked("advance_rollout_job", advance, NO_BACKUP)
-                with open_database(address) as con:  # the move itself, then Dagster records it
-                    set_stage(con, "read-new", actor="operator", reason=NO_BACKUP)
-                run("advance_rollout_job", run_config=TO_READ_NEW)  # "already there": no backup
-            assert _stage(address) == "read-new"
+        # migrate and check while the application writes
+        migration, status = run("migration_job", None, tags=ALL_BUCKETS_TAGS)
+        if status != "SUCCESS":
+            blocked("migration_job", migration, UNBALANCED)
+        run("consistency_check_job")
+        run("advance_rollout_job", run_config=TO_READ_NEW)  # with a backup through the server
+        assert _stage(address) == "read-new"
 
-            # a divergence in one store: the gates fail, the daemon's sensor moves reads back
-            key = _plant_divergence(address, demo_keys)
-            run("consistency_check_job", "FAILURE")
-            (field_equality,) = check_executions(port, "field_equality", asset="rollout_stage")
-            assert key in json.dumps(field_equality["evaluation"])
-            rollback = _rollback_run(port)
-            runs.append(rollback)
-            assert wait_for_run(port, rollback) == "SUCCESS"
-            assert _stage(address) == "verified"
-            with open_database(address) as con:
-                assert stage_history(con)[-1]["actor"] == "sensor:auto_rollback_reads"
+        # a divergence in one store: the gates fail, the daemon's sensor moves reads back
+        key = _plant_divergence(address, demo_keys)
+        run("consistency_check_job", "FAILURE")
+        (field_equality,) = check_executions(port, "field_equality", asset="rollout_stage")
+        assert key in json.dumps(field_equality["evaluation"])
+        rollback = _rollback_run(port)
+        runs.append(rollback)
+        assert wait_for_run(port, rollback) == "SUCCESS"
+        assert _stage(address) == "verified"
+        with open_database(address) as con:
+            assert stage_history(con)[-1]["actor"] == "sensor:auto_rollback_reads"
 
-            run("step_back_rollout_job")
-            assert _stage(address) == "backfilled"
+        run("step_back_rollout_job")
+        assert _stage(address) == "backfilled"
 
-            # the operator repairs the key from the authoritative store (legacy), then checks
-            run("repair_job")
-        finally:
-            writer.send_signal(signal.SIGTERM)
-            writer.wait(timeout=60)
-        try:
-            run("consistency_check_job")
-            logs = [m for r in runs for m in run_logs(port, r)]
-        finally:
-            if dagster is not None:
-                stop_process_group(dagster)
+        # the operator repairs the key from the authoritative store (legacy), then checks
+        run("repair_job")
+        _stop(writer)
+        run("consistency_check_job")
+        logs = [m for r in runs for m in run_logs(port, r)]
 
         lines = _read_report(report)
         acked = [line for line in lines if "ms" in line]
