@@ -3,6 +3,7 @@ serve one to other processes (``serve``) and ask a server how it is (``status``)
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 import sys
@@ -138,6 +139,14 @@ def db_serve(db_path: Path, host: str, port: int) -> None:
         raise click.ClickException(
             f"{db_path}: no such file (create it with `kimera db init --db {db_path}`)"
         )
+    stopping = threading.Event()
+    server: DatabaseServer | None = None
+
+    def stop(signum: int, frame: object) -> None:
+        if server is not None and not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.stop, daemon=True).start()
+
     try:
         token = read_token()
         if token is None:
@@ -150,18 +159,12 @@ def db_serve(db_path: Path, host: str, port: int) -> None:
         address = server.start()
     except (KimeraError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(str(address))
-    sys.stdout.flush()
-    stopping = threading.Event()
-
-    def stop(signum: int, frame: object) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            threading.Thread(target=server.stop, daemon=True).start()
-
+    # installed before the address is printed: a client that reads it may stop us at once
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    click.echo(f"serving {db_path} at {address} (pid {server.status()['pid']})", err=True)
+    click.echo(str(address))
+    sys.stdout.flush()
+    click.echo(f"serving {db_path} at {address} (pid {os.getpid()})", err=True)
     server.serve_forever()
     server.wait_stopped(60)  # stop() runs in its own thread: let it close the file first
     if server.fatal_error:
@@ -170,8 +173,13 @@ def db_serve(db_path: Path, host: str, port: int) -> None:
             "again: it replays the write-ahead log (every acknowledged COMMIT)",
             err=True,
         )
-        sys.exit(3)
-    click.echo("stopped: clients closed, file checkpointed", err=True)
+    else:
+        click.echo("stopped: clients closed, file checkpointed", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The file is closed; skip the interpreter's teardown, where DuckDB's threads were seen
+    # to abort the process ("terminate called without an active exception") after a stop.
+    os._exit(3 if server.fatal_error else 0)
 
 
 @db.command("status")

@@ -53,12 +53,18 @@ class DatabaseParam(click.ParamType):
         return self._file.convert(value, param, ctx)
 
 
+DB_ENV = "KIMERA_DB"  # the same variable the Dagster resource reads
+
+
 def db_option(required: bool = True) -> Any:
-    """The ``--db`` option (a DuckDB file or a server address), given as ``db_path``."""
+    """The ``--db`` option (a DuckDB file or a server address, else ``KIMERA_DB``), given
+    as ``db_path``."""
     return click.option(
         "--db",
         "db_path",
         required=required,
+        envvar=DB_ENV,
+        show_envvar=True,
         type=DatabaseParam(),
         help="DuckDB database file, or a database server's address (kimera://HOST:PORT).",
     )
