@@ -66,6 +66,11 @@ def _print_report(report: MigrationReport) -> None:
         f"Reconciliation: legacy rows {report.legacy_rows:,} = migrated {c.changes:,} + already "
         f"present {c.already_present:,} + quarantined {c.quarantined:,}: {verdict}"
     )
+    if report.rows_skipped:
+        console.print(
+            f"Judged again: {c.read - report.rows_skipped:,} rows; {report.rows_skipped:,} "
+            "unchanged since the last full run counted by its judgement"
+        )
     if report.quarantine_reasons:
         title = "Quarantined by reason ('kimera migrate quarantine' for keys)"
         console.print(counts_table(title, "table:reason", report.quarantine_reasons))

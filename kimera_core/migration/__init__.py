@@ -11,6 +11,8 @@ The package, along its seams:
 * ``statements``: the named SQL of one partition (prepare, quarantine, journal, merge);
 * ``indexes``: identities' secondary indexes dropped for the load and rebuilt after it;
 * ``engine``: ``migrate``, ``migrate_buckets``, partitions, resume, dry run, memory limit;
+* ``fingerprints``: per-segment fingerprints of a full run's inputs, so that a rerun
+  judges again only what changed;
 * ``rollback``: ``rollback`` and its rule (refused while reads come from identities);
 * ``report``: the typed reports (``MigrationReport``, ``MigrationCounts``,
   ``PartitionCounts``, with ``to_dict``/``from_dict``) and the views of past runs.

@@ -34,7 +34,9 @@ from kimera_core.db import checkpoint, transaction
 from kimera_core.entropy import geoid_shannon_sql, scar_entropy_sql
 from kimera_core.errors import KimeraError
 from kimera_core.identity import IDENTITY_TYPES
+from kimera_core.migration import fingerprints
 from kimera_core.migration import statements as q
+from kimera_core.migration.fingerprints import SkipPlan
 from kimera_core.migration.indexes import (
     clear_dropped_record,
     drop_indexes_for_load,
@@ -76,6 +78,9 @@ SOURCES: dict[str, tuple[str, str]] = {
 # The partition kind of a run's second look at one bucket's waiting scars (recorded apart
 # from "scar", so that resuming the run still migrates that whole scar bucket).
 WAITING_KIND = "waiting_scar"
+# A rerun that judges at most this share of the segments again keeps identities' secondary
+# indexes live (updating a few rows in them costs less than rebuilding them whole).
+REBUILD_INDEXES_SHARE = 0.25
 
 
 def migrate(
@@ -84,13 +89,17 @@ def migrate(
     partitions: int | None = None,
     dry_run: bool = False,
     on_partition: ProgressCallback | None = None,
+    skip_unchanged: bool = True,
 ) -> MigrationReport:
     """Backfill identities from the legacy tables; resumes an unfinished run if there is one.
 
     ``partitions``: hash buckets per table (1..4096; default one per ROWS_PER_PARTITION
     rows). ``dry_run`` computes every count inside one transaction and rolls it back:
-    nothing is written, not even the run record. Raises KimeraError (one line) for a bad
-    partition count, a resume that cannot continue, or an out-of-memory partition.
+    nothing is written, not even the run record. ``skip_unchanged``: judge again only the
+    keys whose inputs changed since the last full run recorded their fingerprints
+    (``migration.fingerprints``); the others are counted by that judgement. False judges
+    every row. Raises KimeraError (one line) for a bad partition count, a resume that cannot
+    continue, or an out-of-memory partition.
     """
     if partitions is not None and not 1 <= partitions <= MAX_PARTITIONS:
         raise KimeraError(f"--partitions must be between 1 and {MAX_PARTITIONS}")
@@ -104,6 +113,7 @@ def migrate(
 
     ensure_schema(con)
     resumed = False
+    skip: SkipPlan | None = None
     unfinished = _unfinished_run(con)
     if unfinished is not None:
         run_id, buckets, version = unfinished
@@ -120,15 +130,22 @@ def migrate(
         resumed = True
     else:
         buckets = partitions or auto_partitions(con)
+        legacy = _legacy_rows(con)
+        if skip_unchanged:
+            skip = fingerprints.plan(con, buckets, legacy)
+        else:
+            skip = SkipPlan(fingerprints.segment_count(legacy, buckets))
+        fingerprints.start_outcomes(con)
         run_id = _start_run(con, buckets)
 
-    drop_indexes_for_load(con, run_id)
+    if skip is None or _load_is_large(con, skip):
+        drop_indexes_for_load(con, run_id)
     plan = [(kind, b) for kind in KINDS for b in range(buckets)]
     done = _done_partitions(con, run_id)
-    total, by_partition = _run_partitions(con, run_id, buckets, plan, done, on_partition)
+    total, by_partition = _run_partitions(con, run_id, buckets, plan, done, on_partition, skip)
     try:
         return _finish(
-            con, run_id, buckets, total, by_partition, resumed, started, _legacy_rows(con)
+            con, run_id, buckets, total, by_partition, resumed, started, _legacy_rows(con), skip
         )
     except duckdb.OutOfMemoryException as exc:
         raise _out_of_memory("rebuilding the identities indexes", run_id, exc) from None
@@ -201,6 +218,16 @@ def _start_run(con: duckdb.DuckDBPyConnection, buckets: int) -> str:
     return run_id
 
 
+def _load_is_large(con: duckdb.DuckDBPyConnection, skip: SkipPlan) -> bool:
+    """Whether a run judges enough rows that dropping and rebuilding the indexes pays."""
+    if skip.everything:
+        return True
+    if skip.nothing_to_judge:
+        return False
+    judged = con.execute("SELECT count(*) FROM mig_rejudge").fetchone()[0]
+    return judged > skip.segments * REBUILD_INDEXES_SHARE
+
+
 def _run_partitions(
     con: duckdb.DuckDBPyConnection,
     run_id: str,
@@ -208,18 +235,26 @@ def _run_partitions(
     plan: list[tuple[str, int]],
     done: dict[tuple[str, int], MigrationCounts],
     on_partition: ProgressCallback | None,
+    skip: SkipPlan | None = None,
 ) -> tuple[MigrationCounts, list[PartitionCounts]]:
-    """Migrate each partition of ``plan`` not in ``done``, one transaction each."""
+    """Migrate each partition of ``plan`` not in ``done``, one transaction each.
+
+    With ``skip`` (a full run), only the segments it lists are judged (all when
+    ``skip.everything``); the other rows are counted by their recorded judgement, and a
+    partition without a segment to judge opens no transaction.
+    """
     total = MigrationCounts()
     by_partition: list[PartitionCounts] = []
     for index, (kind, bucket) in enumerate(plan, start=1):
         skipped = (kind, bucket) in done
         if skipped:
             counts = done[(kind, bucket)]
+        elif skip is not None and not skip.everything and bucket not in skip.buckets_to_judge:
+            counts = skip.skipped_counts(kind, bucket)
         else:
             try:
                 with transaction(con):
-                    counts, _ = _migrate_partition(con, run_id, kind, bucket, buckets, True)
+                    counts, _ = _migrate_partition(con, run_id, kind, bucket, buckets, True, skip)
             except duckdb.OutOfMemoryException as exc:
                 raise _out_of_memory(f"{kind} partition {bucket}", run_id, exc) from None
         total.add(counts)
@@ -247,28 +282,38 @@ def _finish(
     resumed: bool,
     started: float,
     legacy_rows: int,
+    skip: SkipPlan | None = None,
 ) -> MigrationReport:
-    """Rebuild the dropped indexes, reconcile, record the run's outcome and checkpoint."""
-    checksum = table_checksum(con, "identities", IDENTITY_COLUMNS)
-    reasons, warnings = reason_counts(con, run_id)
-    report = MigrationReport(
-        run_id=run_id,
-        dry_run=False,
-        resumed=resumed,
-        partitions=buckets,
-        counts=total,
-        legacy_rows=legacy_rows,
-        quarantine_reasons=reasons,
-        warnings=warnings,
-        partitions_skipped=sum(p.skipped for p in by_partition),
-        seconds=time.perf_counter() - started,
-        identities_checksum=checksum.to_dict(),
-        partition_counts=by_partition,
-        waiting=waiting_scars(con),
-    )
-    report.status = "completed" if report.balanced else "unbalanced"
+    """Rebuild the dropped indexes, reconcile, record the run's outcome and checkpoint.
+
+    A full run (``skip``) records its fingerprints, whose identities part is the checksum.
+    """
     rebuild_indexes_one_at_a_time(con, run_id)
     with transaction(con):
+        if skip is None:
+            checksum = table_checksum(con, "identities", IDENTITY_COLUMNS)
+        elif skip.nothing_to_judge and skip.checksum is not None:
+            checksum = skip.checksum
+        else:
+            checksum = fingerprints.record(con, skip, run_id)
+        reasons, warnings = reason_counts(con, run_id)
+        report = MigrationReport(
+            run_id=run_id,
+            dry_run=False,
+            resumed=resumed,
+            partitions=buckets,
+            counts=total,
+            legacy_rows=legacy_rows,
+            quarantine_reasons=reasons,
+            warnings=warnings,
+            partitions_skipped=sum(p.skipped for p in by_partition),
+            seconds=time.perf_counter() - started,
+            partition_counts=by_partition,
+            waiting=waiting_scars(con),
+        )
+        report.identities_checksum = checksum.to_dict()
+        report.rows_skipped = 0 if skip is None else skip.rows_skipped
+        report.status = "completed" if report.balanced else "unbalanced"
         clear_dropped_record(con, run_id)
         con.execute(
             q.FINISH_RUN_SQL,
@@ -321,32 +366,49 @@ def _dry_run(
 
 
 def _migrate_partition(
-    con: duckdb.DuckDBPyConnection, run_id: str, kind: str, bucket: int, buckets: int, record: bool
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    kind: str,
+    bucket: int,
+    buckets: int,
+    record: bool,
+    skip: SkipPlan | None = None,
 ) -> tuple[MigrationCounts, Checksum]:
     """Prepare, quarantine, merge and journal one partition (caller owns the transaction).
 
     ``kind`` WAITING_KIND judges only the bucket's waiting scars. The quarantine is written
-    in a dry run too (its transaction is rolled back): a scar's judgement reads it.
+    in a dry run too (its transaction is rolled back): a scar's judgement reads it. With
+    ``skip`` (a full run) the judged rows' outcomes are collected for the run's fingerprints,
+    only its segments are judged unless ``skip.everything``, and the partition's counts
+    (returned and recorded) include the rows it does not judge again. The checksum covers
+    the judged rows.
     """
     source = "scar" if kind == WAITING_KIND else kind
     table, key = SOURCES[source]
+    only = skip is not None and not skip.everything
     if kind == WAITING_KIND:
         rows_sql = q.WAITING_ROWS_SQL
     else:
-        rows_sql = q.PARTITION_ROWS_SQL.format(table=table, key=key)
+        # a rerun's rows to judge are in fingerprints' mig_todo_<kind> (a fixed name)
+        rows_from = f"mig_todo_{source}" if only else table
+        rows_sql = q.PARTITION_ROWS_SQL.format(table=rows_from, key=key)
     params = {
         "run_id": run_id,
         "bucket": bucket,
         "buckets": buckets,
         "now": time.time(),
         "source_table": table,
+        "segments": 0 if skip is None else skip.segments,
     }
     _exec(con, rows_sql, params)
     with epoch_iso_fixes(con, q.PARTITION_EPOCHS_SQL) as fixes:
-        _exec(con, _prepare_sql(con, source, fixes), params)
+        _exec(con, _prepare_sql(con, source, fixes, only), params)
     counts = MigrationCounts(*map(int, con.execute(q.PARTITION_COUNTS_SQL).fetchone()))
     rows, digest = con.execute(q.PARTITION_CHECKSUM_SQL).fetchone()
     checksum = Checksum(int(rows), int(digest))
+    if skip is not None:
+        fingerprints.collect_outcomes(con, source, skip.segments)
+        counts.add(skip.skipped_counts(kind, bucket))
     # One thread appends whole row groups, which DuckDB writes to the file at commit
     # ("optimistic writes"); parallel appends leave partial row groups that go through the
     # WAL and are written a second time by the checkpoint.
@@ -371,8 +433,13 @@ def _migrate_partition(
     return counts, checksum
 
 
-def _prepare_sql(con: duckdb.DuckDBPyConnection, kind: str, iso_fixes: bool) -> str:
-    """The partition's prepare statement with its ``__NAME__`` tokens filled in."""
+def _prepare_sql(
+    con: duckdb.DuckDBPyConnection, kind: str, iso_fixes: bool, only: bool = False
+) -> str:
+    """The partition's prepare statement with its ``__NAME__`` tokens filled in.
+
+    ``only``: the identities it compares with are those of the segments judged again.
+    """
     table, key = SOURCES[kind]
     # A primary key already rules out duplicates; old files without one get the window count.
     dup = "1" if _has_primary_key(con, table) else f"count(*) OVER (PARTITION BY {key})"
@@ -390,8 +457,10 @@ def _prepare_sql(con: duckdb.DuckDBPyConnection, kind: str, iso_fixes: bool) -> 
             "__SCAR_ENTROPY__", scar_entropy_sql("parsed", "src_rowid", "rel_j", "weight")
         )
         sql = sql.replace("__META__", parsed("meta")).replace("__RELATED__", parsed("related_ids"))
+    # a rerun compares with the identities of its segments, read once (fingerprints.TODO_SQL)
     return (
         sql.replace("__DUP_COUNT__", dup)
+        .replace("__IDENTITIES__", "mig_todo_identities" if only else "identities")
         .replace("__CREATED_ISO__", epoch_iso_sql("c_at", fixes=iso_fixes))
         .replace("__UPDATED_ISO__", epoch_iso_sql("u_at", fixes=iso_fixes))
     )

@@ -60,8 +60,11 @@ def rebuild_indexes_one_at_a_time(con: duckdb.DuckDBPyConnection, run_id: str) -
     rebuilding skips those that exist, so a run killed in between resumes or rolls back as
     before.
     """
+    dropped = dropped_indexes(con, run_id)
+    if not dropped:
+        return
     checkpoint(con)
-    for name, ddl in dropped_indexes(con, run_id).items():
+    for name, ddl in dropped.items():
         with transaction(con):
             restore_index(con, "identities", name, ddl)
         checkpoint(con)

@@ -107,7 +107,10 @@ class MigrationReport:
     partition of the run in the order it ran (geoid buckets, then scar buckets, then the
     ``waiting_scar`` second looks of a run of selected buckets). ``waiting``: scars left in
     quarantine after the run waiting for a geoid not yet judged (``related_geoid_pending``),
-    over the whole database: 0 once every bucket ran.
+    over the whole database: 0 once every bucket ran. ``rows_skipped``: legacy rows a full
+    run did not judge again because their inputs are unchanged since the last full run
+    (``migration.fingerprints``); they are counted by that judgement (unchanged, kept or
+    quarantined), and ``quarantine_reasons`` and ``warnings`` count only the rows judged.
     """
 
     run_id: str
@@ -124,6 +127,7 @@ class MigrationReport:
     status: str = "completed"
     partition_counts: list[PartitionCounts] = field(default_factory=list)
     waiting: int = 0
+    rows_skipped: int = 0
 
     @property
     def balanced(self) -> bool:

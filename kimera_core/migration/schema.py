@@ -84,6 +84,24 @@ SCHEMA_SQL: tuple[str, ...] = (
     # The run whose later judgement of the same key superseded this row; NULL while the row
     # is current (migration.statements.CLEAR_SUPERSEDED_SQL).
     "ALTER TABLE kimera_quarantine ADD COLUMN IF NOT EXISTS cleared_by TEXT",
+    # The last full run's judgement per segment of keys (migration.fingerprints): the
+    # fingerprint of its inputs and the outcome counts of its legacy rows.
+    """CREATE TABLE IF NOT EXISTS kimera_migration_fingerprints (
+        segments INTEGER NOT NULL,     -- keys go to segment hash(key) % segments
+        segment INTEGER NOT NULL,
+        fingerprint HUGEINT NOT NULL,  -- sum of the row hashes of its four sources
+        identities_rows BIGINT NOT NULL,
+        identities_sum HUGEINT NOT NULL,
+        geoid_state HUGEINT NOT NULL,  -- sum of the hashes of the geoid state scars read
+        geoid_unchanged BIGINT NOT NULL,
+        geoid_kept BIGINT NOT NULL,
+        geoid_quarantined BIGINT NOT NULL,
+        scar_unchanged BIGINT NOT NULL,
+        scar_kept BIGINT NOT NULL,
+        scar_quarantined BIGINT NOT NULL,
+        recipe TEXT NOT NULL,
+        run_id TEXT NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS kimera_migration_warnings (
         run_id TEXT NOT NULL,
         source_table TEXT NOT NULL,

@@ -11,7 +11,8 @@ transaction per partition.
 
 ``__NAME__`` tokens in the prepare statements are replaced by the engine with vetted SQL
 fragments before execution (the entropy subqueries, the JSON parse of TEXT columns in old
-files, the duplicate count, the ISO text expressions); values are always bound parameters.
+files, the duplicate count, the ISO text expressions, the identities a rerun compares with);
+values are always bound parameters.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ CREATE OR REPLACE TEMP MACRO kimera_same_doc(a, b, kind) AS (
 # Only this partition's bucket: the scan hashes every id but reads documents for 1/N rows.
 _EXISTING = """(SELECT id AS i_id, identity_type AS i_type, data AS i_data, created_at AS i_created,
           updated_at AS i_updated, lang_axis AS i_lang, entropy_score AS i_entropy
-   FROM identities WHERE hash(id) % $buckets::UBIGINT = $bucket::UBIGINT)"""
+   FROM __IDENTITIES__ WHERE hash(id) % $buckets::UBIGINT = $bucket::UBIGINT)"""
 
 # Entropy rows are keyed by rowid: an old file without a primary key may repeat a key.
 # The merge rule: no identity -> insert; same document and timestamps -> unchanged (a geoid's
@@ -253,7 +254,7 @@ WITH src AS (
 # The partition's legacy rows, copied once: a plain filtered scan is pushed into the table
 # scan, inside the prepare statement it is not (the whole table would be read per partition).
 # src_rowid is this copy's rowid. {table} and {key} are fixed names (legacy_geoids/gid,
-# legacy_scars/id).
+# legacy_scars/id; a rerun's mig_todo_geoid/mig_todo_scar, migration.fingerprints).
 PARTITION_ROWS_SQL = """
 CREATE OR REPLACE TEMP TABLE mig_part AS
 SELECT * FROM {table} WHERE hash({key}) % $buckets::UBIGINT = $bucket::UBIGINT
