@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import click
+import duckdb
 
 from kimera_core.cli.backup import backup, restore
 from kimera_core.cli.options import DB_OPTION, JSON_OPTION, DatabaseAddress, console, emit_json
@@ -122,7 +123,14 @@ def _print_upgrade(report: UpgradeReport) -> None:
     show_default=True,
     help="TCP port (0: any free port; the first line printed names it).",
 )
-def db_serve(db_path: Path, host: str, port: int) -> None:
+@click.option(
+    "--checkpoint-threshold",
+    default=None,
+    help="WAL size at which DuckDB checkpoints by itself (e.g. 256MB; DuckDB's default 16MB). "
+    "A checkpoint holds every client's commit while it runs; a larger WAL takes longer to "
+    "replay after a crash.",
+)
+def db_serve(db_path: Path, host: str, port: int, checkpoint_threshold: str | None) -> None:
     """Own the database file and serve it to other processes until SIGTERM or Ctrl-C.
 
     Prints the server's address (kimera://HOST:PORT) as the first line on stdout: pass it
@@ -154,11 +162,16 @@ def db_serve(db_path: Path, host: str, port: int) -> None:
             write_token_file(token_file(), token)
             click.echo(f"kimera: new token written to {token_file()} (mode 0600)", err=True)
         server = DatabaseServer(
-            db_path, token, host=host, port=port, log=lambda line: click.echo(line, err=True)
+            db_path,
+            token,
+            host=host,
+            port=port,
+            checkpoint_threshold=checkpoint_threshold,
+            log=lambda line: click.echo(line, err=True),
         )
         address = server.start()
-    except (KimeraError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except (KimeraError, OSError, duckdb.Error) as exc:
+        raise click.ClickException(str(exc).splitlines()[0]) from None
     # installed before the address is printed: a client that reads it may stop us at once
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -113,6 +113,7 @@ class DatabaseServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        checkpoint_threshold: str | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         if not token:
@@ -120,6 +121,7 @@ class DatabaseServer:
         self.path = Path(path)
         self._token = token.encode("utf-8")
         self._host, self._port = host, port
+        self._checkpoint_threshold = checkpoint_threshold
         self._log = log or (lambda line: None)
         self._con: duckdb.DuckDBPyConnection | None = None
         self._listener: _Listener | None = None
@@ -134,6 +136,10 @@ class DatabaseServer:
     def start(self) -> Address:
         """Open the file, create ``SHARED_SCHEMA``, listen; returns the address."""
         self._con = open_database(self.path)
+        if self._checkpoint_threshold:
+            # DuckDB checkpoints by itself when the WAL passes this size, inside whichever
+            # COMMIT crosses it: every client's commit waits that long (kimera_core.db.checkpoint)
+            self._con.execute("SET checkpoint_threshold = ?", [self._checkpoint_threshold])
         for create in SHARED_SCHEMA:
             create(self._con)
         self._listener = _Listener((self._host, self._port), self)

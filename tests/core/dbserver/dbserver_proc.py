@@ -23,8 +23,11 @@ START_TIMEOUT = 60.0
 class DbServer:
     """One ``kimera db serve --db path`` process at a time (restartable on the same port)."""
 
-    def __init__(self, path: Path, token: str, log: Path | None = None) -> None:
+    def __init__(
+        self, path: Path, token: str, log: Path | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         self.path = Path(path)
+        self.args = args
         self.token = token
         self.log = log or self.path.with_suffix(".server.log")
         self.proc: subprocess.Popen | None = None
@@ -35,7 +38,16 @@ class DbServer:
         env = {**os.environ, "KIMERA_DB_TOKEN": self.token}
         with self.log.open("a", encoding="utf-8") as err:
             self.proc = subprocess.Popen(
-                [KIMERA, "db", "serve", "--db", str(self.path), "--port", str(self.port)],
+                [
+                    KIMERA,
+                    "db",
+                    "serve",
+                    "--db",
+                    str(self.path),
+                    "--port",
+                    str(self.port),
+                    *self.args,
+                ],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 env=env,

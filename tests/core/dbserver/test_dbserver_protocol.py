@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
-from dbserver_proc import KIMERA
+from dbserver_proc import KIMERA, DbServer
 from support.servers import wait_until
 
 from kimera_core import textsearch
@@ -149,7 +149,7 @@ def test_each_client_has_its_own_transaction(served):
         with transaction(a):
             a.execute("INSERT INTO t VALUES (1)")
             assert b.execute("SELECT count(*) FROM t").fetchone() == (0,)  # not committed
-            assert checkpoint(b) in (True, False)  # another client writes: never an error
+            assert checkpoint(b) is False  # through a server: never asked (it stalls commits)
         assert b.execute("SELECT count(*) FROM t").fetchone() == (1,)
         with pytest.raises(RuntimeError), transaction(a):
             a.execute("INSERT INTO t VALUES (2)")
@@ -303,3 +303,19 @@ def test_a_database_duckdb_invalidated_stops_the_server_with_the_reason(tmp_path
         with pytest.raises(duckdb.ConnectionException):
             con.execute("SELECT 1")
     assert server.fatal_error == "FATAL Error: database has been invalidated"
+
+
+def test_the_checkpoint_threshold_is_the_servers_and_clients_never_checkpoint(tmp_path, token):
+    path = tmp_path / "threshold.duckdb"
+    open_database(path, create=True).close()
+    server = DbServer(path, token, args=("--checkpoint-threshold", "256MB"))
+    server.start()
+    try:
+        with open_database(server.address) as con:
+            shown = con.execute("SELECT current_setting('checkpoint_threshold')").fetchone()[0]
+            assert shown.startswith("256") or shown.startswith("244")  # MB or MiB
+            con.execute("CREATE TABLE t AS SELECT range AS k FROM range(1000)")
+            assert checkpoint(con) is False
+        assert (tmp_path / "threshold.duckdb.wal").stat().st_size > 0  # still in the WAL
+    finally:
+        assert server.stop() == 0
