@@ -18,15 +18,28 @@ broken rows) migrated with ``kimera migrate``, so thousands of rows are in quara
   a throwaway virtualenv (``--reladiff-venv``, created with ``pip install reladiff==0.6.*
   duckdb`` when missing: reladiff is not a project dependency).
 
+Cold runs drop the digest cache before each run; every figure is the best and the median of
+``--repeat`` runs, with the process's CPU seconds (user + system, which the load of a shared
+machine inflates less than wall time) and the load average. The floor beside them: one bare
+read of every stored column the fingerprints cover (what any verification that reads every
+row costs), and the fingerprint pass alone (what a warm run cannot avoid).
+
 Usage: .venv/bin/python bench/bench_consistency.py [--parts synthetic,demo] [--rows 1000000]
        [--changes 1000] [--repeat 3] [--geoids 800000] [--scars 200000]
-       [--reladiff-venv /tmp/reladiff-venv]
+       [--reladiff-venv /tmp/reladiff-venv] [--demo-db PATH]
+
+``--demo-db`` starts from a copy of an already migrated demo database (the setup takes a
+minute); without it the database is built and migrated in a temporary directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +51,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from support.clean_migration import migrate_documents  # noqa: E402
 
-from kimera_core.consistency import SOURCES, verify  # noqa: E402
+from kimera_core.consistency import SOURCES, digests, verify  # noqa: E402
 from kimera_core.db import open_database  # noqa: E402
 from kimera_core.identity import epoch_to_iso  # noqa: E402
 from kimera_core.legacy import create_legacy_schema  # noqa: E402
@@ -90,6 +103,7 @@ def main() -> None:
     parser.add_argument("--geoids", type=int, default=800_000)
     parser.add_argument("--scars", type=int, default=200_000)
     parser.add_argument("--reladiff-venv", type=Path, default=Path("/tmp/reladiff-venv"))
+    parser.add_argument("--demo-db", type=Path, default=None)
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     if "synthetic" in parts:
@@ -237,14 +251,60 @@ def reladiff_python(venv: Path) -> Path:
     return python
 
 
-def timed_verify(db: Path) -> tuple[float, dict]:
-    """(wall seconds of the ``kimera verify --json`` process, its report)."""
+def timed_verify(db: Path) -> tuple[float, float, dict]:
+    """(wall seconds, CPU seconds of the ``kimera verify --json`` process, its report)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     result = kimera("verify", "--db", db, "--json", "--sample", "5")
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode not in (0, 1):
         raise RuntimeError(result.stderr)
-    return wall, json.loads(result.stdout)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, json.loads(result.stdout)
+
+
+def drop_cache(db: Path) -> None:
+    with open_database(db) as con:
+        con.execute("DROP TABLE IF EXISTS kimera_verify_digests")
+        con.execute("CHECKPOINT")
+
+
+def summary(name: str, runs: list[tuple[float, float, dict]]) -> dict:
+    """Print and return best / median of the verifier's own seconds, the process and its CPU."""
+    own = [r[2]["seconds"] for r in runs]
+    wall = [r[0] for r in runs]
+    cpu = [r[1] for r in runs]
+    last = runs[-1][2]
+    cache = last["checksums"]["digest_cache"]
+    print(
+        f"{name}: verifier best {min(own):.2f} s, median {statistics.median(own):.2f} s "
+        f"({len(runs)} runs); process best {min(wall):.2f} s, median "
+        f"{statistics.median(wall):.2f} s; process CPU best {min(cpu):.2f} s, median "
+        f"{statistics.median(cpu):.2f} s; verdict {last['verdict']}, "
+        f"{last['quarantined']['total']:,} rows in quarantine excluded up front, "
+        f"{cache['rows_digested']:,} rows digested, {cache['segments_suspect']:,} segments "
+        f"suspect, {cache['rows_normalised']:,} rows normalised, "
+        f"{last['checksums']['rows_compared_row_level']:,} compared row by row; "
+        f"load {os.getloadavg()[0]:.1f}"
+    )
+    return {"best": min(own), "median": statistics.median(own)}
+
+
+def floors(db: Path, repeat: int) -> None:
+    """The bare read of every stored column the fingerprints cover, and the fingerprint pass."""
+    with open_database(db, read_only=True) as con:
+        read = [timed(lambda: con.execute(floor_sql()).fetchall())[0] for _ in range(repeat)]
+        fp = " UNION ALL ".join(
+            f"SELECT sum(fsum) FROM ({digests.fingerprints_sql(s)})" for s in SOURCES
+        )
+        passes = [timed(lambda: con.execute(fp).fetchall())[0] for _ in range(repeat)]
+    print(
+        f"floor: bare read of the fingerprinted columns best {min(read):.2f} s, median "
+        f"{statistics.median(read):.2f} s; fingerprint pass (every row, 65,536 segments per "
+        f"table) best {min(passes):.2f} s, median {statistics.median(passes):.2f} s; "
+        f"load {os.getloadavg()[0]:.1f}"
+    )
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -252,38 +312,31 @@ def demo(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "demo.duckdb"
         t0 = time.perf_counter()
-        built = kimera(
-            "demo-data", "--db", db, "--geoids", args.geoids, "--scars", args.scars, "--seed", 11
-        )
-        if built.returncode != 0:
-            raise RuntimeError(built.stderr)
-        migrated = kimera("migrate", "--db", db, "--json")
-        if migrated.returncode != 0:
-            raise RuntimeError(migrated.stderr)
-        counts = json.loads(migrated.stdout)["counts"]
-        print(
-            f"demo: {args.geoids:,} geoids + {args.scars:,} scars, migrated in "
-            f"{time.perf_counter() - t0:.1f} s; {counts['quarantined']:,} rows quarantined"
-        )
-        with open_database(db) as con:
-            con.execute("DROP TABLE IF EXISTS kimera_verify_digests")
-            con.execute("CHECKPOINT")
-        wall, report = timed_verify(db)
-        cache = report["checksums"]["digest_cache"]
-        print(
-            f"kimera verify, cold (no digest cache): verifier {report['seconds']:.2f} s, "
-            f"process {wall:.2f} s; verdict {report['verdict']}, "
-            f"{report['quarantined']['total']:,} rows in quarantine excluded up front, "
-            f"{cache['rows_digested']:,} rows digested, "
-            f"{report['checksums']['rows_compared_row_level']:,} compared row by row"
-        )
-        runs = [timed_verify(db) for _ in range(args.repeat)]
-        wall, report = min(runs, key=lambda r: r[1]["seconds"])
-        print(
-            f"kimera verify, warm, best of {args.repeat}: verifier {report['seconds']:.2f} s, "
-            f"process {wall:.2f} s; verdict {report['verdict']}, "
-            f"{report['checksums']['digest_cache']['rows_digested']:,} rows digested"
-        )
+        if args.demo_db is not None:
+            shutil.copyfile(args.demo_db, db)
+            print(f"demo: a copy of {args.demo_db}")
+        else:
+            built = kimera(
+                "demo-data", "--db", db, "--geoids", args.geoids, "--scars", args.scars,
+                "--seed", 11,
+            )  # fmt: skip
+            if built.returncode != 0:
+                raise RuntimeError(built.stderr)
+            migrated = kimera("migrate", "--db", db, "--json")
+            if migrated.returncode != 0:
+                raise RuntimeError(migrated.stderr)
+            counts = json.loads(migrated.stdout)["counts"]
+            print(
+                f"demo: {args.geoids:,} geoids + {args.scars:,} scars, migrated in "
+                f"{time.perf_counter() - t0:.1f} s; {counts['quarantined']:,} rows quarantined"
+            )
+        cold_runs = []
+        for _ in range(args.repeat):
+            drop_cache(db)
+            cold_runs.append(timed_verify(db))
+        cold = summary("kimera verify, cold (no digest cache)", cold_runs)
+        warm = summary("kimera verify, warm", [timed_verify(db) for _ in range(args.repeat)])
+        floors(db, args.repeat)
         with open_database(db) as con:
             for view in RELADIFF_VIEWS:
                 con.execute(view)
@@ -302,8 +355,11 @@ def demo(args: argparse.Namespace) -> None:
             f"reladiff 0.6 joindiff, geoids only ({args.geoids:,} legacy, {geoids:,} in "
             f"identities), fields {', '.join(RELADIFF_FIELDS)}: {joindiff['seconds']:.2f} s "
             f"(process {process:.2f} s), {joindiff['differences']:,} differences reported; "
-            f"kimera verify warm is {joindiff['seconds'] / report['seconds']:.0f}x faster "
-            f"(and checks scars, counts, quarantine and columns too)"
+            f"kimera verify is {joindiff['seconds'] / cold['best']:.1f}x faster cold and "
+            f"{joindiff['seconds'] / warm['best']:.0f}x warm (best against its one run; medians "
+            f"{joindiff['seconds'] / cold['median']:.1f}x and "
+            f"{joindiff['seconds'] / warm['median']:.0f}x), and checks scars, counts, "
+            f"quarantine and columns too; load {os.getloadavg()[0]:.1f}"
         )
 
 

@@ -145,6 +145,12 @@ def _print_counts(report: VerificationReport) -> None:
     cache = report.checksums.get("digest_cache")
     if cache:
         digested = count_of(cache["rows_digested"], "row digested", "rows digested")
+        if cache.get("segments_suspect"):
+            # the fast digests disagreed there: those rows were parsed and compared by value
+            digested += (
+                f" ({count_of(cache['segments_suspect'], 'suspect segment', 'suspect segments')}"
+                f", {count_of(cache['rows_normalised'], 'row', 'rows')} parsed)"
+            )
         console.print(
             f"  digest cache: {cache['reused']:,} of "
             f"{count_of(cache['segments'], 'segment', 'segments')} reused, {digested}"

@@ -6,8 +6,11 @@ algorithm per module, as reladiff splits hashdiff from joindiff:
 
 - ``sources``: the two sides as normalised rows (which tables, which columns, the row digest,
   the SQL macros that normalise and compare values);
-- ``segments``: row digests summed per segment of the key-hash space, the digest cache that
-  spares re-parsing unchanged rows, and bisection of differing segments (≈ hashdiff);
+- ``expected``: the fast digest, each legacy row as the identities row the migration writes;
+- ``digests``: both digests summed per fine segment of the key-hash space (the normalised one
+  only where the fast sums disagree), the explained exceptions subtracted; ``cache``: the
+  digest cache that spares re-digesting unchanged rows;
+- ``segments``: bisection of differing segments (≈ hashdiff);
 - ``rows``: row-by-row comparison of the rows bisection leaves (≈ joindiff): keys on one
   side only, and fields that differ under ``kimera_core.compare``'s rules (NULL-safe, weight
   and timestamps at a stated tolerance, JSON compared as values);
@@ -21,7 +24,7 @@ field by field with the tolerances, and may still turn out equal (e.g. JSON keys
 order). docs/consistency.md explains each finding and what to do about it.
 
 This package re-exports the names other modules import; tests that patch a module constant
-(``rows.KEY_LIST_MAX``, ``segments.RECIPE``) patch it in its module.
+(``rows.KEY_LIST_MAX``, ``digests.RECIPE``) patch it in its module.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ FROM information_schema.columns
 WHERE table_catalog = current_database() AND table_schema = 'main'
   AND table_name = 'kimera_verify_digests'
 """
-_SEAL = (
+# The seal of an entry, over its row of kimera_verify_digests ($recipe: the run's).
+SEAL = (
     "hash($recipe, store, segment, rows, fingerprint_sum, digest_sum, column_mismatches, "
     "normal_sum)"
 )
@@ -60,18 +61,18 @@ SELECT f.seg, f.n, f.fsum, c.digest_sum AS xsum, c.normal_sum AS nsum, c.column_
        c.segment IS NOT NULL AS hit
 FROM {{fp}} f LEFT JOIN (
     SELECT segment, rows, fingerprint_sum, digest_sum, normal_sum, column_mismatches
-    FROM kimera_verify_digests WHERE store = $store AND seal = {_SEAL}) c
+    FROM kimera_verify_digests WHERE store = $store AND seal = {SEAL}) c
 ON f.seg = c.segment AND f.n = c.rows AND f.fsum = c.fingerprint_sum
 """
 STATS_SQL = f"""
-SELECT store, count(*) AS entries, count(*) FILTER (WHERE seal = {_SEAL}) AS sealed
+SELECT store, count(*) AS entries, count(*) FILTER (WHERE seal = {SEAL}) AS sealed
 FROM kimera_verify_digests GROUP BY store
 """
 # Keep only the store's sealed entries of {table}'s segments that are not ``dirty`` (about to
 # be rewritten): stale, rejected and emptied segments go; with {all}, every entry goes.
 PRUNE_SQL = f"""
 DELETE FROM kimera_verify_digests WHERE store = $store AND ({{all}}
-    OR seal IS DISTINCT FROM {_SEAL}
+    OR seal IS DISTINCT FROM {SEAL}
     OR segment NOT IN (SELECT seg FROM {{table}} WHERE NOT dirty))
 """
 WRITE_SQL = """

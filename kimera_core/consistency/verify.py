@@ -5,10 +5,13 @@ A full verification:
 1. the rollout stage (which side is authoritative), the legacy rows still in quarantine
    (``exceptions``: explained, left out up front), counts per store and identity type net of
    them, NULL keys, duplicate keys (``COUNTS_SQL``, ``DUPLICATES_SQL``);
-2. the checksum pass and bisection (``segments``): every row's digest summed per segment,
-   the digest cache reused where the rows are unchanged, the quarantined rows subtracted,
-   differing segments split down to leaves of about a thousand rows; the same pass counts
-   the identities rows whose columns disagree with their document (``columns``);
+2. the checksum pass (``digests``): the legacy rows still in quarantine found by key, every
+   row's fast digest summed per fine segment (``expected``: the identities row the migration
+   writes, against the stored one), the normalised digest only for the segments where those
+   disagree (which also counts identities rows whose columns disagree with their document,
+   ``columns``), the digest cache reused where the rows are unchanged, the quarantined rows
+   subtracted; then bisection (``segments``): differing segments split down to leaves of
+   about a thousand rows;
 3. the leaves' rows compared row by row (``rows``), the column disagreements named;
 4. the verdict's reasons and exceptions (``report``), and a row in ``kimera_verifications``.
 
@@ -19,7 +22,7 @@ last recorded verification was inconsistent, an incremental run verifies every k
 it would not re-report the old problems, and the verdict must come from findings.
 
 Everything a run creates on the connection is a temp table (``TEMP_TABLES`` of each module),
-dropped at the end; the only writes are the digest cache (``segments``) and the record.
+dropped at the end; the only writes are the digest cache (``cache``) and the record.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from collections.abc import Callable
 import duckdb
 
 from kimera_core.compare import DEFAULT_TOLERANCE, Tolerance
-from kimera_core.consistency import columns, exceptions, rows, segments
+from kimera_core.consistency import columns, digests, exceptions, rows, segments
 from kimera_core.consistency.evidence import KeyEvidence, authoritative_side, next_step
 from kimera_core.consistency.report import (
     Finding,
@@ -88,6 +91,7 @@ TEMP_TABLES: tuple[str, ...] = (
     "kimera_verify_keys",
     *exceptions.TEMP_TABLES,
     *segments.TEMP_TABLES,
+    *digests.TEMP_TABLES,
     *rows.TEMP_TABLES,
     *columns.TEMP_TABLES,
 )
@@ -148,8 +152,8 @@ def verify(
     rows.clear(con)
     _counts(con, report)
     if base is None:
-        report.checksums["excluded_rows"] = segments.exclude_keys(con)
-        segments.digest_segments(con, report, cache, fast_path)
+        report.checksums["excluded_rows"] = digests.exclude_keys(con)
+        digests.digest_segments(con, report, cache, fast_path)
         _duplicates(con, report, sample, keys=None)
         bits, leaves = segments.bisect(con, report)
         report.checksums["pass_seconds"] = round(

@@ -8,7 +8,7 @@ import pytest
 from test_verify import migrated_copy
 
 from kimera_core.checksum import row_hash_sql
-from kimera_core.consistency import FINE_BITS, SOURCES, segments, verify
+from kimera_core.consistency import FINE_BITS, SOURCES, digests, verify
 from kimera_core.db import open_database
 
 SHIFT = 64 - FINE_BITS
@@ -130,7 +130,7 @@ def test_a_stale_digest_with_a_forged_fingerprint_does_not_hide_a_change(con):
     key = some_geoid(con, 11)
     con.execute("UPDATE legacy_geoids SET weight = weight + 1 WHERE gid = ?", [key])
     geoids = SOURCES[0]
-    fresh = segments.FINGERPRINTS_SQL.format(
+    fresh = digests.FINGERPRINTS_SQL.format(
         key="gid",
         table="legacy_geoids",
         shift=SHIFT,
@@ -174,7 +174,7 @@ def test_duplicated_cache_entries_are_ignored(con):
 
 def test_entries_from_another_recipe_are_not_used(con, monkeypatch):
     verify(con, record=False)
-    monkeypatch.setattr(segments, "RECIPE", "another normalisation")
+    monkeypatch.setattr(digests, "RECIPE", "another normalisation")
     report = verify(con, record=False)
     assert cache_stats(report)["reused"] == 0
     assert cache_stats(report)["rejected"] == cache_stats(report)["segments"]
