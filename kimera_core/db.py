@@ -354,6 +354,14 @@ def retry_conflicts(
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 
+def is_served(con: object) -> bool:
+    """Whether ``con`` reaches its database through a server (``kimera://``), where other
+    clients' transactions run beside this one's (the application writing live). Work that
+    holds rows or commits for long (a migration partition, an index rebuild) should stay
+    short then: DuckDB serialises commits, and every client's COMMIT waits for a long one."""
+    return isinstance(con, RemoteConnection)
+
+
 def checkpoint(con: duckdb.DuckDBPyConnection) -> bool:
     """``CHECKPOINT``: write the WAL into the file; True when it ran.
 
@@ -368,7 +376,7 @@ def checkpoint(con: duckdb.DuckDBPyConnection) -> bool:
     housekeeping must not stall the live application; the server checkpoints when it stops
     and DuckDB when its WAL passes ``checkpoint_threshold``.
     """
-    if isinstance(con, RemoteConnection):
+    if is_served(con):
         return False
     try:
         con.execute("CHECKPOINT")

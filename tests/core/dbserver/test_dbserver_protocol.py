@@ -20,7 +20,7 @@ from dbserver_proc import KIMERA, DbServer
 from support.servers import wait_until
 
 from kimera_core import textsearch
-from kimera_core.db import checkpoint, open_database, transaction
+from kimera_core.db import checkpoint, is_served, open_database, transaction
 from kimera_core.dbserver.client import RemoteConnection
 from kimera_core.dbserver.protocol import parse_address
 from kimera_core.dbserver.server import DatabaseServer
@@ -315,7 +315,8 @@ def test_the_checkpoint_threshold_is_the_servers_and_clients_never_checkpoint(tm
             shown = con.execute("SELECT current_setting('checkpoint_threshold')").fetchone()[0]
             assert shown.startswith("256") or shown.startswith("244")  # MB or MiB
             con.execute("CREATE TABLE t AS SELECT range AS k FROM range(1000)")
-            assert checkpoint(con) is False
+            assert checkpoint(con) is False and is_served(con)
+        assert not is_served(duckdb.connect())
         assert (tmp_path / "threshold.duckdb.wal").stat().st_size > 0  # still in the WAL
     finally:
         assert server.stop() == 0
