@@ -3,11 +3,14 @@ a vanished client rolled back, Arrow in and out, the function allowlist, the CLI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -320,3 +323,22 @@ def test_the_checkpoint_threshold_is_the_servers_and_clients_never_checkpoint(tm
         assert (tmp_path / "threshold.duckdb.wal").stat().st_size > 0  # still in the WAL
     finally:
         assert server.stop() == 0
+
+
+def test_garbage_and_requests_before_the_token_are_dropped_and_others_go_on(served):
+    address = parse_address(served.address)
+    with open_database(served.address) as con:
+        for payload in (
+            b"\xff" * 8,  # a header length of 4 GiB
+            b"\x00\x00\x00\x05\x00\x00\x00\x00[1,2]",  # JSON, but not an object
+            struct.pack("!II", 26, 0) + b'{"op":"execute","sql":"S"}',  # no hello first
+        ):
+            with socket.create_connection((address.host, address.port), timeout=10) as raw:
+                raw.sendall(payload)
+                reply = b""
+                with contextlib.suppress(OSError):
+                    while chunk := raw.recv(4096):
+                        reply += chunk
+                assert b"SELECT" not in reply and b'"ok"' not in reply  # nothing served
+        assert con.execute("SELECT 6 * 7").fetchone() == (42,)
+        assert con.status()["clients"] == 1
