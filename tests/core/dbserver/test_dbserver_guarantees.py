@@ -349,3 +349,46 @@ def test_writers_opening_at_once_on_a_new_file_do_not_conflict_on_the_catalog(
     for con in connections:
         con.close()
     assert errors == []
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="needs kimera_core/consistency (helper A): the verifier reads the two stores in "
+    "separate statements, not one snapshot, so a dual write committed between them reads as "
+    "'1 key in legacy but not in identities' (seen in 1 of 2 full runs beside 3 writers); "
+    "read both sides in one transaction, or re-check the differing keys in a fresh snapshot",
+)
+def test_full_verifications_beside_live_writers_find_the_stores_consistent(
+    source, tmp_path, token, servers
+):
+    path, _expected = source
+    live = _copy(path, tmp_path / "live.duckdb")
+    done = subprocess.run([KIMERA, "migrate", "--db", str(live)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    server = servers(live, token)
+    with open_database(server.address) as con:
+        set_stage(con, "dual-write", "test")
+    stop = threading.Event()
+
+    def write(seed: int) -> None:
+        with Storage.open(server.address) as storage:
+            run_workload(storage, seconds=0, rate=300, stop=stop, seed=seed)
+
+    writers = [threading.Thread(target=write, args=(seed,)) for seed in range(3)]
+    for writer in writers:
+        writer.start()
+    verdicts = []
+    try:
+        for _ in range(3):
+            run = subprocess.run(
+                [KIMERA, "verify", "--db", server.address, "--no-cache"],
+                env=_env(token),
+                capture_output=True,
+                text=True,
+            )
+            verdicts.append((run.returncode, run.stdout[-400:]))
+    finally:
+        stop.set()
+        for writer in writers:
+            writer.join(timeout=60)
+    assert [code for code, _ in verdicts] == [0, 0, 0], verdicts
