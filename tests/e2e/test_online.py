@@ -58,13 +58,13 @@ from kimera_pipelines.resources import ALL_BUCKETS_TAGS
 pytestmark = pytest.mark.e2e
 
 WRITES_PER_SECOND = 20
-# DuckDB's lock errors ("Could not set lock on file", "Conflicting lock is held"), the
-# project's lock wait ("waiting for the database: held by PID ..."), transaction conflicts
 TO_READ_NEW = {"ops": {"rollout": {"config": {"target": "read-new"}}}}
 # The product gap this test works around until it is fixed (it then xfails, naming it): the
 # migration's reconciliation counts legacy rows after its partitions, so the rows the live
 # dual write adds meanwhile unbalance it (kimera_core/migration/engine.py).
 UNBALANCED = "does not balance"
+# DuckDB's lock errors ("Could not set lock on file", "Conflicting lock is held"), the
+# project's lock wait ("waiting for the database: held by PID ..."), transaction conflicts
 LOCK_TROUBLE = re.compile(r"\block(ed|s)?\b|conflict|waiting for the database", re.IGNORECASE)
 
 
