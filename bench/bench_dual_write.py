@@ -7,8 +7,11 @@ Everything is measured side by side in one run, ``--repeat`` times, and the rati
 run are printed, then their best and median: the machine is shared and noisy, so read the
 ratios, never an absolute figure alone.
 
-Single writes take turns write by write (each variant on its own database file), so the
-machine's noise hits them alike. The floors write the same rows, in one transaction each:
+Single writes take turns write by write (each turn starting with the next variant; each
+variant on its own database file), so the machine's noise hits them alike; each reports
+wall p50/p99/mean and the p50 of its CPU time (which leaves out the disk flush at COMMIT: on
+a loaded machine that flush takes several milliseconds for every variant and hides the
+statements' cost). The floors write the same rows, in one transaction each:
 
 * ``floor``: BEGIN, two bare parameterised ``INSERT ... VALUES`` (``identities``,
   ``legacy_geoids``), COMMIT: the issue's reference (target: dual write p50 <= 1.2x);
@@ -17,12 +20,12 @@ machine's noise hits them alike. The floors write the same rows, in one transact
 * ``three-INSERT floor``: that, plus the ``dual_write_log`` row P1's layout requires: the
   least any dual write with its log can cost.
 
-Batches take turns batch by batch, each variant on its own file. ``bare two-table insert``
-inserts the identities rows ready-made (document and entropy computed before timing) and the
-legacy rows (target: dual write throughput >= 0.9x); ``bare + log rows`` adds the batch's
-``dual_write_log`` rows. Batches report wall and CPU seconds (CPU is less disturbed by other
-jobs on a shared machine). ``--info`` adds the same two on tables without P1's keys and
-indexes.
+Batches take turns batch by batch (each turn starting with the next variant), each variant
+on its own file. ``bare two-table insert`` inserts the identities rows ready-made (document
+and entropy computed before timing) and the legacy rows (target: dual write throughput
+>= 0.9x); ``bare + log rows`` adds the batch's ``dual_write_log`` rows. Batches report wall
+and CPU seconds (CPU is less disturbed by other jobs on a shared machine). ``--info`` adds
+the same two on tables without P1's keys and indexes.
 """
 
 from __future__ import annotations
@@ -116,8 +119,14 @@ def floor_writer(con: duckdb.DuckDBPyConnection, inserts: tuple[str, str], log: 
     return write
 
 
-def single_writes(tmp: Path, writes: int, run: int) -> dict[str, list[float]]:
-    """Wall seconds per write of each variant; the variants take turns write by write."""
+def single_writes(
+    tmp: Path, writes: int, run: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(wall, CPU) seconds per write of each variant; the variants take turns write by write.
+
+    CPU seconds (this process, all its threads) leave out the wait for the disk's flush at
+    COMMIT, which a loaded shared machine stretches to several milliseconds for every variant.
+    """
     variants: dict[str, tuple[Callable[[Identity], object], duckdb.DuckDBPyConnection]] = {}
     for name, stage in (
         ("dual-write off (legacy-only)", "legacy-only"),
@@ -137,18 +146,22 @@ def single_writes(tmp: Path, writes: int, run: int) -> dict[str, list[float]]:
         create_legacy_schema(con)
         variants[name] = (floor_writer(con, inserts, log), con)
     times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for v, (write, _) in enumerate(variants.values()):
         for i in range(20):  # warm up every code path
             write(identity(i, f"w{v}_"))
+    order = list(enumerate(variants.items()))
     for i in range(writes):
-        for v, (name, (write, _)) in enumerate(variants.items()):
+        # each write's turn starts with another variant: none is always first or last
+        for v, (name, (write, _)) in order[i % len(order) :] + order[: i % len(order)]:
             item = identity(i, f"v{v}_")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             write(item)
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     for _, con in variants.values():
         con.close()
-    return times
+    return times, cpu
 
 
 def arrow_batch(con, start: int, rows: int) -> pa.Table:
@@ -252,8 +265,11 @@ def batches(
         for i, (name, (make, indexed, log)) in enumerate(batch_variants(info).items())
     }
     spent = {name: [0.0, 0.0] for name in writers}
-    for part, rows in zip(parts, ready, strict=True):
-        for name, (write, _) in writers.items():
+    order = list(writers.items())
+    for b, (part, rows) in enumerate(zip(parts, ready, strict=True)):
+        # each batch's turn starts with another variant: measured, the first to read a batch
+        # pays up to 20 % more, which a fixed order would always charge to the same variant
+        for name, (write, _) in order[b % len(order) :] + order[: b % len(order)]:
             t0, c0 = time.perf_counter(), time.process_time()
             write(part, rows)
             spent[name][0] += time.perf_counter() - t0
@@ -263,22 +279,27 @@ def batches(
     return {name: (wall, cpu) for name, (wall, cpu) in spent.items()}
 
 
-def report_single(times: dict[str, list[float]], writes: int, run: int) -> dict[str, float]:
+def report_single(
+    times: dict[str, list[float]], cpu: dict[str, list[float]], writes: int, run: int
+) -> dict[str, float]:
     print(f"run {run}: single-identity writes ({writes:,} per variant, taking turns)")
-    print(f"  {'variant':<36} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
+    print(f"  {'variant':<36} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'CPU p50':>8}")
     for name, values in times.items():
         print(
             f"  {name:<36} {pct(values, 0.5):8.3f} {pct(values, 0.99):8.3f} "
-            f"{statistics.fmean(values) * 1e3:8.3f}"
+            f"{statistics.fmean(values) * 1e3:8.3f} {pct(cpu[name], 0.5):8.3f}"
         )
-    p50 = {name: pct(values, 0.5) for name, values in times.items()}
-    ratios = {
-        "dual-write p50 / floor p50 (target <= 1.20)": p50[DUAL] / p50[FLOOR],
-        "dual-write p50 / floor, SELECT form p50": p50[DUAL] / p50[FLOOR_SELECT],
-        "dual-write p50 / three-INSERT floor p50": p50[DUAL] / p50[FLOOR_LOG],
-        "three-INSERT floor p50 / floor p50": p50[FLOOR_LOG] / p50[FLOOR],
-        "dual-write p50 / legacy-only write p50": p50[DUAL] / p50["dual-write off (legacy-only)"],
-    }
+    ratios = {}
+    for kind, series in (("p50", times), ("CPU p50", cpu)):
+        p50 = {name: pct(values, 0.5) for name, values in series.items()}
+        legacy_only = p50["dual-write off (legacy-only)"]
+        ratios |= {
+            f"dual-write {kind} / floor (target <= 1.20)": p50[DUAL] / p50[FLOOR],
+            f"dual-write {kind} / floor, SELECT form": p50[DUAL] / p50[FLOOR_SELECT],
+            f"dual-write {kind} / three-INSERT floor": p50[DUAL] / p50[FLOOR_LOG],
+            f"three-INSERT floor {kind} / floor": p50[FLOOR_LOG] / p50[FLOOR],
+            f"dual-write {kind} / legacy-only write": p50[DUAL] / legacy_only,
+        }
     for label, value in ratios.items():
         print(f"  {label:<48} {value:6.2f}x")
     return ratios
@@ -343,8 +364,8 @@ def main() -> None:
             ready = [ready_rows(part) for part in parts]
         for run in range(1, args.repeat + 1):
             if args.writes:
-                times = single_writes(folder, args.writes, run)
-                single_runs.append(report_single(times, args.writes, run))
+                times, cpu = single_writes(folder, args.writes, run)
+                single_runs.append(report_single(times, cpu, args.writes, run))
             if n > 0:
                 spent = batches(folder, parts, ready, run, args.info)
                 batch_runs.append(report_batches(spent, n, size, run))
