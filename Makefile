@@ -99,6 +99,7 @@ bench: setup
 	$(BIN)/python bench/bench_dual_write.py
 	$(BIN)/python bench/bench_consistency.py
 	$(BIN)/python bench/bench_query.py
+	$(BIN)/python bench/bench_online.py
 	$(BIN)/python bench/bench_semantic.py embed --minutes 3
 	$(BIN)/python bench/bench_semantic.py search
 
