@@ -93,25 +93,34 @@ SELECT q.*, q.id IN (SELECT id FROM identities
                      WHERE id IN (SELECT id FROM kimera_verify_still)) AS present
 FROM kimera_verify_still q
 """
+# Quarantined keys absent from identities, with the tables that quarantine them for a reason
+# that explains (none in kimera_verify_pending): materialised once, read by both probes of the
+# legacy tables below.
+EXPLAINED_SQL = """
+CREATE OR REPLACE TEMP TABLE kimera_verify_explained AS
+SELECT id, count(DISTINCT src) AS tables FROM kimera_verify_quarantine q
+WHERE NOT present AND NOT EXISTS (SELECT 1 FROM kimera_verify_pending p
+                                  WHERE list_contains(CAST(q.reasons AS TEXT[]), p.reason))
+GROUP BY id
+"""
 # Keys whose every legacy row is in quarantine for a reason that explains it, absent from
 # identities: as many tables quarantine the key as hold it (the legacy tables are probed with
 # the few quarantined keys, not scanned whole).
 EXCLUDED_SQL = """
 CREATE OR REPLACE TEMP TABLE kimera_verify_excluded AS
-WITH q AS (
-    SELECT id, count(DISTINCT src) AS tables FROM kimera_verify_quarantine
-    WHERE NOT present AND NOT list_has_any(CAST(reasons AS TEXT[]), $pending)
-    GROUP BY id
-), held AS (
+WITH held AS (
     SELECT id, count(*) AS tables FROM (
-        SELECT DISTINCT gid AS id FROM legacy_geoids WHERE gid IN (SELECT id FROM q)
+        SELECT DISTINCT gid AS id FROM legacy_geoids
+        WHERE gid IN (SELECT id FROM kimera_verify_explained)
         UNION ALL
-        SELECT DISTINCT id FROM legacy_scars WHERE id IN (SELECT id FROM q)
+        SELECT DISTINCT id FROM legacy_scars WHERE id IN (SELECT id FROM kimera_verify_explained)
     ) GROUP BY id
 )
-SELECT id FROM q JOIN held USING (id, tables)
+SELECT id FROM kimera_verify_explained JOIN held USING (id, tables)
 """
 TEMP_TABLES: tuple[str, ...] = (
+    "kimera_verify_pending",
+    "kimera_verify_explained",
     "kimera_verify_still",
     "kimera_verify_quarantine",
     "kimera_verify_excluded",
@@ -130,7 +139,13 @@ def classify(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("CREATE OR REPLACE TEMP TABLE kimera_verify_still AS " + still)
     con.execute(QUARANTINE_TABLE_SQL)
     con.execute("DROP TABLE kimera_verify_still")
-    con.execute(EXCLUDED_SQL, {"pending": list(PENDING_REASONS)})
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE kimera_verify_pending AS "
+        "SELECT unnest($pending::VARCHAR[]) AS reason",
+        {"pending": list(PENDING_REASONS)},
+    )
+    con.execute(EXPLAINED_SQL)
+    con.execute(EXCLUDED_SQL)
 
 
 def report_exceptions(
