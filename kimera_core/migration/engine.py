@@ -19,6 +19,7 @@ migrated document rebuilds its identity's timestamps exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from typing import Any
 import duckdb
 
 from kimera_core.checksum import Checksum, table_checksum
-from kimera_core.db import checkpoint, transaction
+from kimera_core.db import checkpoint, is_served, transaction
 from kimera_core.entropy import geoid_shannon_sql, scar_entropy_sql
 from kimera_core.errors import KimeraError
 from kimera_core.identity import IDENTITY_TYPES
@@ -67,6 +68,10 @@ KINDS: tuple[str, ...] = IDENTITY_TYPES
 # two DuckDB row groups (122,880 rows), so that most of a partition is written to the file
 # at its commit instead of through the WAL and again by the checkpoint.
 ROWS_PER_PARTITION = 250_000
+# Through a database server (``db.is_served``) a partition's COMMIT holds every other
+# client's COMMIT while it writes its rows: ~25 k rows keep that to a few hundred ms
+# (docs/deployment.md, "What a live write waits for").
+ROWS_PER_PARTITION_SERVED = 25_000
 MAX_PARTITIONS = 4096
 MEMORY_LIMIT_ENV = "KIMERA_MEMORY_LIMIT"
 DEFAULT_MEMORY_LIMIT = "1GB"
@@ -107,9 +112,13 @@ def migrate(
     _prepare_connection(con)
     if dry_run:
         # commit=False: a dry run is never committed, it always ends in ROLLBACK.
-        with transaction(con, commit=False):
-            ensure_schema(con)
-            return _dry_run(con, partitions or auto_partitions(con), started, on_partition)
+        try:
+            with transaction(con, commit=False):
+                ensure_schema(con)
+                return _dry_run(con, partitions or auto_partitions(con), started, on_partition)
+        except BaseException:
+            _restore_threads(con)
+            raise
 
     ensure_schema(con)
     resumed = False
@@ -138,7 +147,9 @@ def migrate(
         fingerprints.start_outcomes(con)
         run_id = _start_run(con, buckets)
 
-    if skip is None or _load_is_large(con, skip):
+    # Through a server the indexes stay: dropping and rebuilding them beside a live writer
+    # made DuckDB 1.5.6 invalidate the database ("Failed to delete all rows from index").
+    if not is_served(con) and (skip is None or _load_is_large(con, skip)):
         drop_indexes_for_load(con, run_id)
     plan = [(kind, b) for kind in KINDS for b in range(buckets)]
     done = _done_partitions(con, run_id)
@@ -200,13 +211,18 @@ def migrate_buckets(
 
 
 def auto_partitions(con: duckdb.DuckDBPyConnection) -> int:
-    """Partitions so that each holds at most ROWS_PER_PARTITION rows of either table."""
+    """Partitions so that each holds at most ROWS_PER_PARTITION rows of either table
+    (ROWS_PER_PARTITION_SERVED through a database server), at most MAX_PARTITIONS."""
     largest = con.execute(q.LARGEST_TABLE_SQL).fetchone()[0]
-    return max(1, -(-int(largest) // ROWS_PER_PARTITION))
+    per_partition = ROWS_PER_PARTITION_SERVED if is_served(con) else ROWS_PER_PARTITION
+    return min(MAX_PARTITIONS, max(1, -(-int(largest) // per_partition)))
 
 
 def _prepare_connection(con: duckdb.DuckDBPyConnection) -> None:
-    _limit_memory(con)
+    # DuckDB's SET of these options acts on the whole database: through a server, on every
+    # client (and on the server's own --checkpoint-threshold), so a client leaves them alone.
+    if not is_served(con):
+        _limit_memory(con)
     install_epoch_iso_macros(con)
     install_value_macros(con)
     con.execute(q.SAME_DOC_MACRO)
@@ -241,7 +257,7 @@ def _run_partitions(
 
     With ``skip`` (a full run), only the segments it lists are judged (all when
     ``skip.everything``); the other rows are counted by their recorded judgement, and a
-    partition without a segment to judge opens no transaction.
+    partition without a segment to judge is recorded done with those counts.
     """
     total = MigrationCounts()
     by_partition: list[PartitionCounts] = []
@@ -250,18 +266,32 @@ def _run_partitions(
         if skipped:
             counts = done[(kind, bucket)]
         elif skip is not None and not skip.everything and bucket not in skip.buckets_to_judge:
+            # nothing to judge: done by its recorded judgement (status shows it done)
             counts = skip.skipped_counts(kind, bucket)
+            with transaction(con):
+                _record_partition(con, run_id, kind, bucket, counts, Checksum.empty())
         else:
             try:
                 with transaction(con):
                     counts, _ = _migrate_partition(con, run_id, kind, bucket, buckets, True, skip)
-            except duckdb.OutOfMemoryException as exc:
-                raise _out_of_memory(f"{kind} partition {bucket}", run_id, exc) from None
+            except BaseException as exc:
+                _restore_threads(con)
+                if isinstance(exc, duckdb.OutOfMemoryException):
+                    raise _out_of_memory(f"{kind} partition {bucket}", run_id, exc) from None
+                raise
         total.add(counts)
         by_partition.append(PartitionCounts(kind, bucket, counts, skipped))
         if on_partition:
             on_partition(index, len(plan), kind, bucket, counts)
     return total, by_partition
+
+
+def _restore_threads(con: duckdb.DuckDBPyConnection) -> None:
+    """``RESET threads`` after a failed partition's ROLLBACK (``_migrate_partition`` may have
+    left ``SET threads = 1``); a connection that is gone does not hide the first error."""
+    if not is_served(con):
+        with contextlib.suppress(duckdb.Error):
+            con.execute("RESET threads")
 
 
 def _out_of_memory(where: str, run_id: str, exc: duckdb.Error) -> KimeraError:
@@ -411,26 +441,42 @@ def _migrate_partition(
         counts.add(skip.skipped_counts(kind, bucket))
     # One thread appends whole row groups, which DuckDB writes to the file at commit
     # ("optimistic writes"); parallel appends leave partial row groups that go through the
-    # WAL and are written a second time by the checkpoint.
-    con.execute("SET threads = 1")
-    try:
-        _exec(con, q.QUARANTINE_SQL, params)
-        _exec(con, q.CLEAR_SUPERSEDED_SQL, params)
-        if record:
-            _exec(con, q.WARNINGS_SQL, params)
-            _exec(con, q.JOURNAL_SQL, params)
-        con.execute(q.APPLY_INSERT_SQL)
-        con.execute(q.APPLY_UPDATE_SQL)
-    finally:
+    # WAL and are written a second time by the checkpoint. Not through a server: the
+    # setting would act on every client. No ``finally``: after a failed statement DuckDB
+    # refuses any other until the ROLLBACK (which would hide the error); the caller's
+    # ``_restore_threads`` resets it after the rollback.
+    single_thread = not is_served(con)
+    if single_thread:
+        con.execute("SET threads = 1")
+    _exec(con, q.QUARANTINE_SQL, params)
+    _exec(con, q.CLEAR_SUPERSEDED_SQL, params)
+    if record:
+        _exec(con, q.WARNINGS_SQL, params)
+        _exec(con, q.JOURNAL_SQL, params)
+    con.execute(q.APPLY_INSERT_SQL)
+    con.execute(q.APPLY_UPDATE_SQL)
+    if single_thread:
         con.execute("RESET threads")
     if record:
-        con.execute(
-            q.RECORD_PARTITION_SQL,
-            [run_id, kind, bucket, time.time()]
-            + [getattr(counts, name) for name in COUNT_NAMES]
-            + [checksum.rows, checksum.hex],
-        )
+        _record_partition(con, run_id, kind, bucket, counts, checksum)
     return counts, checksum
+
+
+def _record_partition(
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    kind: str,
+    bucket: int,
+    counts: MigrationCounts,
+    checksum: Checksum,
+) -> None:
+    """The partition is done: its counts and checksum, what a resumed run skips."""
+    con.execute(
+        q.RECORD_PARTITION_SQL,
+        [run_id, kind, bucket, time.time()]
+        + [getattr(counts, name) for name in COUNT_NAMES]
+        + [checksum.rows, checksum.hex],
+    )
 
 
 def _prepare_sql(
