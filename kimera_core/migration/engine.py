@@ -31,7 +31,7 @@ from typing import Any
 import duckdb
 
 from kimera_core.checksum import Checksum, table_checksum
-from kimera_core.db import checkpoint, is_served, transaction
+from kimera_core.db import checkpoint, is_served, retry_conflicts, transaction
 from kimera_core.entropy import geoid_shannon_sql, scar_entropy_sql
 from kimera_core.errors import KimeraError
 from kimera_core.identity import IDENTITY_TYPES
@@ -80,6 +80,8 @@ SOURCES: dict[str, tuple[str, str]] = {
     "geoid": ("legacy_geoids", "gid"),
     "scar": ("legacy_scars", "id"),
 }
+# Legacy rows of some buckets of one table ({table}, {key}: a SOURCES pair, fixed names).
+BUCKETS_ROWS_SQL = "SELECT count(*) FROM {table} WHERE list_contains($b, hash({key}) % $n::UBIGINT)"
 # The partition kind of a run's second look at one bucket's waiting scars (recorded apart
 # from "scar", so that resuming the run still migrates that whole scar bucket).
 WAITING_KIND = "waiting_scar"
@@ -153,10 +155,13 @@ def migrate(
         drop_indexes_for_load(con, run_id)
     plan = [(kind, b) for kind in KINDS for b in range(buckets)]
     done = _done_partitions(con, run_id)
-    total, by_partition = _run_partitions(con, run_id, buckets, plan, done, on_partition, skip)
+    total, by_partition, read_legacy = _run_partitions(
+        con, run_id, buckets, plan, done, on_partition, skip
+    )
+    legacy_rows = _legacy_rows(con) if read_legacy is None else read_legacy
     try:
         return _finish(
-            con, run_id, buckets, total, by_partition, resumed, started, _legacy_rows(con), skip
+            con, run_id, buckets, total, by_partition, resumed, started, legacy_rows, skip
         )
     except duckdb.OutOfMemoryException as exc:
         raise _out_of_memory("rebuilding the identities indexes", run_id, exc) from None
@@ -202,11 +207,14 @@ def migrate_buckets(
             q.WAITING_BUCKETS_SQL, {"buckets": partitions, "selected": selected}
         ).fetchall()
     ]
-    total, by_partition = _run_partitions(con, run_id, partitions, plan + waiting, {}, on_partition)
-    legacy = int(
-        con.execute(q.SELECTED_LEGACY_ROWS_SQL, {"b": selected, "n": partitions}).fetchone()[0]
+    total, by_partition, legacy = _run_partitions(
+        con, run_id, partitions, plan + waiting, {}, on_partition
     )
-    legacy += sum(p.counts.read for p in by_partition if p.kind == WAITING_KIND)
+    if legacy is None:
+        legacy = int(
+            con.execute(q.SELECTED_LEGACY_ROWS_SQL, {"b": selected, "n": partitions}).fetchone()[0]
+        )
+        legacy += sum(p.counts.read for p in by_partition if p.kind == WAITING_KIND)
     return _finish(con, run_id, partitions, total, by_partition, False, started, legacy)
 
 
@@ -252,28 +260,53 @@ def _run_partitions(
     done: dict[tuple[str, int], MigrationCounts],
     on_partition: ProgressCallback | None,
     skip: SkipPlan | None = None,
-) -> tuple[MigrationCounts, list[PartitionCounts]]:
-    """Migrate each partition of ``plan`` not in ``done``, one transaction each.
+) -> tuple[MigrationCounts, list[PartitionCounts], int | None]:
+    """Migrate each partition of ``plan`` not in ``done``, one transaction each; returns the
+    run's counts, each partition's, and (through a server, else None) the legacy rows the
+    reconciliation compares with.
 
     With ``skip`` (a full run), only the segments it lists are judged (all when
     ``skip.everything``); the other rows are counted by their recorded judgement, and a
-    partition without a segment to judge is recorded done with those counts.
+    partition without a segment to judge is recorded done with those counts. A partition
+    that DuckDB aborts for a concurrent client's write (``db.is_conflict``; a key a live
+    writer committed after the partition's snapshot included) runs again on a fresh
+    snapshot, where the merge rule judges the live write like any other row.
+
+    Through a server the application may add or delete legacy rows while the run goes on,
+    so each partition counts its bucket's legacy rows in its own transaction (the snapshot
+    it read) and the reconciliation compares the run with their sum; the buckets no
+    partition of this call read (done before a resume, or unchanged since the last run)
+    are counted at the end. Embedded (no other writer) that sum is the tables' count.
     """
     total = MigrationCounts()
     by_partition: list[PartitionCounts] = []
+    served = is_served(con)
+    legacy = 0
+    counted_at_end: dict[str, list[int]] = {}
     for index, (kind, bucket) in enumerate(plan, start=1):
         skipped = (kind, bucket) in done
         if skipped:
             counts = done[(kind, bucket)]
+            counted_at_end.setdefault(kind, []).append(bucket)
         elif skip is not None and not skip.everything and bucket not in skip.buckets_to_judge:
             # nothing to judge: done by its recorded judgement (status shows it done)
             counts = skip.skipped_counts(kind, bucket)
             with transaction(con):
                 _record_partition(con, run_id, kind, bucket, counts, Checksum.empty())
+            counted_at_end.setdefault(kind, []).append(bucket)
         else:
+
+            def work(
+                c: duckdb.DuckDBPyConnection, kind: str = kind, bucket: int = bucket
+            ) -> tuple[MigrationCounts, int]:
+                counts, _ = _migrate_partition(c, run_id, kind, bucket, buckets, True, skip)
+                if not served:
+                    return counts, 0
+                return counts, _partition_legacy_rows(c, kind, bucket, buckets, skip, counts)
+
             try:
-                with transaction(con):
-                    counts, _ = _migrate_partition(con, run_id, kind, bucket, buckets, True, skip)
+                counts, rows = retry_conflicts(con, work, duplicate_keys=True)
+                legacy += rows
             except BaseException as exc:
                 _restore_threads(con)
                 if isinstance(exc, duckdb.OutOfMemoryException):
@@ -283,7 +316,33 @@ def _run_partitions(
         by_partition.append(PartitionCounts(kind, bucket, counts, skipped))
         if on_partition:
             on_partition(index, len(plan), kind, bucket, counts)
-    return total, by_partition
+    if not served:
+        return total, by_partition, None
+    for kind, selected in counted_at_end.items():
+        table, key = SOURCES["scar" if kind == WAITING_KIND else kind]
+        sql = BUCKETS_ROWS_SQL.format(table=table, key=key)
+        legacy += int(con.execute(sql, {"b": selected, "n": buckets}).fetchone()[0])
+    return total, by_partition, legacy
+
+
+def _partition_legacy_rows(
+    con: duckdb.DuckDBPyConnection,
+    kind: str,
+    bucket: int,
+    buckets: int,
+    skip: SkipPlan | None,
+    counts: MigrationCounts,
+) -> int:
+    """The legacy rows of the partition just run, in its transaction's snapshot: its copy of
+    the bucket (``mig_part``) when it read the whole bucket, the table's bucket when it read
+    only the segments to judge again, the scars it read for a WAITING_KIND partition."""
+    if kind == WAITING_KIND:
+        return counts.read
+    if skip is None or skip.everything:
+        return int(con.execute("SELECT count(*) FROM mig_part").fetchone()[0])
+    table, key = SOURCES[kind]
+    sql = BUCKETS_ROWS_SQL.format(table=table, key=key)
+    return int(con.execute(sql, {"b": [bucket], "n": buckets}).fetchone()[0])
 
 
 def _restore_threads(con: duckdb.DuckDBPyConnection) -> None:

@@ -12,9 +12,9 @@ any key again changes nothing; the idempotence test), so as long as a segment's
 fingerprint is unchanged, its rows' judgement stands and a rerun counts them by their
 recorded outcome instead of judging them again.
 
-A rerun (``plan``) first compares one whole-database sum (no grouping: cheap) with the
-recorded total; equal means nothing changed anywhere. Otherwise it compares segment by
-segment, and a segment is judged again when its fingerprint differs, when it holds a scar
+A rerun (``plan``) computes every segment's fingerprint in one pass over the four sources
+and compares it with the recorded one (no difference: nothing to judge, and identities'
+checksum is the recorded one). A segment is judged again when its fingerprint differs, when it holds a scar
 whose related geoid's state may differ from the one it was judged against (the geoid lies
 in a segment whose *geoid state* differs: a second sum per segment over which keys are
 legacy geoids, identities of type geoid, quarantined geoids; or it is a legacy geoid of a
@@ -45,9 +45,9 @@ from kimera_core.migration import statements as q
 from kimera_core.migration.report import MigrationCounts
 from kimera_core.sql import EPOCH_ISO_MACROS, VALUE_MACROS
 
-# Legacy rows per segment, on average: a 1 % change makes about 1 - 0.99**4 = 4 % of the
+# Legacy rows per segment, on average: a 1 % change makes about 1 - 0.99**2 = 2 % of the
 # segments differ.
-SEGMENT_ROWS = 4
+SEGMENT_ROWS = 2
 
 # The four sources of a segment: per row its segment, its hash ``h`` over every stored
 # column (identities' is the checksum's row hash, so the identities part of the
@@ -78,13 +78,6 @@ _SOURCES = """
     FROM kimera_quarantine WHERE cleared_by IS NULL
 """
 
-# Whole-database total: the no-op test.
-TOTAL_SQL = f"""
-SELECT coalesce(sum(h), 0), count(*) FILTER (WHERE is_identity),
-       coalesce(sum(h) FILTER (WHERE is_identity), 0)
-FROM ({_SOURCES})
-"""
-
 # Per segment, optionally only the segments of mig_rejudge ({only}).
 SEGMENTS_SQL = """
 SELECT segment, sum(h) AS fingerprint, count(*) FILTER (WHERE is_identity) AS identities_rows,
@@ -93,10 +86,7 @@ FROM ({sources}) {only} GROUP BY segment
 """
 _ONLY = "WHERE segment IN (SELECT segment FROM mig_rejudge)"
 
-STORED_SQL = """
-SELECT segments, recipe, count(*), coalesce(sum(fingerprint), 0) FROM kimera_migration_fingerprints
-GROUP BY ALL
-"""
+STORED_SQL = "SELECT DISTINCT segments, recipe FROM kimera_migration_fingerprints"
 
 # Segments whose fingerprint differs from the recorded one (or exists on one side only),
 # and whether the geoid state a scar reads changed in it.
@@ -250,17 +240,17 @@ def plan(con: duckdb.DuckDBPyConnection, buckets: int, legacy_rows: int) -> Skip
     stored = con.execute(STORED_SQL).fetchall()
     if len(stored) != 1 or stored[0][1] != RECIPE or int(stored[0][0]) % buckets:
         return SkipPlan(segment_count(legacy_rows, buckets))
-    segments, _recipe_, _n, recorded_total = stored[0]
-    segments = int(segments)
+    segments = int(stored[0][0])
     params = {"segments": segments}
-    total, i_rows, i_sum = con.execute(TOTAL_SQL, params).fetchone()
     result = SkipPlan(segments, everything=False)
-    if int(total) == int(recorded_total):
+    con.execute(CHANGED_SQL, params)
+    if not con.execute("SELECT count(*) FROM mig_changed").fetchone()[0]:
+        # nothing changed: identities are as recorded, and so is their checksum
         con.execute("CREATE OR REPLACE TEMP TABLE mig_rejudge (segment UBIGINT)")
-        result.checksum = Checksum(int(i_rows), int(i_sum) & ((1 << 128) - 1))
+        rows, digest = con.execute(IDENTITIES_CHECKSUM_SQL).fetchone()
+        result.checksum = Checksum(int(rows), int(digest) & ((1 << 128) - 1))
         where = "true"
     else:
-        con.execute(CHANGED_SQL, params)
         con.execute(REJUDGE_SQL, params)
         for sql in TODO_SQL:
             con.execute(sql, params)
