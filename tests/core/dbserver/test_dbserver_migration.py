@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import signal
 import subprocess
+import time
 
 import duckdb
 import pytest
@@ -19,10 +21,15 @@ from dbserver_proc import KIMERA
 from support.servers import wait_until
 
 from kimera_core.db import connect, open_database
+from kimera_core.dbserver.client import RemoteConnection
 from kimera_core.demo import generate_demo_data
 from kimera_core.legacy import secondary_indexes
 from kimera_core.migration import engine, migrate
+from kimera_core.migration import statements as q
 from kimera_core.migration.schema import ensure_schema
+from kimera_core.rollout import set_stage
+from kimera_core.storage import Storage
+from kimera_core.workload import random_geoid
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +118,68 @@ def test_a_served_run_killed_and_resumed_never_drops_the_indexes(demo, tmp_path,
         assert con.execute("SELECT dropped_indexes FROM kimera_migration_runs").fetchall() == [
             (None,)
         ]
+
+
+class LiveWritesDuringOnePartition(RemoteConnection):
+    """The migration's connection; when the ``at``-th partition is about to insert into
+    identities, another client commits first, through the same server: the application
+    storing one of the keys this partition is inserting (newer), and ``new`` dual writes of
+    new geoids (in buckets this run has read already, or in this one after its snapshot)."""
+
+    at = 4
+    new = 8
+    other: RemoteConnection
+    applied = 0
+    live: tuple | None = None
+
+    def execute(self, query, parameters=None):
+        if query == q.APPLY_INSERT_SQL:
+            type(self).applied += 1
+            if type(self).applied == self.at:
+                row = (
+                    super()
+                    .execute(
+                        "SELECT key, identity_type, doc, created_at, updated_at + 1000, lang_axis, "
+                        "entropy FROM mig_src WHERE action = 'insert' ORDER BY key LIMIT 1"
+                    )
+                    .fetchone()
+                )
+                type(self).live = row
+                self.other.execute("INSERT INTO identities VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+                storage = Storage(self.other, stage="dual-write")
+                rng = random.Random(9)
+                for _ in range(self.new):
+                    storage.store(random_geoid(rng, time.time()))
+        return super().execute(query, parameters)
+
+
+def test_a_partition_beside_live_writes_runs_again_and_the_run_balances(
+    demo, tmp_path, token, servers
+):
+    server = _serve(demo, tmp_path, token, servers)
+    with open_database(server.address) as con, open_database(server.address) as other:
+        set_stage(other, "dual-write", "test")
+        legacy_before = con.execute(q.LEGACY_ROWS_SQL).fetchone()[0]
+        LiveWritesDuringOnePartition.other = other
+        con.__class__ = LiveWritesDuringOnePartition
+        report = migrate(con, partitions=4)  # the 4th partition: the last geoid bucket
+        con.__class__ = RemoteConnection
+        # the 4th partition met the live key (duplicate key) and ran again: 8 inserts in all
+        assert LiveWritesDuringOnePartition.applied == 9
+        assert report.status == "completed" and report.balanced
+        assert con.execute(q.LEGACY_ROWS_SQL).fetchone()[0] == legacy_before + 8
+        # the new rows are read only by the partition run again (those in its bucket): the run
+        # reconciles with the rows its partitions' snapshots held, not the count at the end
+        assert report.legacy_rows == report.counts.read < legacy_before + 8
+        assert report.counts.kept == 1  # the live write, newer than its legacy row
+        key, *values = LiveWritesDuringOnePartition.live
+        # the live write wins (newer), and the journal does not claim it (a rollback keeps it)
+        row = con.execute("SELECT * FROM identities WHERE id = ?", [key]).fetchone()
+        assert row[0] == key and row[1] == values[0] and row[4] == values[3]
+        journal = con.execute(
+            "SELECT count(*) FROM kimera_migration_changes WHERE id = ?", [key]
+        ).fetchone()
+        assert journal == (0,)
 
 
 def test_a_failed_partition_raises_its_own_error_and_resets_threads(demo, tmp_path):
