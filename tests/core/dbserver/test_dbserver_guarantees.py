@@ -223,14 +223,6 @@ def test_the_server_killed_in_a_dual_write_burst_loses_no_acknowledged_write(ser
     assert counts[3] == 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="needs kimera_core/migration (helper B): (1) through a server the run must keep "
-    "identities' secondary indexes (DROP + rebuild beside a writer made DuckDB 1.5.6 invalidate "
-    "the database, 'Failed to delete all rows from index', 1 run in 3); (2) the reconciliation "
-    "must count legacy rows in each partition's snapshot (rows the writer adds meanwhile make "
-    "the run 'unbalanced', exit 3). Passes when neither happens in a run.",
-)
 def test_writer_migration_and_verification_at_once_on_one_server(source, tmp_path, token, servers):
     path, _expected = source
     server = servers(_copy(path, tmp_path / "live.duckdb"), token)
