@@ -25,8 +25,6 @@ import json
 
 import duckdb
 
-from kimera_core.db import transaction
-
 DIGESTS_DDL = """CREATE TABLE IF NOT EXISTS kimera_verify_digests (
     store TEXT NOT NULL,            -- the source table: legacy_geoids, legacy_scars, identities
     segment UBIGINT NOT NULL,       -- hash(key) >> (64 - FINE_BITS)
@@ -139,12 +137,13 @@ def persist(
 ) -> int:
     """Make the store's entries those of the temp table ``table`` (seg, n, fsum, xsum, nsum,
     bad, dirty): rewrite its ``dirty`` rows (all with ``everything``), keep sealed entries of
-    its other rows, drop the rest; returns the entries written. One transaction."""
+    its other rows, drop the rest; returns the entries written. Called inside the
+    verification's transaction, which makes the change atomic."""
     con.execute(DIGESTS_DDL)
     for statement in DIGESTS_UPGRADE_SQL:
         con.execute(statement)
     bound = params(store, run_recipe)
-    with transaction(con):
-        con.execute(PRUNE_SQL.format(table=table, all="true" if everything else "false"), bound)
-        which = "true" if everything else "dirty"
-        return con.execute(WRITE_SQL.format(table=table, which=which), bound).fetchone()[0]
+    # inside the verification's transaction (its snapshot), which makes these two atomic
+    con.execute(PRUNE_SQL.format(table=table, all="true" if everything else "false"), bound)
+    which = "true" if everything else "dirty"
+    return con.execute(WRITE_SQL.format(table=table, which=which), bound).fetchone()[0]

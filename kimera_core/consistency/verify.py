@@ -44,6 +44,7 @@ from kimera_core.consistency.report import (
     verdict_reasons,
 )
 from kimera_core.consistency.sources import SOURCES, Source, install_macros
+from kimera_core.db import transaction
 from kimera_core.rollout import authoritative_store, get_stage
 from kimera_core.sql import vetted_identifier
 
@@ -148,38 +149,46 @@ def verify(
         strict=strict,
         notes=notes,
     )
-    exceptions.classify(con)
-    rows.clear(con)
-    _counts(con, report)
-    if base is None:
-        report.checksums["excluded_rows"] = digests.exclude_keys(con)
-        digests.digest_segments(con, report, cache, fast_path)
-        _duplicates(con, report, sample, keys=None)
-        bits, leaves = segments.bisect(con, report)
-        report.checksums["pass_seconds"] = round(
-            report.checksums["digest_cache"]["seconds"] + report.checksums["levels"][0]["seconds"],
-            4,
-        )
-        compared = 0
-        if leaves:
-            compared = rows.materialise_sides(con, segments.leaf_keys(con, bits, leaves))
+    # One snapshot: beside live writers (a database server) every read below must see the
+    # same committed state, or a dual write committed between two reads would show as a key
+    # in one store only. Nothing in it may fail on purpose (a failed statement aborts the
+    # transaction), so probes for absent tables happen before it (get_stage, last_verification).
+    with transaction(con):
+        exceptions.classify(con)
+        rows.clear(con)
+        _counts(con, report)
+        if base is None:
+            report.checksums["excluded_rows"] = digests.exclude_keys(con)
+            digests.digest_segments(con, report, cache, fast_path)
+            _duplicates(con, report, sample, keys=None)
+            bits, leaves = segments.bisect(con, report)
+            report.checksums["pass_seconds"] = round(
+                report.checksums["digest_cache"]["seconds"]
+                + report.checksums["levels"][0]["seconds"],
+                4,
+            )
+            compared = 0
+            if leaves:
+                compared = rows.materialise_sides(con, segments.leaf_keys(con, bits, leaves))
+                rows.row_level(con, report, sample, tolerance)
+            report.checksums["rows_compared_row_level"] = compared
+            columns.check_segments(
+                con, report, segments.column_mismatch_segments(con), segments.FINE_BITS, sample
+            )
+        else:
+            report.since = base["verified_at"]
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE kimera_verify_keys AS {CHANGED_KEYS_SQL}",
+                {"since": report.since},
+            )
+            report.keys_checked = con.execute("SELECT count(*) FROM kimera_verify_keys").fetchone()[
+                0
+            ]
+            _duplicates(con, report, sample, keys="kimera_verify_keys")
+            rows.materialise_sides(con, "kimera_verify_keys")
             rows.row_level(con, report, sample, tolerance)
-        report.checksums["rows_compared_row_level"] = compared
-        columns.check_segments(
-            con, report, segments.column_mismatch_segments(con), segments.FINE_BITS, sample
-        )
-    else:
-        report.since = base["verified_at"]
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE kimera_verify_keys AS {CHANGED_KEYS_SQL}",
-            {"since": report.since},
-        )
-        report.keys_checked = con.execute("SELECT count(*) FROM kimera_verify_keys").fetchone()[0]
-        _duplicates(con, report, sample, keys="kimera_verify_keys")
-        rows.materialise_sides(con, "kimera_verify_keys")
-        rows.row_level(con, report, sample, tolerance)
-        columns.check_keys(con, report, "kimera_verify_keys", sample)
-    exceptions.report_exceptions(con, report, sample)
+            columns.check_keys(con, report, "kimera_verify_keys", sample)
+        exceptions.report_exceptions(con, report, sample)
     report.reasons = verdict_reasons(report)
     report.seconds = round(time.perf_counter() - t0, 4)
     cleanup(con)
