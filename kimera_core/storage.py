@@ -47,7 +47,7 @@ import duckdb
 import pyarrow as pa
 
 from kimera_core import metrics
-from kimera_core.db import open_database, transaction
+from kimera_core.db import is_conflict, open_database, transaction
 from kimera_core.entropy import (
     entropy_union_sql,
     geoid_entropy_sql,
@@ -97,6 +97,12 @@ WRITE_STEPS: tuple[str, ...] = (
 )
 
 # Store names as P1 wrote them in dual_write_log.details.stores.
+# Through a database server the application's write runs beside other transactions (a
+# migration partition holding the same rows for its whole transaction): DuckDB aborts the
+# write at once on such a conflict, with no waiting. The write runs again (rolled back
+# first), 10 ms, 20 ms ... apart, capped, for longer than a served partition holds its rows.
+CONFLICT_RETRY_SECONDS = 30.0
+CONFLICT_BACKOFF_CAP_SECONDS = 0.5
 NEW_STORE = "identities"
 LEGACY_STORE = "legacy"
 
@@ -590,7 +596,27 @@ class Storage:
         log_sql: str,
         log: Any,
     ) -> int:
-        """``fast`` in one transaction; on a key conflict, ``slow`` (delete, then insert)."""
+        """``fast`` in one transaction; on a key conflict, ``slow`` (delete, then insert).
+
+        A write DuckDB aborts for a concurrent transaction's write (``db.is_conflict``: only
+        beside other clients of a database server) runs again from the start, backing off
+        from 10 ms to ``CONFLICT_BACKOFF_CAP_SECONDS``, for up to ``CONFLICT_RETRY_SECONDS``;
+        then the conflict is raised (and logged failed by the caller).
+        """
+        deadline = perf_counter() + CONFLICT_RETRY_SECONDS
+        pause = 0.01
+        while True:
+            try:
+                return self._fast_or_slow(operation, fast, slow, log_sql, log)
+            except duckdb.TransactionException as exc:
+                if not is_conflict(exc) or perf_counter() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, CONFLICT_BACKOFF_CAP_SECONDS)
+
+    def _fast_or_slow(
+        self, operation: str, fast: Steps, slow: Steps | None, log_sql: str, log: Any
+    ) -> int:
         try:
             return self._attempt(operation, fast, log_sql, log)
         except (duckdb.ConstraintException, _TypeChange):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kimera_core.storage as storage_module
 from kimera_core.checksum import table_checksum
 from kimera_core.db import connect
 from kimera_core.entropy import identity_entropy
@@ -569,3 +571,39 @@ def test_a_batch_names_exactly_the_value_rules_its_numbers_break(
     message = str(refused.value)
     assert ("non_finite_intensity" in message) == bad_intensity, message
     assert ("non_finite_number" in message) == bad_number, message
+
+
+def test_a_write_conflicting_with_a_concurrent_transaction_runs_again_and_succeeds(storage):
+    """Beside another transaction holding the row (a served migration partition), DuckDB
+    aborts the write at once; it runs again until the holder commits, and nothing fails."""
+    storage.store(geoid(1))
+    holder = storage.con.cursor()  # a second transaction context on the same database
+    holder.execute("BEGIN TRANSACTION")
+    holder.execute("DELETE FROM legacy_geoids WHERE gid = ?", [geoid(1).id])  # holds the row
+    released = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    released.start()
+    try:
+        storage.store(geoid(1, weight=2.0))
+    finally:
+        released.join()
+        holder.close()
+    con = storage.con
+    assert con.execute(
+        "SELECT weight FROM legacy_geoids WHERE gid = ?", [geoid(1).id]
+    ).fetchone() == (2.0,)
+    assert [r[2] for r in log_rows(con)] == ["success", "success"]
+
+
+def test_a_conflict_that_outlasts_the_retry_window_fails_and_is_logged(storage, monkeypatch):
+    monkeypatch.setattr(storage_module, "CONFLICT_RETRY_SECONDS", 0.2)
+    storage.store(geoid(1))
+    holder = storage.con.cursor()
+    holder.execute("BEGIN TRANSACTION")
+    holder.execute("DELETE FROM legacy_geoids WHERE gid = ?", [geoid(1).id])  # holds the row
+    try:
+        with pytest.raises(DualWriteError, match="onflict"):
+            storage.store(geoid(1, weight=2.0))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [r[2] for r in log_rows(storage.con)] == ["success", "failed"]
