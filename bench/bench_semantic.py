@@ -38,7 +38,8 @@ ROWS = 100_000
 
 def prepare(con: duckdb.DuckDBPyConnection) -> None:
     if con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'identities'"
+        "SELECT count(*) FROM information_schema.tables WHERE table_catalog = current_database() "
+        "AND table_schema = 'main' AND table_name = 'identities'"
     ).fetchone()[0]:
         return
     con.execute(f"ATTACH '{SOURCE}' AS src (READ_ONLY)")  # a fixed path of this script
