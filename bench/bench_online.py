@@ -52,6 +52,7 @@ from kimera_core.workload import random_geoid, random_scar
 
 KIMERA = str(Path(sys.executable).parent / "kimera")
 STAGE = "dual-write"  # the application's writes go to both stores, one transaction each
+SERVE_OPTIONS: list[str] = []  # extra `kimera db serve` options (--checkpoint-threshold)
 
 
 class Server:
@@ -60,7 +61,7 @@ class Server:
     def __init__(self, path: Path, log: Path) -> None:
         with log.open("w") as err:
             self.proc = subprocess.Popen(
-                [KIMERA, "db", "serve", "--db", str(path), "--port", "0"],
+                [KIMERA, "db", "serve", "--db", str(path), "--port", "0", *SERVE_OPTIONS],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
@@ -258,7 +259,14 @@ def main() -> None:
         default=None,
         help="demo database to reuse (generated there first when missing; never modified)",
     )
+    parser.add_argument(
+        "--checkpoint-threshold",
+        default=None,
+        help="passed to every `kimera db serve` (WAL size at which DuckDB checkpoints by itself)",
+    )
     args = parser.parse_args()
+    if args.checkpoint_threshold:
+        SERVE_OPTIONS.extend(["--checkpoint-threshold", args.checkpoint_threshold])
     os.environ.setdefault("KIMERA_DB_TOKEN", secrets.token_urlsafe(32))  # servers and clients
     load_before = os.getloadavg()
 
