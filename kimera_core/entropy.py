@@ -159,45 +159,53 @@ def decay_factor(age_seconds: float, tau_eff: float) -> float:
 
 
 # --- bulk form (DuckDB, set-based) ------------------------------------------------------
-# JSON types that pass Python's isinstance(v, (int, float)): the numbers, and booleans
-# (a bool is an int; true casts to 1.0).
-_NUMERIC_JSON_TYPES = "('BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'UHUGEINT', 'BOOLEAN')"
+# An intensity's JSON text (as json_extract writes it: minified) that passes Python's
+# isinstance(v, (int, float)) as a double: a number (it starts with '-' or a digit; one beyond
+# the double range casts to an infinity, which the filter drops) or true (a bool is an int:
+# 1.0); false, strings, null, lists and objects are NULL. Reading the text, not json_type and
+# a JSON cast, saves two parses per term.
+_INTENSITY_SQL = (
+    "CASE WHEN x = 'true' THEN 1.0 "
+    "WHEN x[1] IN ('-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9') "
+    "THEN TRY_CAST(x AS DOUBLE) END"
+)
 
-# The first stage parses meta once; TRY turns text that is not JSON (old files, VARCHAR
-# batches) into NULL. Migration reuses the later stages over columns it parsed itself.
+# The first stage reads meta once for its terms' intensities; TRY turns text that is not JSON
+# (old files, VARCHAR batches) into NULL. json_array_length is 0 for a value that is not a
+# list. Migration reuses the later stages over columns it parsed itself (geoid_shannon_sql).
 GEOID_PARSE_SQL = """
-SELECT {key} AS key,
-       TRY(json_extract({meta}, '$.terms')) AS terms_j,
-       TRY(CASE WHEN json_type({tags}) = 'ARRAY' THEN json_array_length({tags}) END) AS n_tags
+SELECT {key} AS key, {meta} AS meta, TRY(json_array_length({tags})) AS n_tags
 FROM {source}
 """
 
-# From a relation with columns key, terms_j (meta.terms as JSON) and n_tags; each stage is
-# its own projection so every JSON value is parsed once.
+# From {parsed}, a relation with columns key and n_tags and the column {src}: {intens} (SQL
+# over {src}) is the list of the `intensity` members of meta.terms' items (JSON); {is_list}
+# (SQL over kimera_src) whether meta.terms is a list, read only for rows with no intensity
+# (an intensity means a list; otherwise a list without usable terms gives 0, anything else
+# the tags' formula). Each stage is its own projection so every JSON value is parsed once,
+# and meta.terms' type a second time only where the intensities cannot tell it.
 GEOID_SHANNON_SQL = f"""
-WITH kimera_terms AS (
-    SELECT key, n_tags,
-           json_type(terms_j) = 'ARRAY' AS has_terms,
-           list_filter(
-               list_transform(json_extract(terms_j, '$[*].intensity'),
-                   x -> CASE WHEN json_type(x) IN {_NUMERIC_JSON_TYPES}
-                             THEN TRY_CAST(x AS DOUBLE) END),
-               x -> x > 0 AND isfinite(x)) AS v
-    FROM {{parsed}}
+WITH kimera_intens AS (
+    SELECT key, n_tags, {{src}} AS kimera_src, {{intens}} AS intens FROM {{parsed}}
+), kimera_terms AS (
+    SELECT key, n_tags, kimera_src, len(intens) > 0 AS listed,
+           list_filter(list_transform(intens::VARCHAR[], x -> {_INTENSITY_SQL}),
+                       x -> x > 0 AND isfinite(x)) AS v
+    FROM kimera_intens
 ), kimera_scaled AS (
-    SELECT key, has_terms, n_tags, list_transform(v, x -> x / list_max(v)) AS s
+    SELECT key, listed, kimera_src, n_tags, list_transform(v, x -> x / list_max(v)) AS s
     FROM kimera_terms
 ), kimera_summed AS (
-    SELECT key, has_terms, n_tags, s, list_sum(s) AS total FROM kimera_scaled
+    SELECT key, listed, kimera_src, n_tags, s, list_sum(s) AS total FROM kimera_scaled
 )
 SELECT key,
-       CASE WHEN coalesce(has_terms, false) THEN
+       CASE WHEN listed THEN
                 CASE WHEN len(s) = 0 THEN 0.0
                      ELSE list_sum(list_transform(s, x ->
                               CASE WHEN x / total > 0 THEN -(x / total) * log2(x / total)
                                    ELSE 0.0 END))
                 END
-            WHEN n_tags > 1 THEN log2(n_tags)
+            WHEN n_tags > 1 AND NOT coalesce({{is_list}}, false) THEN log2(n_tags)
             ELSE 0.0
        END::DOUBLE AS entropy
 FROM kimera_summed
@@ -237,12 +245,31 @@ def geoid_entropy_sql(
         meta=vetted_identifier(meta),
         tags=vetted_identifier(tags),
     )
-    return f"WITH kimera_parsed AS ({parse}) SELECT * FROM ({geoid_shannon_sql('kimera_parsed')})"
+    shannon = geoid_meta_shannon_sql("kimera_parsed")
+    return f"WITH kimera_parsed AS ({parse}) SELECT * FROM ({shannon})"
+
+
+def geoid_meta_shannon_sql(parsed: str) -> str:
+    """Geoid entropy from a relation (table or CTE) with columns key, meta (the JSON value,
+    NULL when it is not JSON) and n_tags (the length of tags when it is a list, else 0 or
+    NULL): (key, entropy). meta is parsed once (twice where meta.terms holds no intensity)."""
+    return GEOID_SHANNON_SQL.format(
+        parsed=vetted_identifier(parsed),
+        src="meta",
+        intens="TRY(json_extract(meta, '$.terms[*].intensity'))",
+        is_list="TRY(json_type(kimera_src, '$.terms')) = 'ARRAY'",
+    )
 
 
 def geoid_shannon_sql(parsed: str) -> str:
-    """Geoid entropy from a relation (table or CTE) with columns key, terms_j and n_tags."""
-    return GEOID_SHANNON_SQL.format(parsed=vetted_identifier(parsed))
+    """Geoid entropy from a relation (table or CTE) with columns key, terms_j (meta.terms as
+    json_extract gives it, NULL when absent) and n_tags: (key, entropy)."""
+    return GEOID_SHANNON_SQL.format(
+        parsed=vetted_identifier(parsed),
+        src="terms_j",
+        intens="TRY(json_extract(terms_j, '$[*].intensity'))",
+        is_list="TRY(json_type(kimera_src)) = 'ARRAY'",
+    )
 
 
 def scar_entropy_sql(

@@ -33,7 +33,7 @@ from __future__ import annotations
 import duckdb
 
 from kimera_core.consistency.sources import Source, fingerprint_sql
-from kimera_core.entropy import geoid_shannon_sql, scar_entropy_sql
+from kimera_core.entropy import geoid_meta_shannon_sql, scar_entropy_sql
 from kimera_core.identity import DOCUMENT_KEYS
 from kimera_core.sql import vetted_identifier
 
@@ -136,8 +136,7 @@ GEOID_EXPECTED_SQL = """
 WITH kimera_x AS (
     SELECT {{'id': gid, 'fp': {fp}, 'doc': {doc}, 'c': created_at, 'u': updated_at,
             'l': lang_axis}} AS key,
-           TRY(json_extract({meta}, '$.terms')) AS terms_j,
-           TRY(CASE WHEN json_type({tags}) = 'ARRAY' THEN json_array_length({tags}) END) AS n_tags
+           {meta} AS meta, TRY(json_array_length({tags})) AS n_tags
     FROM legacy_geoids WHERE {where}
 ), kimera_xe AS ({shannon})
 SELECT key.id AS id, hash(key.id) AS kh, key.fp AS fp,
@@ -180,7 +179,7 @@ def expected_rows_sql(
             c if f"legacy_geoids.{c}" in typed else f"TRY(json({c}))" for c in ("meta", "tags")
         )
         return GEOID_EXPECTED_SQL.format(
-            meta=meta, tags=tags, shannon=geoid_shannon_sql("kimera_x"), **common
+            meta=meta, tags=tags, shannon=geoid_meta_shannon_sql("kimera_x"), **common
         )
     related = "related_ids" if "legacy_scars.related_ids" in typed else "TRY(json(related_ids))"
     return SCAR_EXPECTED_SQL.format(
