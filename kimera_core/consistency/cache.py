@@ -122,8 +122,9 @@ def stats(con: duckdb.DuckDBPyConnection, run_recipe: str) -> dict[str, tuple[in
 
 
 def lookup_sql(fp: str) -> str:
-    """SQL (parameters: ``params``) for each segment of the temp table ``fp`` (seg, n, fsum)
-    with its sealed cached sums, NULL where there is none (``hit`` false)."""
+    """SQL (parameters: ``params``) for each segment of ``fp`` (a table or a parenthesised
+    query of our own: seg, n, fsum) with its sealed cached sums, NULL where there is none
+    (``hit`` false)."""
     return LOOKUP_SQL.format(fp=fp)
 
 

@@ -46,7 +46,6 @@ from kimera_core.consistency.sources import (
 from kimera_core.sql import vetted_identifier
 
 TEMP_TABLES: tuple[str, ...] = (
-    "kimera_verify_fp",
     "kimera_verify_redo",
     "kimera_verify_need",
     "kimera_verify_need_rows",
@@ -191,16 +190,18 @@ def _fast_sums(
     legacy = source.side == "legacy"
     ignored = False
     if lookup:
-        con.execute("CREATE OR REPLACE TEMP TABLE kimera_verify_fp AS " + fingerprints_sql(source))
+        # one statement: the fingerprint pass joined with the cache as it streams
         con.execute(
             f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT *, NOT hit AS dirty, "
-            "NULL::HUGEINT AS ex_xsum FROM (" + cache.lookup_sql("kimera_verify_fp") + ")",
+            "NULL::HUGEINT AS ex_xsum FROM ("
+            + cache.lookup_sql(f"({fingerprints_sql(source)})")
+            + ")",
             cache.params(source.table, run_recipe),
         )
-        segments, hits = con.execute(
-            f"SELECT count(*), count(*) FILTER (hit) FROM {table}"
+        segments, hits, distinct = con.execute(
+            f"SELECT count(*), count(*) FILTER (hit), count(DISTINCT seg) FROM {table}"
         ).fetchone()
-        if segments != con.execute("SELECT count(*) FROM kimera_verify_fp").fetchone()[0]:
+        if segments != distinct:
             # duplicate cache entries fanned the lookup out: ignore them all
             ignored, lookup = True, False
     if not lookup and not legacy:
@@ -464,17 +465,13 @@ def exclude_keys(con: duckdb.DuckDBPyConnection) -> int:
     kimera_verify_excluded_rows (src, rid, seg, kh: the key's mixed hash), which
     ``digest_segments`` takes out of the legacy side; returns those rows.
 
-    Only key columns are read: the rows' digests come from the pass over every row, or from
-    the cache, or (when only the quarantine changed) by rowid.
+    Read from ``exceptions.classify``'s kimera_verify_held (the quarantined keys' legacy rows,
+    found by their key column alone): the rows' digests come from the pass over every row, or
+    from the cache, or (when only the quarantine changed) by rowid.
     """
     con.execute(
         "CREATE OR REPLACE TEMP TABLE kimera_verify_excluded_rows AS "
-        + " UNION ALL ".join(
-            f"SELECT '{s.table}' AS src, rowid AS rid, hash({vetted_identifier(s.key)}) "
-            f">> {_SHIFT} AS seg, hash(hash({vetted_identifier(s.key)})) AS kh "
-            f"FROM {vetted_identifier(s.table)} "
-            f"WHERE {vetted_identifier(s.key)} IN (SELECT id FROM kimera_verify_excluded)"
-            for s in sides("legacy")
-        )
+        f"SELECT src, rid, hash(id) >> {_SHIFT} AS seg, hash(hash(id)) AS kh "
+        "FROM kimera_verify_held WHERE id IN (SELECT id FROM kimera_verify_excluded)"
     )
     return int(con.execute("SELECT count(*) FROM kimera_verify_excluded_rows").fetchone()[0])

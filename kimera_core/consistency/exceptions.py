@@ -9,14 +9,17 @@ fixed and migrated since is no longer explained by an old entry, and its absence
 A row that waits for migration work still to run (``PENDING_REASONS``) explains nothing
 yet: its absence holds the gates.
 
-``classify`` fills two temp tables, one join against the small quarantine table:
+``classify`` fills these temp tables, from joins against the small quarantine table and one
+probe of each legacy table's key column:
 
 * ``kimera_verify_quarantine`` (src, id, kind, reason, reasons, present): every legacy row
   still in quarantine, and whether ``identities`` holds its key;
 * ``kimera_verify_excluded`` (id): the keys every legacy row of which is in quarantine and
   which ``identities`` does not hold: explained exceptions, left out of the segment sums up
-  front (``segments.exclude_keys``) so a database with quarantine verifies as fast as a clean
-  one, and never reported as missing.
+  front (``digests.exclude_keys``) so a database with quarantine verifies as fast as a clean
+  one, and never reported as missing;
+* ``kimera_verify_held`` (src, rid, id): the legacy rows of the quarantined keys, read by
+  ``excluded_counts`` and ``digests.exclude_keys`` (no other scan of the legacy tables).
 
 A quarantined key that ``identities`` holds anyway is compared like any other key: when the
 stores agree it is an exception of its own (``quarantined_in_identities``: usually written
@@ -103,20 +106,28 @@ WHERE NOT present AND NOT EXISTS (SELECT 1 FROM kimera_verify_pending p
                                   WHERE list_contains(CAST(q.reasons AS TEXT[]), p.reason))
 GROUP BY id
 """
+# The legacy rows of the keys in kimera_verify_explained (src, rid: the row's rowid, id): one
+# probe of each legacy table's key column with the few quarantined keys, which every later
+# step reads instead of probing again (the excluded keys, their rows per type, the rows the
+# digest pass takes out).
+HELD_SQL = """
+CREATE OR REPLACE TEMP TABLE kimera_verify_held AS
+SELECT 'legacy_geoids' AS src, rowid AS rid, gid AS id FROM legacy_geoids
+WHERE gid IN (SELECT id FROM kimera_verify_explained)
+UNION ALL
+SELECT 'legacy_scars', rowid, id FROM legacy_scars WHERE id IN (SELECT id FROM kimera_verify_explained)
+"""
 # Keys whose every legacy row is in quarantine for a reason that explains it, absent from
-# identities: as many tables quarantine the key as hold it (the legacy tables are probed with
-# the few quarantined keys, not scanned whole).
+# identities: as many tables quarantine the key as hold it.
 EXCLUDED_SQL = """
 CREATE OR REPLACE TEMP TABLE kimera_verify_excluded AS
-WITH held AS (
-    SELECT id, count(*) AS tables FROM (
-        SELECT DISTINCT gid AS id FROM legacy_geoids
-        WHERE gid IN (SELECT id FROM kimera_verify_explained)
-        UNION ALL
-        SELECT DISTINCT id FROM legacy_scars WHERE id IN (SELECT id FROM kimera_verify_explained)
-    ) GROUP BY id
-)
+WITH held AS (SELECT id, count(DISTINCT src) AS tables FROM kimera_verify_held GROUP BY id)
 SELECT id FROM kimera_verify_explained JOIN held USING (id, tables)
+"""
+# The legacy rows of the excluded keys, per type ('geoid', 'scar').
+EXCLUDED_COUNTS_SQL = """
+SELECT CASE src WHEN 'legacy_geoids' THEN 'geoid' ELSE 'scar' END, count(*)
+FROM kimera_verify_held WHERE id IN (SELECT id FROM kimera_verify_excluded) GROUP BY src
 """
 TEMP_TABLES: tuple[str, ...] = (
     "kimera_verify_pending",
@@ -124,6 +135,7 @@ TEMP_TABLES: tuple[str, ...] = (
     "kimera_verify_still",
     "kimera_verify_quarantine",
     "kimera_verify_excluded",
+    "kimera_verify_held",
 )
 
 
@@ -145,7 +157,14 @@ def classify(con: duckdb.DuckDBPyConnection) -> None:
         {"pending": list(PENDING_REASONS)},
     )
     con.execute(EXPLAINED_SQL)
+    con.execute(HELD_SQL)
     con.execute(EXCLUDED_SQL)
+
+
+def excluded_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Legacy rows of the keys excluded up front, per type ('geoid', 'scar'; absent when 0);
+    needs ``classify`` first."""
+    return {kind: int(n) for kind, n in con.execute(EXCLUDED_COUNTS_SQL).fetchall() if n}
 
 
 def report_exceptions(

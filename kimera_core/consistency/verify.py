@@ -56,12 +56,6 @@ UNION ALL SELECT 'legacy', 'scar', count(*), count(*) - count(id) FROM legacy_sc
 UNION ALL SELECT 'new', identity_type, count(*), count(*) - count(id) FROM identities
           GROUP BY identity_type
 """
-# Legacy rows still in quarantine and absent from identities (kimera_verify_excluded), per type.
-QUARANTINED_COUNTS_SQL = """
-SELECT 'geoid', count(*) FROM legacy_geoids WHERE gid IN (SELECT id FROM kimera_verify_excluded)
-UNION ALL
-SELECT 'scar', count(*) FROM legacy_scars WHERE id IN (SELECT id FROM kimera_verify_excluded)
-"""
 # Duplicate keys; those explained by the quarantine (kimera_verify_excluded) left out.
 DUPLICATES_SQL = """
 SELECT 'legacy' AS store, id, count(*) AS n FROM (
@@ -203,9 +197,7 @@ def _counts(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> None:
     for store, kind, n, null_keys in con.execute(COUNTS_SQL).fetchall():
         counts[store][kind] = counts[store].get(kind, 0) + n
         nulls[store] += null_keys
-    for kind, n in con.execute(QUARANTINED_COUNTS_SQL).fetchall():
-        if n:
-            counts["quarantined"][kind] = n
+    counts["quarantined"].update(exceptions.excluded_counts(con))
     kinds = sorted(set(counts["legacy"]) | set(counts["new"]))
     counts["difference"] = {
         kind: counts["new"].get(kind, 0)
