@@ -20,10 +20,13 @@ from __future__ import annotations
 from kimera_core.sql import p1_document_sql, p1_scar_document_sql
 
 # Documents equal as minified JSON; for a geoid, related_ids null and [] count as the same
-# (json_merge_patch moves the key, so both sides are patched alike).
+# (json_merge_patch moves the key, so both sides are patched alike). Equal texts are equal
+# documents: that test comes first, and only the rest are parsed (CASE runs its branches
+# for the rows that reach them; the parses cost ~70 us a row).
 SAME_DOC_MACRO = """
 CREATE OR REPLACE TEMP MACRO kimera_same_doc(a, b, kind) AS (
-    CASE WHEN kind = 'geoid'
+    CASE WHEN CAST(a AS VARCHAR) = CAST(b AS VARCHAR) THEN true
+         WHEN kind = 'geoid'
               AND coalesce(json_array_length(a, '$.related_ids'), 0) = 0
               AND coalesce(json_array_length(b, '$.related_ids'), 0) = 0
          THEN json_merge_patch(a, '{"related_ids": []}') = json_merge_patch(b, '{"related_ids": []}')
@@ -51,8 +54,8 @@ SELECT c.*, e.entropy,
                                               c.i_updated, c.i_lang, c.i_entropy) END AS old_hash,
        CASE WHEN len(c.reasons) > 0 THEN NULL
             WHEN c.i_id IS NULL THEN 'insert'
-            WHEN kimera_same_doc(c.i_data, c.doc, c.identity_type)
-                 AND c.i_created = c.created_at AND c.i_updated = c.updated_at THEN 'unchanged'
+            WHEN c.i_created = c.created_at AND c.i_updated = c.updated_at
+                 AND kimera_same_doc(c.i_data, c.doc, c.identity_type) THEN 'unchanged'
             WHEN c.updated_at > c.i_updated THEN 'update'
             ELSE 'kept'
        END AS action
