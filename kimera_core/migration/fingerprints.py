@@ -42,6 +42,7 @@ import duckdb
 from kimera_core.checksum import Checksum
 from kimera_core.entropy import geoid_shannon_sql, scar_entropy_sql
 from kimera_core.migration import statements as q
+from kimera_core.migration.memory import lowered_memory_limit
 from kimera_core.migration.report import MigrationCounts
 from kimera_core.sql import EPOCH_ISO_MACROS, VALUE_MACROS
 
@@ -296,9 +297,12 @@ def record(con: duckdb.DuckDBPyConnection, skip: SkipPlan, run_id: str) -> Check
         )
         only = _ONLY
     segments_sql = SEGMENTS_SQL.format(sources=_SOURCES, only=only)
-    con.execute(
-        RECORD_SQL.format(segments=segments_sql),
-        {"segments": skip.segments, "recipe": RECIPE, "run_id": run_id},
-    )
+    # one grouped pass over every table (5 M segments at 10 M rows): it spills its groups,
+    # so it runs under the lower limit of a run's closing phases (migration.memory)
+    with lowered_memory_limit(con):
+        con.execute(
+            RECORD_SQL.format(segments=segments_sql),
+            {"segments": skip.segments, "recipe": RECIPE, "run_id": run_id},
+        )
     rows, digest = con.execute(IDENTITIES_CHECKSUM_SQL).fetchone()
     return Checksum(int(rows), int(digest) & ((1 << 128) - 1))

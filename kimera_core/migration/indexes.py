@@ -18,6 +18,7 @@ import duckdb
 
 from kimera_core.db import checkpoint, transaction
 from kimera_core.legacy import restore_index, secondary_indexes
+from kimera_core.migration.memory import lowered_memory_limit
 from kimera_core.sql import vetted_identifier
 
 DROPPED_INDEXES_SQL = """
@@ -58,16 +59,18 @@ def rebuild_indexes_one_at_a_time(con: duckdb.DuckDBPyConnection, run_id: str) -
     transaction ran out of a 1 GB memory limit at 10 M rows (docs/benchmarks.md). The run
     keeps its record of the dropped indexes until it finishes (the caller clears it), and
     rebuilding skips those that exist, so a run killed in between resumes or rolls back as
-    before.
+    before. The checkpoints and builds run under a lower memory limit (``migration.memory``):
+    the load is over, and DuckDB's cache beside them set a 10 M-row run's peak memory.
     """
     dropped = dropped_indexes(con, run_id)
     if not dropped:
         return
-    checkpoint(con)
-    for name, ddl in dropped.items():
-        with transaction(con):
-            restore_index(con, "identities", name, ddl)
+    with lowered_memory_limit(con):
         checkpoint(con)
+        for name, ddl in dropped.items():
+            with transaction(con):
+                restore_index(con, "identities", name, ddl)
+            checkpoint(con)
 
 
 def restore_indexes(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
