@@ -22,7 +22,9 @@ Cold runs drop the digest cache before each run; every figure is the best and th
 ``--repeat`` runs, with the process's CPU seconds (user + system, which the load of a shared
 machine inflates less than wall time) and the load average. The floor beside them: one bare
 read of every stored column the fingerprints cover (what any verification that reads every
-row costs), and the fingerprint pass alone (what a warm run cannot avoid).
+row costs), the fingerprint pass alone (what a warm run cannot avoid) and the first bound
+parameter of a fresh process (duckdb's Python client imports pandas then: every `kimera
+verify` pays it, inside the verifier's own seconds).
 
 Usage: .venv/bin/python bench/bench_consistency.py [--parts synthetic,demo] [--rows 1000000]
        [--changes 1000] [--repeat 3] [--geoids 800000] [--scars 200000]
@@ -305,20 +307,37 @@ print(json.dumps({"wall": time.perf_counter() - t, "cpu": cpu() - c}))
 """
 
 
+# The first statement with a bound parameter in a process: duckdb's Python client (1.5.6)
+# imports pandas then, whichever statement it is; `kimera verify` has numpy and pyarrow
+# loaded already (the CLI imports them), so they are loaded first here too.
+IMPORT_SCRIPT = """
+import json, resource, sys, time, duckdb, numpy, pyarrow
+con = duckdb.connect(sys.argv[1], read_only=True)
+con.execute("SELECT 1").fetchall()
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF); return r.ru_utime + r.ru_stime
+c, t = cpu(), time.perf_counter()
+con.execute("SELECT ?", [1]).fetchall()
+print(json.dumps({"wall": time.perf_counter() - t, "cpu": cpu() - c,
+                  "pandas": "pandas" in sys.modules}))
+"""
+
+
 def floors(db: Path, repeat: int) -> None:
     """The bare read of every stored column the fingerprints cover, and the fingerprint pass
     alone, each in a fresh process (wall and CPU seconds of the query)."""
     fingerprints = " UNION ALL ".join(
         f"SELECT sum(fsum) FROM ({digests.fingerprints_sql(s)})" for s in SOURCES
     )
-    for name, sql in (
-        ("bare read of the fingerprinted columns", floor_sql()),
-        ("fingerprint pass (every row, 65,536 segments per table)", fingerprints),
+    for name, script, sql in (
+        ("bare read of the fingerprinted columns", FLOOR_SCRIPT, floor_sql()),
+        ("fingerprint pass (every row, 65,536 segments per table)", FLOOR_SCRIPT, fingerprints),
+        ("first bound parameter of a process (duckdb imports pandas)", IMPORT_SCRIPT, ""),
     ):
         runs = []
         for _ in range(repeat):
             out = subprocess.run(
-                [sys.executable, "-c", FLOOR_SCRIPT, str(db), sql],
+                [sys.executable, "-c", script, str(db), sql],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             runs.append(json.loads(out.stdout))

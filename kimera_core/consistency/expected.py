@@ -78,9 +78,24 @@ def _json(table: str, column: str, typed: frozenset[str]) -> tuple[str, bool]:
     return f"CASE WHEN {name} IS NULL THEN 'null' ELSE TRY(json({name}))::VARCHAR END", True
 
 
-def document_sql(source: Source, typed: frozenset[str]) -> str:
+# The ISO texts of a legacy row's timestamps, computed once per row in a first projection
+# (the document's guard and its text both read them): columns of ``legacy_rows_sql``.
+ISO_COLUMNS: dict[str, str] = {"created_at": "kimera_ci", "updated_at": "kimera_ui"}
+LEGACY_ROWS_SQL = """(SELECT *, kimera_epoch_iso(created_at) AS kimera_ci,
+       kimera_epoch_iso(updated_at) AS kimera_ui FROM {table} WHERE {where})"""
+
+
+def legacy_rows_sql(source: Source, where: str) -> str:
+    """The legacy ``source`` rows matching ``where`` (SQL over its columns) with the
+    ``ISO_COLUMNS`` beside them, as a parenthesised query."""
+    return LEGACY_ROWS_SQL.format(table=vetted_identifier(source.table), where=where)
+
+
+def document_sql(source: Source, typed: frozenset[str], iso: dict[str, str] | None = None) -> str:
     """SQL for the P1 document text the migration writes for a row of ``source`` (legacy),
-    NULL when a piece cannot be written (then the row has no expected form).
+    NULL when a piece cannot be written (then the row has no expected form). ``iso``: the
+    columns holding the timestamps' ISO texts (``ISO_COLUMNS`` over ``legacy_rows_sql``),
+    else computed in place.
 
     One ``concat`` (a single allocation per row; a chain of ``||`` copies the growing text
     once per piece, twice the cost), guarded: ``concat`` skips a NULL piece.
@@ -119,9 +134,13 @@ def document_sql(source: Source, typed: frozenset[str]) -> str:
             "meta": json_piece("meta"),
         }
     for column in ("created_at", "updated_at"):
-        iso = f"kimera_epoch_iso({vetted_identifier(column)})"
-        nullable.append(iso)
-        members[column] = f"""'"', {iso}, '"'"""
+        text = (
+            vetted_identifier(iso[column])
+            if iso
+            else f"kimera_epoch_iso({vetted_identifier(column)})"
+        )
+        nullable.append(text)
+        members[column] = f"""'"', {text}, '"'"""
     assert set(members) == set(DOCUMENT_KEYS)
     parts = [
         f"""'{"{" if i == 0 else ","}"{k}":', {members[k]}""" for i, k in enumerate(DOCUMENT_KEYS)
@@ -137,7 +156,7 @@ WITH kimera_x AS (
     SELECT {{'id': gid, 'fp': {fp}, 'doc': {doc}, 'c': created_at, 'u': updated_at,
             'l': lang_axis}} AS key,
            {meta} AS meta, TRY(json_array_length({tags})) AS n_tags
-    FROM legacy_geoids WHERE {where}
+    FROM {rows}
 ), kimera_xe AS ({shannon})
 SELECT key.id AS id, hash(key.id) AS kh, key.fp AS fp,
        CASE WHEN key.doc IS NULL THEN hash(key.id, {no_form})
@@ -148,7 +167,7 @@ SCAR_EXPECTED_SQL = """
 WITH kimera_x AS (
     SELECT {{'id': id, 'fp': {fp}, 'doc': {doc}, 'c': created_at, 'u': updated_at}} AS key,
            {related} AS related, weight
-    FROM legacy_scars WHERE {where}
+    FROM {rows}
 ), kimera_xe AS ({entropy})
 SELECT key.id AS id, hash(key.id) AS kh, key.fp AS fp,
        CASE WHEN key.doc IS NULL THEN hash(key.id, {no_form})
@@ -169,8 +188,8 @@ def expected_rows_sql(
     fp = f"hash({fingerprint_sql(source)})" if fingerprint else "NULL::UBIGINT"
     common = {
         "fp": fp,
-        "doc": document_sql(source, typed),
-        "where": where.format(key=key),
+        "doc": document_sql(source, typed, ISO_COLUMNS),
+        "rows": legacy_rows_sql(source, where.format(key=key)),
         "no_form": NO_FORM,
     }
     if source.table == "legacy_geoids":

@@ -3,15 +3,16 @@
 A full verification:
 
 1. the rollout stage (which side is authoritative), the legacy rows still in quarantine
-   (``exceptions``: explained, left out up front), counts per store and identity type net of
-   them, NULL keys, duplicate keys (``COUNTS_SQL``, ``DUPLICATES_SQL``);
+   (``exceptions``: explained, left out up front; one probe of each legacy table's key
+   column), counts per store and identity type net of them, NULL keys (``COUNTS_SQL``);
 2. the checksum pass (``digests``): the legacy rows still in quarantine found by key, every
    row's fast digest summed per fine segment (``expected``: the identities row the migration
    writes, against the stored one), the normalised digest only for the segments where those
    disagree (which also counts identities rows whose columns disagree with their document,
    ``columns``), the digest cache reused where the rows are unchanged, the quarantined rows
-   subtracted; then bisection (``segments``): differing segments split down to leaves of
-   about a thousand rows;
+   subtracted; duplicate keys (``DUPLICATES_SQL``: with identities keyed by its primary key,
+   only in the segments the fast sums found suspect, where any must be); then bisection
+   (``segments``): differing segments split down to leaves of about a thousand rows;
 3. the leaves' rows compared row by row (``rows``), the column disagreements named;
 4. the verdict's reasons and exceptions (``report``), and a row in ``kimera_verifications``.
 
