@@ -59,14 +59,17 @@ def rebuild_indexes_one_at_a_time(con: duckdb.DuckDBPyConnection, run_id: str) -
     transaction ran out of a 1 GB memory limit at 10 M rows (docs/benchmarks.md). The run
     keeps its record of the dropped indexes until it finishes (the caller clears it), and
     rebuilding skips those that exist, so a run killed in between resumes or rolls back as
-    before. The checkpoints and builds run under a lower memory limit (``migration.memory``):
-    the load is over, and DuckDB's cache beside them set a 10 M-row run's peak memory.
+    before. The builds and their checkpoints run under a lower memory limit
+    (``migration.memory``): the load is over, and DuckDB's cache beside them set a 10 M-row
+    run's peak memory.
     """
     dropped = dropped_indexes(con, run_id)
     if not dropped:
         return
+    # The load's primary key is held whole in memory until this checkpoint writes it:
+    # DuckDB refuses a limit below it, so the limit is lowered after it.
+    checkpoint(con)
     with lowered_memory_limit(con):
-        checkpoint(con)
         for name, ddl in dropped.items():
             with transaction(con):
                 restore_index(con, "identities", name, ddl)
