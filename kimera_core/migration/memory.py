@@ -42,7 +42,7 @@ def memory_limit_bytes(con: duckdb.DuckDBPyConnection) -> int | None:
     match = _SIZE.fullmatch(str(text))
     if match is None:
         return None
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+    return round(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 @contextlib.contextmanager

@@ -38,9 +38,9 @@ def test_the_limit_read_back_is_the_one_set_to_duckdbs_printed_precision(n):
     c.execute(f"SET memory_limit = '{n}B'")
     got = memory.memory_limit_bytes(c)
     text = limit_text(c)
-    assert got == int(reference_bytes(text))
+    assert got == round(reference_bytes(text))
     # DuckDB prints one decimal of its unit: the value read is within 0.1 unit of the one set
-    assert abs(got - n) <= UNITS[text.split()[1]] * 0.1 + 1
+    assert abs(got - n) <= UNITS[text.split()[1]] * 0.1 + 2
 
 
 def test_no_limit_reads_as_none_and_is_left_alone():
