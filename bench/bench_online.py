@@ -43,7 +43,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import duckdb
 
 from kimera_core.db import open_database
 from kimera_core.demo import generate_demo_data
@@ -58,10 +61,11 @@ SERVE_OPTIONS: list[str] = []  # extra `kimera db serve` options (--checkpoint-t
 class Server:
     """``kimera db serve`` on a copy, on a free port, stopped by its PID (SIGTERM)."""
 
-    def __init__(self, path: Path, log: Path) -> None:
+    def __init__(self, path: Path, log: Path, options: list[str] | None = None) -> None:
+        command = [KIMERA, "db", "serve", "--db", str(path), "--port", "0", *SERVE_OPTIONS]
         with log.open("w") as err:
             self.proc = subprocess.Popen(
-                [KIMERA, "db", "serve", "--db", str(path), "--port", "0", *SERVE_OPTIONS],
+                [*command, *(options or [])],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
@@ -133,11 +137,38 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([KIMERA, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+class Command:
+    """``kimera ARGS`` in the background, its stdout and stderr in temporary files (a pipe
+    nobody reads while the command runs would block it once its report fills the pipe)."""
+
+    def __init__(self, *args: str) -> None:
+        self.out = tempfile.TemporaryFile()  # noqa: SIM115 - closed by communicate()
+        self.err = tempfile.TemporaryFile()  # noqa: SIM115 - closed by communicate()
+        self.proc = subprocess.Popen([KIMERA, *args], stdout=self.out, stderr=self.err)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def communicate(self) -> tuple[bytes, bytes]:
+        """Wait for the command; its stdout and stderr."""
+        self.proc.wait()
+        texts = []
+        for fh in (self.out, self.err):
+            fh.seek(0)
+            texts.append(fh.read())
+            fh.close()
+        return texts[0], texts[1]
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
 
 
-def migration_seconds(proc: subprocess.Popen, unbalanced: list[str] | None = None) -> float:
+def cli(*args: str) -> Command:
+    return Command(*args)
+
+
+def migration_seconds(proc: Command, unbalanced: list[str] | None = None) -> float:
     """The report's ``seconds``; exit 3 (unbalanced) is noted in ``unbalanced`` if given."""
     out, err = proc.communicate()
     if proc.returncode != 0 and not (proc.returncode == 3 and unbalanced is not None):
@@ -148,7 +179,7 @@ def migration_seconds(proc: subprocess.Popen, unbalanced: list[str] | None = Non
     return float(report["seconds"])
 
 
-def while_running(writer: Writer, proc: subprocess.Popen) -> list[float]:
+def while_running(writer: Writer, proc: Command) -> list[float]:
     """The writer's latencies while ``proc`` runs (it is waited for)."""
     latencies = writer.write(until=lambda: proc.poll() is not None)
     if not latencies:
@@ -156,49 +187,128 @@ def while_running(writer: Writer, proc: subprocess.Popen) -> list[float]:
     return latencies
 
 
-def one_round(source: Path, tmp: Path, index: int, rate: float, idle: int) -> dict[str, float]:
-    embedded, alone, live = (
-        tmp / f"{name}-{index}.duckdb" for name in ("embedded", "alone", "live")
-    )
-    for copy in (embedded, alone, live):
+@dataclass(frozen=True)
+class Variant:
+    """How the served migrations of a round run: ``rows`` per partition (None: the engine's
+    own ``ROWS_PER_PARTITION_SERVED``, i.e. no ``--partitions``) and the server's
+    ``--threads`` (None: DuckDB's default, one per core). Written ``ROWS[:THREADS]`` or
+    ``auto[:THREADS]``."""
+
+    rows: int | None
+    threads: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        rows, _, threads = text.partition(":")
+        return cls(
+            None if rows in ("", "auto") else int(rows),
+            int(threads) if threads not in ("", "default") else None,
+        )
+
+    def __str__(self) -> str:
+        rows = "auto" if self.rows is None else f"{self.rows}"
+        return f"{rows}:{'default' if self.threads is None else self.threads}"
+
+    def serve_options(self) -> list[str]:
+        return [] if self.threads is None else ["--threads", str(self.threads)]
+
+    def migrate_args(self, largest: int) -> list[str]:
+        """``--partitions`` so that each holds at most ``rows`` rows of the largest table (the
+        engine's own rule, ``auto_partitions``); none for the engine's default."""
+        return [] if self.rows is None else ["--partitions", str(max(1, -(-largest // self.rows)))]
+
+
+def variant_round(
+    variant: Variant, source: Path, tmp: Path, name: str, rate: float, seed: int, largest: int
+) -> dict[str, float]:
+    """A served migration alone, then one beside the writer (its store latencies)."""
+    alone, live = (tmp / f"{kind}-{name}.duckdb" for kind in ("alone", "live"))
+    for copy in (alone, live):
         shutil.copy(source, copy)
     result: dict[str, float] = {}
+    args = variant.migrate_args(largest)
+    server = Server(alone, tmp / f"alone-{name}.log", variant.serve_options())
+    try:
+        result["migrate_server_s"] = migration_seconds(
+            cli("migrate", "--db", server.address, "--json", *args)
+        )
+    finally:
+        server.stop()
+    server = Server(live, tmp / f"live-{name}.log", variant.serve_options())
+    writer = Writer(server.address, seed=seed, rate=rate)
+    try:
+        writer.write(count=20)  # warm: the server's cursor, the caches
+        migration = cli("migrate", "--db", server.address, "--json", *args)
+        latencies = while_running(writer, migration)
+        unbalanced: list[str] = []
+        result["migrate_server_with_writer_s"] = migration_seconds(migration, unbalanced)
+        if unbalanced:  # the reconciliation counts the writer's later rows: docs/benchmarks.md
+            print(f"  {name}: the migration beside the writer reported unbalanced: {unbalanced[0]}")
+    finally:
+        writer.close()
+        server.stop()
+    remove_copies(name, alone, live)
+    if writer.errors:
+        print(f"  {name}: {len(writer.errors)} failed stores, e.g. {writer.errors[0]}")
+    result["store_errors"] = float(len(writer.errors))
+    result["during_migration_p50_ms"] = percentile(latencies, 0.50)
+    result["during_migration_p99_ms"] = percentile(latencies, 0.99)
+    result["during_migration_n"] = float(len(latencies))
+    return result
 
-    # migration time, embedded vs through the server, nothing else running (order alternates)
+
+def remove_copies(name: str, *copies: Path) -> None:
+    for copy in copies:
+        wal = copy.with_name(copy.name + ".wal")
+        if wal.exists():  # a clean stop checkpoints and removes it
+            print(f"  {name}: {wal.name} left behind ({wal.stat().st_size:,} bytes)")
+        copy.unlink()
+        wal.unlink(missing_ok=True)
+
+
+def one_round(
+    source: Path,
+    tmp: Path,
+    index: int,
+    rate: float,
+    idle: int,
+    variants: list[Variant],
+    largest: int,
+) -> tuple[dict[str, float], dict[Variant, dict[str, float]]]:
+    """The embedded migration, each variant's served migrations (order alternating between
+    rounds), then, with the first variant's server, the full verification beside the writer
+    and the idle stores against an embedded copy."""
+    embedded, live = (tmp / f"{name}-{index}.duckdb" for name in ("embedded", "live"))
+    for copy in (embedded, live):
+        shutil.copy(source, copy)
+    result: dict[str, float] = {}
+    by_variant: dict[Variant, dict[str, float]] = {}
+
     def migrate_embedded() -> None:
         result["migrate_embedded_s"] = migration_seconds(
             cli("migrate", "--db", str(embedded), "--json")
         )
 
-    def migrate_served() -> None:
-        server = Server(alone, tmp / f"alone-{index}.log")
-        try:
-            result["migrate_server_s"] = migration_seconds(
-                cli("migrate", "--db", server.address, "--json")
-            )
-        finally:
-            server.stop()
+    steps: list[Callable[[], None]] = [migrate_embedded]
+    for number, variant in enumerate(variants):
 
-    for step in (
-        (migrate_embedded, migrate_served) if index % 2 else (migrate_served, migrate_embedded)
-    ):
+        def served(variant: Variant = variant, number: int = number) -> None:
+            by_variant[variant] = variant_round(
+                variant, source, tmp, f"{index}-{number}", rate, index, largest
+            )
+
+        steps.append(served)
+    for step in steps if index % 2 else reversed(steps):
         step()
 
-    server = Server(live, tmp / f"live-{index}.log")
+    # the migrated copy behind the first variant's server: verification and idle stores
+    first = variants[0]
+    server = Server(live, tmp / f"live-{index}.log", first.serve_options())
     writer = Writer(server.address, seed=index, rate=rate)
     local = Writer(str(embedded), seed=100 + index, rate=rate)
     try:
-        writer.write(count=20)  # warm: the server's cursor, the caches
-        migration = cli("migrate", "--db", server.address, "--json")
-        during_migration = while_running(writer, migration)
-        unbalanced: list[str] = []
-        result["migrate_server_with_writer_s"] = migration_seconds(migration, unbalanced)
-        if unbalanced:  # the reconciliation counts the writer's later rows: docs/benchmarks.md
-            print(
-                f"  round {index}: the migration beside the writer reported unbalanced: "
-                f"{unbalanced[0]}"
-            )
-
+        migration_seconds(cli("migrate", "--db", server.address, "--json"))
+        writer.write(count=20)
         verify = cli("verify", "--db", server.address, "--no-cache", "--json")
         during_verify = while_running(writer, verify)
         verify.communicate()
@@ -216,12 +326,7 @@ def one_round(source: Path, tmp: Path, index: int, rate: float, idle: int) -> di
         writer.close()
         local.close()
         server.stop()
-    for copy in (embedded, alone, live):
-        wal = copy.with_name(copy.name + ".wal")
-        if wal.exists():  # a clean stop checkpoints and removes it
-            print(f"  round {index}: {wal.name} left behind ({wal.stat().st_size:,} bytes)")
-        copy.unlink()
-        wal.unlink(missing_ok=True)
+    remove_copies(f"round {index}", embedded, live)
     errors = writer.errors + local.errors
     if errors:
         print(f"  round {index}: {len(errors)} failed stores, e.g. {errors[0]}")
@@ -229,15 +334,15 @@ def one_round(source: Path, tmp: Path, index: int, rate: float, idle: int) -> di
     for name, values in (
         ("idle_server", served_idle),
         ("idle_embedded", embedded_idle),
-        ("during_migration", during_migration),
         ("during_verify", during_verify),
     ):
         result[f"{name}_p50_ms"] = percentile(values, 0.50)
         result[f"{name}_p99_ms"] = percentile(values, 0.99)
         result[f"{name}_n"] = float(len(values))
     result["idle_p50_ratio"] = result["idle_server_p50_ms"] / result["idle_embedded_p50_ms"]
-    result["migrate_ratio"] = result["migrate_server_s"] / result["migrate_embedded_s"]
-    return result
+    for figures in by_variant.values():
+        figures["migrate_ratio"] = figures["migrate_server_s"] / result["migrate_embedded_s"]
+    return result, by_variant
 
 
 def best_median(values: list[float], lower_is_better: bool = True) -> str:
@@ -264,7 +369,16 @@ def main() -> None:
         default=None,
         help="passed to every `kimera db serve` (WAL size at which DuckDB checkpoints by itself)",
     )
+    parser.add_argument(
+        "--variants",
+        default="auto",
+        help="comma-separated ROWS[:THREADS] of the served migrations, side by side in each "
+        "round: ROWS per partition (auto: the engine's default) and the server's --threads "
+        "(default: DuckDB's); the first variant's server also runs the verification and the "
+        "idle stores. E.g. auto,auto:1,10000:1",
+    )
     args = parser.parse_args()
+    variants = [Variant.parse(text.strip()) for text in args.variants.split(",")]
     if args.checkpoint_threshold:
         SERVE_OPTIONS.extend(["--checkpoint-threshold", args.checkpoint_threshold])
     os.environ.setdefault("KIMERA_DB_TOKEN", secrets.token_urlsafe(32))  # servers and clients
@@ -283,24 +397,36 @@ def main() -> None:
             print(f"demo database: {rows:,} legacy rows in {time.perf_counter() - t0:.1f} s")
             if args.source is not None:
                 shutil.copy(source, args.source)
+        with duckdb.connect(str(source), read_only=True) as con:
+            largest = max(
+                con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 - fixed
+                for table in ("legacy_geoids", "legacy_scars")
+            )
 
         rounds = []
+        per_variant: dict[Variant, list[dict[str, float]]] = {v: [] for v in variants}
         for index in range(1, args.rounds + 1):
-            r = one_round(source, tmp, index, args.rate, args.idle)
+            r, by_variant = one_round(source, tmp, index, args.rate, args.idle, variants, largest)
             rounds.append(r)
             print(
-                f"round {index}: migrate embedded {r['migrate_embedded_s']:.1f} s, server "
-                f"{r['migrate_server_s']:.1f} s ({r['migrate_ratio']:.2f}x), server with the "
-                f"writer {r['migrate_server_with_writer_s']:.1f} s; store p50/p99 ms: idle "
-                f"server {r['idle_server_p50_ms']:.1f}/{r['idle_server_p99_ms']:.1f}, idle "
-                f"embedded {r['idle_embedded_p50_ms']:.1f}/{r['idle_embedded_p99_ms']:.1f} "
-                f"({r['idle_p50_ratio']:.2f}x), during the migration "
-                f"{r['during_migration_p50_ms']:.1f}/{r['during_migration_p99_ms']:.1f} "
-                f"(n={r['during_migration_n']:.0f}), during the verification "
-                f"{r['during_verify_p50_ms']:.1f}/{r['during_verify_p99_ms']:.1f} "
+                f"round {index}: migrate embedded {r['migrate_embedded_s']:.1f} s; store "
+                f"p50/p99 ms: idle server {r['idle_server_p50_ms']:.1f}/"
+                f"{r['idle_server_p99_ms']:.1f}, idle embedded {r['idle_embedded_p50_ms']:.1f}/"
+                f"{r['idle_embedded_p99_ms']:.1f} ({r['idle_p50_ratio']:.2f}x), during the "
+                f"verification {r['during_verify_p50_ms']:.1f}/{r['during_verify_p99_ms']:.1f} "
                 f"(n={r['during_verify_n']:.0f}); failed stores {r['store_errors']:.0f}",
                 flush=True,
             )
+            for variant, v in by_variant.items():
+                per_variant[variant].append(v)
+                print(
+                    f"  variant {variant}: migrate server {v['migrate_server_s']:.1f} s "
+                    f"({v['migrate_ratio']:.2f}x), with the writer "
+                    f"{v['migrate_server_with_writer_s']:.1f} s; store p50/p99 during it "
+                    f"{v['during_migration_p50_ms']:.1f}/{v['during_migration_p99_ms']:.1f} ms "
+                    f"(n={v['during_migration_n']:.0f}); failed stores {v['store_errors']:.0f}",
+                    flush=True,
+                )
 
     print(f"\nover {len(rounds)} rounds ({rows:,} legacy rows, {args.rate:g} stores/s):")
     for key, label in (
@@ -308,18 +434,29 @@ def main() -> None:
         ("idle_server_p99_ms", "idle store p99 through the server (ms)"),
         ("idle_embedded_p50_ms", "idle store p50 embedded (ms)"),
         ("idle_p50_ratio", "idle p50 server / embedded (target <= 2)"),
-        ("during_migration_p50_ms", "store p50 during the migration (ms)"),
-        ("during_migration_p99_ms", "store p99 during the migration (ms, target <= 50)"),
         ("during_verify_p50_ms", "store p50 during the full verification (ms)"),
         ("during_verify_p99_ms", "store p99 during the full verification (ms)"),
         ("migrate_embedded_s", "migration embedded (s)"),
-        ("migrate_server_s", "migration through the server (s)"),
-        ("migrate_ratio", "migration server / embedded (target <= 1.3)"),
-        ("migrate_server_with_writer_s", "migration through the server with the writer (s)"),
-        ("store_errors", "failed stores"),
+        ("store_errors", "failed stores (verification, idle)"),
     ):
         values = [r[key] for r in rounds]
         print(f"  {label}: " + ", ".join(f"{v:.2f}" for v in values) + f" -> {best_median(values)}")
+    for variant, figures in per_variant.items():
+        print(f" variant {variant} (rows per partition:server threads):")
+        for key, label in (
+            ("during_migration_p50_ms", "store p50 during the migration (ms)"),
+            ("during_migration_p99_ms", "store p99 during the migration (ms, target <= 50)"),
+            ("migrate_server_s", "migration through the server (s)"),
+            ("migrate_ratio", "migration server / embedded (target <= 1.3)"),
+            ("migrate_server_with_writer_s", "migration through the server with the writer (s)"),
+            ("store_errors", "failed stores during the migration"),
+        ):
+            values = [f[key] for f in figures]
+            print(
+                f"    {label}: "
+                + ", ".join(f"{v:.2f}" for v in values)
+                + f" -> {best_median(values)}"
+            )
     load_after = os.getloadavg()
     print(
         "load average (1/5/15 min) before "

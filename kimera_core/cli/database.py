@@ -130,7 +130,28 @@ def _print_upgrade(report: UpgradeReport) -> None:
     "A checkpoint holds every client's commit while it runs; a larger WAL takes longer to "
     "replay after a crash.",
 )
-def db_serve(db_path: Path, host: str, port: int, checkpoint_threshold: str | None) -> None:
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="DuckDB worker threads for the whole server (default: one per core). Fewer than "
+    "the cores leaves a core to the live clients while a migration or verification runs.",
+)
+@click.option(
+    "--trace",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Diagnostics: append one line per request to this file (client pid, operation, "
+    "SQL head, when it was received, ran and answered, its CPU).",
+)
+def db_serve(
+    db_path: Path,
+    host: str,
+    port: int,
+    checkpoint_threshold: str | None,
+    threads: int | None,
+    trace: Path | None,
+) -> None:
     """Own the database file and serve it to other processes until SIGTERM or Ctrl-C.
 
     Prints the server's address (kimera://HOST:PORT) as the first line on stdout: pass it
@@ -167,7 +188,9 @@ def db_serve(db_path: Path, host: str, port: int, checkpoint_threshold: str | No
             host=host,
             port=port,
             checkpoint_threshold=checkpoint_threshold,
+            threads=threads,
             log=lambda line: click.echo(line, err=True),
+            trace=trace,
         )
         address = server.start()
     except (KimeraError, OSError, duckdb.Error) as exc:

@@ -104,6 +104,11 @@ class DatabaseServer:
     clients pass as ``--db``; ``serve_forever()`` blocks; ``stop()`` (from another thread or
     a signal handler) closes every client (rolling back their open transactions),
     checkpoints and closes the file. Raises DatabaseOpenError when the file cannot be used.
+
+    ``checkpoint_threshold`` (a DuckDB size, ``"1GB"``) and ``threads`` (DuckDB worker
+    threads, >= 1, else ValueError) are set once for the whole database: DuckDB has no
+    per-connection value of either. ``trace``: a file that gets one line per request
+    (``RequestTrace``), for diagnostics.
     """
 
     def __init__(
@@ -114,7 +119,9 @@ class DatabaseServer:
         host: str = "127.0.0.1",
         port: int = 0,
         checkpoint_threshold: str | None = None,
+        threads: int | None = None,
         log: Callable[[str], None] | None = None,
+        trace: str | os.PathLike[str] | None = None,
     ) -> None:
         if not token:
             raise ValueError("the server needs a non-empty token")
@@ -122,7 +129,11 @@ class DatabaseServer:
         self._token = token.encode("utf-8")
         self._host, self._port = host, port
         self._checkpoint_threshold = checkpoint_threshold
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
+        self._threads = threads
         self._log = log or (lambda line: None)
+        self._trace = RequestTrace(Path(trace)) if trace else None
         self._con: duckdb.DuckDBPyConnection | None = None
         self._listener: _Listener | None = None
         self._lock = threading.Lock()
@@ -140,6 +151,11 @@ class DatabaseServer:
             # DuckDB checkpoints by itself when the WAL passes this size, inside whichever
             # COMMIT crosses it: every client's commit waits that long (kimera_core.db.checkpoint)
             self._con.execute("SET checkpoint_threshold = ?", [self._checkpoint_threshold])
+        if self._threads is not None:
+            # DuckDB's threads act on the whole database: a bulk client's statement (a
+            # migration partition) then leaves the other cores to the live clients' short
+            # statements and their Python threads (docs/deployment.md)
+            self._con.execute("SET threads = ?", [self._threads])
         for create in SHARED_SCHEMA:
             create(self._con)
         self._listener = _Listener((self._host, self._port), self)
@@ -185,6 +201,8 @@ class DatabaseServer:
             with contextlib.suppress(duckdb.Error):
                 checkpoint(con)
             con.close()
+        if self._trace is not None:
+            self._trace.close()
         self._stopped.set()
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
@@ -240,13 +258,21 @@ class DatabaseServer:
             # counted before it is told: a status right after connecting includes it
             send_frame(sock, {"ok": True, "duckdb": duckdb.__version__, "database": str(self.path)})
             session = _Session(self, cur)
+            trace = self._trace
             while True:
                 frame = recv_frame(sock)
                 if frame is None:
                     break
+                received = time.time()
                 header, body = frame
+                session.timing = None
                 reply, payload = session.dispatch(header, body)
-                send_frame(sock, reply, payload)
+                if trace is None:
+                    send_frame(sock, reply, payload)
+                else:
+                    done = time.time()
+                    send_frame(sock, reply, payload)
+                    trace.record(info, header, received, session.timing, done, time.time())
                 if header.get("op") == "close":
                     break
         except (OSError, ProtocolError, ValueError):
@@ -295,6 +321,8 @@ class _Session:
     def __init__(self, server: DatabaseServer, cur: duckdb.DuckDBPyConnection) -> None:
         self.server = server
         self.cur = cur
+        # the last execute's (start, end) epoch s and its thread CPU s, for RequestTrace
+        self.timing: tuple[float, float, float] | None = None
 
     def dispatch(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
         op = header.get("op")
@@ -311,7 +339,14 @@ class _Session:
 
     def op_execute(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
         params = decode_params(header.get("params"))
-        self.cur.execute(header["sql"], params)
+        if self.server._trace is None:
+            self.cur.execute(header["sql"], params)
+        else:
+            cpu, start = time.thread_time(), time.time()
+            try:
+                self.cur.execute(header["sql"], params)
+            finally:
+                self.timing = (start, time.time(), time.thread_time() - cpu)
         return {"ok": True, "description": _description(self.cur)}, b""
 
     def op_executemany(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
@@ -356,6 +391,40 @@ class _Session:
 
     def op_close(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
         return {"ok": True}, b""
+
+
+class RequestTrace:
+    """One tab-separated line per request (``kimera db serve --trace FILE``; diagnostics):
+    client pid, operation, the first 60 characters of its SQL, then epoch seconds: frame
+    received, statement started, statement ended, reply built, reply sent, and the
+    statement's thread CPU seconds (empty for operations that run no statement). Started
+    minus received and sent minus ended are the time the client's thread spent on
+    decoding, encoding and waiting for the GIL; ended minus started minus CPU is what the
+    statement waited for (a lock, a COMMIT, a core)."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._file = path.open("a", encoding="utf-8", buffering=1 << 20)
+
+    def record(
+        self,
+        info: ClientInfo,
+        header: dict[str, Any],
+        received: float,
+        timing: tuple[float, float, float] | None,
+        done: float,
+        sent: float,
+    ) -> None:
+        sql = " ".join(str(header.get("sql") or "").split())[:60]
+        start, end, cpu = timing if timing is not None else ("", "", "")
+        line = f"{info.pid}\t{header.get('op')}\t{sql}\t{received:.6f}\t{start}\t{end}\t"
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(f"{line}{done:.6f}\t{sent:.6f}\t{cpu}\n")
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
 
 
 def allowed_function(module: str, qualname: str) -> Callable[..., Any]:

@@ -325,6 +325,55 @@ def test_the_checkpoint_threshold_is_the_servers_and_clients_never_checkpoint(tm
         assert server.stop() == 0
 
 
+def test_threads_and_the_request_trace_are_the_servers(tmp_path, token):
+    path = tmp_path / "threads.duckdb"
+    open_database(path, create=True).close()
+    trace = tmp_path / "trace.tsv"
+    server = DbServer(path, token, args=("--threads", "1", "--trace", str(trace)))
+    server.start()
+    try:
+        with open_database(server.address) as con:
+            assert con.execute("SELECT current_setting('threads')").fetchone()[0] == 1
+            with transaction(con):
+                con.execute("CREATE TABLE t AS SELECT range AS k FROM range(?)", [5000])
+            assert con.execute("SELECT sum(k) FROM t").fetchone()[0] == sum(range(5000))
+            pid = os.getpid()
+    finally:
+        assert server.stop() == 0
+    lines = [line.split("\t") for line in trace.read_text().splitlines()]
+    ours = [fields for fields in lines if fields[0] == str(pid)]
+    assert [(f[1], f[2]) for f in ours] == [
+        ("execute", "SELECT current_setting('threads')"),
+        ("fetch", ""),
+        ("execute", "BEGIN TRANSACTION"),
+        ("execute", "CREATE TABLE t AS SELECT range AS k FROM range(?)"),
+        ("execute", "COMMIT"),
+        ("execute", "SELECT sum(k) FROM t"),
+        ("fetch", ""),
+        ("close", ""),
+    ]
+    for fields in ours:
+        received, started, ended, done, sent, cpu = fields[3:]
+        if fields[1] == "execute":  # a statement: its start, end and CPU, in order
+            assert float(received) <= float(started) <= float(ended) <= float(done)
+            assert float(cpu) >= 0
+        else:
+            assert started == ended == cpu == ""
+        assert float(received) <= float(done) <= float(sent)
+
+
+def test_threads_below_one_are_refused(tmp_path, token):
+    path = tmp_path / "none.duckdb"
+    open_database(path, create=True).close()
+    result = subprocess.run(
+        [KIMERA, "db", "serve", "--db", str(path), "--threads", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and "--threads" in result.stderr
+
+
 def test_garbage_and_requests_before_the_token_are_dropped_and_others_go_on(served):
     address = parse_address(served.address)
     with open_database(served.address) as con:
