@@ -64,14 +64,12 @@ from kimera_core.sql import (
 # geoids are migrated before it.
 KINDS: tuple[str, ...] = IDENTITY_TYPES
 # Rows of the larger legacy table per partition when --partitions is not given: bounds the
-# memory of one partition's transaction (docs/benchmarks.md has the measured peak). Each
-# partition's commit writes whole row groups (122,880 rows) and one partial tail group; the
-# checkpoint's vacuum rewrites runs of row groups it can pack into fewer (a tail group and
-# the groups around it), and three whole groups between two tails leave it nothing to pack.
-# Measured at 1 M rows (docs/benchmarks.md, issue 14): 4 partitions of ~250 k rows made the
-# closing checkpoint rewrite most of identities (3.2 s against 0.2 s for 2 partitions of
-# ~500 k), and the first run took ~20 % longer.
-ROWS_PER_PARTITION = 400_000
+# memory of one partition's transaction (docs/benchmarks.md has the measured peak). At least
+# two DuckDB row groups (122,880 rows), so that most of a partition is written to the file
+# at its commit instead of through the WAL and again by the checkpoint. (400 k was tried:
+# the checkpoint's vacuum of the partitions' tail row groups went, but two first runs each
+# way at 1 M rows on a loaded host gave no gain in wall or CPU time; docs/benchmarks.md.)
+ROWS_PER_PARTITION = 250_000
 # Through a database server (``db.is_served``) a partition's COMMIT holds every other
 # client's COMMIT while it writes its rows: ~25 k rows keep that to a few hundred ms
 # (docs/deployment.md, "What a live write waits for").
