@@ -18,7 +18,7 @@ import duckdb
 
 from kimera_core.db import checkpoint, transaction
 from kimera_core.legacy import restore_index, secondary_indexes
-from kimera_core.migration.memory import lowered_memory_limit
+from kimera_core.migration.memory import checkpoint_at_commit
 from kimera_core.sql import vetted_identifier
 
 DROPPED_INDEXES_SQL = """
@@ -59,18 +59,18 @@ def rebuild_indexes_one_at_a_time(con: duckdb.DuckDBPyConnection, run_id: str) -
     transaction ran out of a 1 GB memory limit at 10 M rows (docs/benchmarks.md). The run
     keeps its record of the dropped indexes until it finishes (the caller clears it), and
     rebuilding skips those that exist, so a run killed in between resumes or rolls back as
-    before. The builds and their checkpoints run under a lower memory limit
-    (``migration.memory``): the load is over, and DuckDB's cache beside them set a 10 M-row
-    run's peak memory.
+    before. They keep the run's memory limit: an index is built whole in memory (it cannot
+    spill until its checkpoint writes it; ~430 MiB for ``updated_at`` at 10 M rows), and a
+    checkpoint that runs out of memory invalidates the database (DuckDB's FATAL error).
+    Each build's COMMIT checkpoints instead of writing the index into the WAL
+    (``memory.checkpoint_at_commit``).
     """
     dropped = dropped_indexes(con, run_id)
     if not dropped:
         return
-    # The load's primary key is held whole in memory until this checkpoint writes it:
-    # DuckDB refuses a limit below it, so the limit is lowered after it.
     checkpoint(con)
-    with lowered_memory_limit(con):
-        for name, ddl in dropped.items():
+    for name, ddl in dropped.items():
+        with checkpoint_at_commit(con):
             with transaction(con):
                 restore_index(con, "identities", name, ddl)
             checkpoint(con)
