@@ -75,6 +75,8 @@ ROWS_PER_PARTITION = 250_000
 # (docs/deployment.md, "What a live write waits for").
 ROWS_PER_PARTITION_SERVED = 25_000
 MAX_PARTITIONS = 4096
+# Rows of one DuckDB row group (its default row_group_size)
+ROW_GROUP_ROWS = 122_880
 MEMORY_LIMIT_ENV = "KIMERA_MEMORY_LIMIT"
 DEFAULT_MEMORY_LIMIT = "1GB"
 # (legacy table, its key column) per kind: fixed names, never input
@@ -495,6 +497,7 @@ def _migrate_partition(
     with epoch_iso_fixes(con, q.PARTITION_EPOCHS_SQL) as fixes:
         _exec(con, _prepare_sql(con, source, fixes, only), params)
     counts = MigrationCounts(*map(int, con.execute(q.PARTITION_COUNTS_SQL).fetchone()))
+    inserts = counts.inserted  # this partition's own, before the skipped rows' counts join
     rows, digest = con.execute(q.PARTITION_CHECKSUM_SQL).fetchone()
     checksum = Checksum(int(rows), int(digest))
     if skip is not None:
@@ -502,11 +505,13 @@ def _migrate_partition(
         counts.add(skip.skipped_counts(kind, bucket))
     # One thread appends whole row groups, which DuckDB writes to the file at commit
     # ("optimistic writes"); parallel appends leave partial row groups that go through the
-    # WAL and are written a second time by the checkpoint. Not through a server: the
-    # setting would act on every client. No ``finally``: after a failed statement DuckDB
-    # refuses any other until the ROLLBACK (which would hide the error); the caller's
-    # ``_restore_threads`` resets it after the rollback.
-    single_thread = not is_served(con)
+    # WAL and are written a second time by the checkpoint. Only for an insert of at least
+    # one whole row group (the SET itself costs ~40 ms: a rerun's or a scar partition's few
+    # rows skip it). Not through a server: the setting would act on every client. No
+    # ``finally``: after a failed statement DuckDB refuses any other until the ROLLBACK
+    # (which would hide the error); the caller's ``_restore_threads`` resets it after the
+    # rollback.
+    single_thread = not is_served(con) and inserts >= ROW_GROUP_ROWS
     if single_thread:
         con.execute("SET threads = 1")
     _exec(con, q.QUARANTINE_SQL, params)
