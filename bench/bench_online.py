@@ -3,21 +3,27 @@
 Usage:
   .venv/bin/python bench/bench_online.py [--geoids 800000 --scars 200000] [--rounds 3] \
       [--source var/bench/online_1m.duckdb]   # reuse (or keep) the generated demo database
+      [--checkpoint-threshold 1GB]            # passed to every `kimera db serve`
+      [--variants auto,auto:1,10000:1]        # served migrations side by side, ROWS[:THREADS]
 
 Everything runs in one process run, side by side, so the ratios share the machine's load.
 Each round takes fresh copies of the demo database (legacy tables only) and measures:
 
 * **migration time**, embedded vs through the server: ``kimera migrate --json`` on a copy
-  (the file opened by the CLI itself) and ``kimera migrate --db kimera://...`` on another
-  copy owned by ``kimera db serve``, nothing else running; the time is the report's own
-  ``seconds`` (the ``migrate()`` call, without the interpreter's start). The order of the
-  two alternates between rounds.
-* **write latency during a migration**: a third copy behind a server; this process stores
-  identities through the server (``Storage.store``, routed as ``dual-write``: one
+  (the file opened by the CLI itself) and, per variant, ``kimera migrate --db
+  kimera://...`` on another copy owned by ``kimera db serve``, nothing else running; the
+  time is the report's own ``seconds`` (the ``migrate()`` call, without the interpreter's
+  start). The order of the steps alternates between rounds.
+* **write latency during a migration**, per variant: a copy behind a server; this process
+  stores identities through the server (``Storage.store``, routed as ``dual-write``: one
   transaction writing both stores and ``dual_write_log``) at ``--rate`` per second while
   ``kimera migrate --db ADDRESS`` runs; p50 and p99 of the stores that started during it.
+  A variant ``ROWS:THREADS`` cuts partitions of ``ROWS`` rows of the larger legacy table
+  (``--partitions``; ``auto``: the engine's own size) on a server started with ``--threads
+  THREADS`` (``default``: DuckDB's).
 * **write latency during a full verification**: the same, while ``kimera verify --db
-  ADDRESS --no-cache`` (every row digested) runs on the migrated copy.
+  ADDRESS --no-cache`` (every row digested) runs on a migrated copy behind the first
+  variant's server.
 * **idle write latency**, through the server vs embedded: alternating blocks of stores on
   the server's migrated copy and on the embedded migrated copy (this process opens it
   itself), so both see the same moments of load.
