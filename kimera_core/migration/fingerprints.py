@@ -33,7 +33,6 @@ record nothing; their changes make the recorded fingerprints differ, never match
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -43,7 +42,6 @@ import duckdb
 from kimera_core.checksum import Checksum
 from kimera_core.entropy import geoid_shannon_sql, scar_entropy_sql
 from kimera_core.migration import statements as q
-from kimera_core.migration.memory import lowered_memory_limit
 from kimera_core.migration.report import MigrationCounts
 from kimera_core.sql import EPOCH_ISO_MACROS, VALUE_MACROS
 
@@ -298,14 +296,11 @@ def record(con: duckdb.DuckDBPyConnection, skip: SkipPlan, run_id: str) -> Check
         )
         only = _ONLY
     segments_sql = SEGMENTS_SQL.format(sources=_SOURCES, only=only)
-    # A full run's pass groups every row (5 M segments at 10 M rows) and spills its groups:
-    # it runs under a lower memory limit (migration.memory). A rerun's groups are few, and
-    # lowering the limit would only drop the cache its pass reads from.
-    lowered = lowered_memory_limit(con) if skip.everything else contextlib.nullcontext()
-    with lowered:
-        con.execute(
-            RECORD_SQL.format(segments=segments_sql),
-            {"segments": skip.segments, "recipe": RECIPE, "run_id": run_id},
-        )
+    # Not under a lowered memory limit: at 10 M rows half the 1 GB limit ran this pass out of
+    # memory (docs/benchmarks.md, issue 14 memory).
+    con.execute(
+        RECORD_SQL.format(segments=segments_sql),
+        {"segments": skip.segments, "recipe": RECIPE, "run_id": run_id},
+    )
     rows, digest = con.execute(IDENTITIES_CHECKSUM_SQL).fetchone()
     return Checksum(int(rows), int(digest) & ((1 << 128) - 1))
