@@ -26,7 +26,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kimera_core.entropy import geoid_entropy_json, geoid_entropy_sql
+from kimera_core.entropy import geoid_entropy_json, geoid_entropy_sql, geoid_shannon_sql
 
 DOUBLE_MAX = 1.7976931348623157e308
 TAGS4 = '["a", "b", "c", "d"]'
@@ -91,6 +91,25 @@ def bulk(rows: list[tuple[str | None, str | None]], column_type: str) -> list[fl
             [[f"g{i:04d}", m, t] for i, (m, t) in enumerate(rows)],
         )
         got = dict(con.execute(geoid_entropy_sql("g")).fetchall())
+    return [got[f"g{i:04d}"] for i in range(len(rows))]
+
+
+def bulk_from_terms(rows: list[tuple[str | None, str | None]]) -> list[float | None]:
+    """geoid_shannon_sql (the migration's and the column check's form) over meta.terms as the
+    migration extracts it: json_extract of the parsed meta, tags' length when a list."""
+    with duckdb.connect() as con:
+        con.execute("CREATE TABLE g (gid VARCHAR, meta VARCHAR, tags VARCHAR)")
+        con.executemany(
+            "INSERT INTO g VALUES (?, ?, ?)",
+            [[f"g{i:04d}", m, t] for i, (m, t) in enumerate(rows)],
+        )
+        con.execute(
+            "CREATE TABLE g_in AS SELECT gid AS key, "
+            "TRY(json_extract(TRY(json(meta)), '$.terms')) AS terms_j, "
+            "TRY(CASE WHEN json_type(TRY(json(tags))) = 'ARRAY' "
+            "THEN json_array_length(TRY(json(tags))) END) AS n_tags FROM g"
+        )
+        got = dict(con.execute(geoid_shannon_sql("g_in")).fetchall())
     return [got[f"g{i:04d}"] for i in range(len(rows))]
 
 
@@ -256,6 +275,20 @@ def test_bulk_equals_reference_on_awkward_examples(meta, tags, column_type):
 @settings(max_examples=300, deadline=None)
 def test_bulk_equals_reference_on_generated_json(rows, column_type):
     _check(rows, column_type)
+
+
+@given(rows=rows_strategy)
+@example(rows=EXAMPLES)
+@settings(max_examples=300, deadline=None)
+def test_terms_form_equals_reference_on_generated_json(rows):
+    rows = [r for r in rows if json_type_accepts(r[0]) and json_type_accepts(r[1])]
+    got = bulk_from_terms(rows)
+    wrong = [
+        (meta, tags, reference_entropy(meta, tags), value)
+        for (meta, tags), value in zip(rows, got, strict=True)
+        if not close(value, reference_entropy(meta, tags))
+    ]
+    assert not wrong, wrong[:3]
 
 
 @given(rows=rows_strategy)

@@ -234,3 +234,23 @@ def test_equal_document_texts_do_not_hide_a_drifted_column(path, column, value):
     assert not report.consistent, (column, report.reasons)
     text = json.dumps(report.to_dict())
     assert key in text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the merge rule compares documents as minified JSON, where key order counts "
+    "(docs/migration.md); the verifier ignores key order: a reordered identity document is "
+    "counted 'kept', not 'unchanged' (left as it is either way)",
+)
+def test_documents_equal_as_json_with_keys_reordered_are_unchanged(path):
+    con = migrated(path)
+    try:
+        key = nth(con, "identities", "id", 6)
+        data = con.execute("SELECT data::VARCHAR FROM identities WHERE id = ?", [key]).fetchone()
+        reordered = dict(reversed(list(json.loads(data[0]).items())))
+        con.execute("UPDATE identities SET data = ? WHERE id = ?", [json.dumps(reordered), key])
+        assert verify(con, record=False, cache=False).consistent  # the verifier: same document
+        rerun = migrate(con, skip_unchanged=False)
+        assert rerun.counts.kept == 0
+    finally:
+        con.close()
