@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support.clean_migration import migrate_documents
 
 from kimera_core.consistency import verify
@@ -328,3 +330,56 @@ def test_a_row_migrated_with_one_null_timestamp_verifies_consistent(tmp_path, ti
     with open_database(migrated_legacy(tmp_path, [times])) as con:
         report = verify(con, record=False, cache=False)
     assert report.consistent, report.reasons
+
+
+# any meta the migration accepts (an object or a false value), spelled awkwardly
+intensity = st.one_of(
+    st.booleans(),
+    st.none(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(["1", "x"]),
+    st.lists(st.integers(0, 3), max_size=2),
+)
+term = st.one_of(
+    st.builds(lambda v: {"intensity": v, "symbol": "s"}, intensity),
+    st.builds(lambda v: {"Intensity": v}, intensity),
+    st.sampled_from([1, "x", None, [], [{"intensity": 2}]]),
+)
+terms = st.one_of(
+    st.lists(term, max_size=5),
+    st.builds(lambda v: {"intensity": v}, intensity),
+    st.sampled_from([None, "[]", 5, {}]),
+)
+meta = st.one_of(
+    st.builds(lambda ts: {"terms": ts, "source": "x"}, terms),
+    st.sampled_from([None, {}, {"a": [1, {"b": None}]}]),
+)
+tags = st.one_of(
+    st.lists(st.sampled_from(["t", "u", "é"]), max_size=4), st.sampled_from([[], None])
+)
+spelling = st.sampled_from([{}, {"indent": 1}, {"separators": (" , ", " : ")}])
+
+
+@given(
+    rows=st.lists(st.tuples(meta, spelling, tags, spelling), min_size=1, max_size=8),
+)
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_any_accepted_meta_the_migration_wrote_verifies_consistent(tmp_path_factory, rows):
+    target = tmp_path_factory.mktemp("any") / "any.duckdb"
+    with open_database(target, create=True) as con:
+        create_legacy_schema(con)
+        con.executemany(
+            "INSERT INTO legacy_geoids VALUES (?, ?, NULL, 'en', ?, 1.0, ?, 1.0e9, 1.5e9)",
+            [
+                [f"g{i}", f"text {i}", json.dumps(t, **ft), json.dumps(m, **fm)]
+                for i, (m, fm, t, ft) in enumerate(rows)
+            ],
+        )
+        migrated_rows = migrate(con)
+        assert migrated_rows.counts.quarantined == 0, migrated_rows.counts
+        for fast_path in (True, False):
+            report = verify(con, record=False, cache=False, fast_path=fast_path)
+            assert report.consistent, (fast_path, report.reasons)
