@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kimera_core.identity import DOCUMENT_KEYS, Identity
+from kimera_core.identity import DOCUMENT_KEYS, Identity, created_or
 
 COMPARED_FIELDS: tuple[str, ...] = DOCUMENT_KEYS[1:]  # every field but the key
 JSON_FIELDS = frozenset({"tags", "related_ids", "meta"})
@@ -177,11 +177,20 @@ def differing_fields(
         return [MISSING_IN_NEW]
     if legacy is None:
         return [MISSING_IN_LEGACY]
+    # the legacy timestamps as the migration writes them (a missing one takes the other's)
+    legacy_values = {
+        "created_at": created_or(legacy.created_at, legacy.updated_at),
+        "updated_at": created_or(legacy.updated_at, legacy.created_at),
+    }
     return [
         name
         for name in FIELD_RULES
         if not field_equal(
-            name, getattr(legacy, name), getattr(new, name), legacy.identity_type, tolerance
+            name,
+            legacy_values.get(name, getattr(legacy, name)),
+            getattr(new, name),
+            legacy.identity_type,
+            tolerance,
         )
     ]
 

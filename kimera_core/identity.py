@@ -240,6 +240,13 @@ def _doc_time(value: Any) -> float | None:
     return iso_to_epoch(value)
 
 
+def created_or(time: float | None, other: float | None) -> float | None:
+    """A legacy timestamp as the migration writes it: ``time``, or when it is missing the
+    row's ``other`` timestamp (docs/migration.md, warnings null_created_at /
+    null_updated_at). The SQL form is ``kimera_core.sql.filled_times_sql``."""
+    return time if time is not None else other
+
+
 @dataclass(frozen=True, slots=True)
 class Geoid:
     """A row of legacy_geoids (plus the in-memory ``scars`` list the table does not persist)."""

@@ -147,6 +147,19 @@ WHERE isfinite(kimera_epoch) AND NOT kimera_epoch_iso_exact(kimera_epoch)
 """
 
 
+def filled_times_sql(alias: str = "") -> tuple[str, str]:
+    """SQL for the ``(created_at, updated_at)`` a legacy row migrates with: a missing one
+    takes the other's value (docs/migration.md, warnings ``null_created_at`` /
+    ``null_updated_at``; both missing is the quarantine reason ``missing_timestamps``).
+    ``alias``: the legacy table's alias in the caller's query, or "" for none. The Python form
+    is ``kimera_core.identity.created_or`` (used by ``compare.differing_fields``)."""
+    if alias and not _IDENT_RE.match(alias):
+        raise ValueError(f"not a plain SQL alias: {alias!r}")
+    prefix = f"{alias}." if alias else ""
+    created, updated = f"{prefix}created_at", f"{prefix}updated_at"
+    return f"coalesce({created}, {updated})", f"coalesce({updated}, {created})"
+
+
 def epoch_iso_sql(column: str, *, fixes: bool = False) -> str:
     """SQL for the ISO-8601 text of the epoch-seconds expression ``column``.
 

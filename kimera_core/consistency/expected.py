@@ -35,7 +35,7 @@ import duckdb
 from kimera_core.consistency.sources import Source, fingerprint_sql
 from kimera_core.entropy import geoid_meta_shannon_sql, scar_entropy_sql
 from kimera_core.identity import DOCUMENT_KEYS
-from kimera_core.sql import vetted_identifier
+from kimera_core.sql import filled_times_sql, vetted_identifier
 
 # The legacy JSON columns the expected text embeds, per table.
 JSON_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -81,8 +81,13 @@ def _json(table: str, column: str, typed: frozenset[str]) -> tuple[str, bool]:
 # The ISO texts of a legacy row's timestamps, computed once per row in a first projection
 # (the document's guard and its text both read them): columns of ``legacy_rows_sql``.
 ISO_COLUMNS: dict[str, str] = {"created_at": "kimera_ci", "updated_at": "kimera_ui"}
-LEGACY_ROWS_SQL = """(SELECT *, kimera_epoch_iso(created_at) AS kimera_ci,
-       kimera_epoch_iso(updated_at) AS kimera_ui FROM {table} WHERE {where})"""
+# The timestamps as the migration writes them (one missing takes the other's value):
+# kimera_c / kimera_u, and their ISO texts.
+_CREATED, _UPDATED = filled_times_sql()
+_FILLED = {"created_at": _CREATED, "updated_at": _UPDATED}
+LEGACY_ROWS_SQL = f"""(SELECT *, kimera_epoch_iso({_CREATED}) AS kimera_ci,
+       kimera_epoch_iso({_UPDATED}) AS kimera_ui, {_CREATED} AS kimera_c,
+       {_UPDATED} AS kimera_u FROM {{table}} WHERE {{where}})"""
 
 
 def legacy_rows_sql(source: Source, where: str) -> str:
@@ -134,11 +139,7 @@ def document_sql(source: Source, typed: frozenset[str], iso: dict[str, str] | No
             "meta": json_piece("meta"),
         }
     for column in ("created_at", "updated_at"):
-        text = (
-            vetted_identifier(iso[column])
-            if iso
-            else f"kimera_epoch_iso({vetted_identifier(column)})"
-        )
+        text = vetted_identifier(iso[column]) if iso else f"kimera_epoch_iso({_FILLED[column]})"
         nullable.append(text)
         members[column] = f"""'"', {text}, '"'"""
     assert set(members) == set(DOCUMENT_KEYS)
@@ -153,7 +154,7 @@ def document_sql(source: Source, typed: frozenset[str], iso: dict[str, str] | No
 # row through the bulk entropy query (one stream, no join back).
 GEOID_EXPECTED_SQL = """
 WITH kimera_x AS (
-    SELECT {{'id': gid, 'fp': {fp}, 'doc': {doc}, 'c': created_at, 'u': updated_at,
+    SELECT {{'id': gid, 'fp': {fp}, 'doc': {doc}, 'c': kimera_c, 'u': kimera_u,
             'l': lang_axis}} AS key,
            {meta} AS meta, TRY(json_array_length({tags})) AS n_tags
     FROM {rows}
@@ -165,7 +166,7 @@ FROM kimera_xe
 """
 SCAR_EXPECTED_SQL = """
 WITH kimera_x AS (
-    SELECT {{'id': id, 'fp': {fp}, 'doc': {doc}, 'c': created_at, 'u': updated_at}} AS key,
+    SELECT {{'id': id, 'fp': {fp}, 'doc': {doc}, 'c': kimera_c, 'u': kimera_u}} AS key,
            {related} AS related, weight
     FROM {rows}
 ), kimera_xe AS ({entropy})

@@ -37,21 +37,23 @@ from kimera_core.consistency.evidence import (
 )
 from kimera_core.consistency.report import Finding, VerificationReport
 from kimera_core.consistency.sources import rows_sql, sides
-from kimera_core.sql import vetted_identifier
+from kimera_core.sql import filled_times_sql, vetted_identifier
 
 KEY_LIST_MAX = 4096  # rows compared row by row are fetched by a list of keys up to this many
 
 # Both sides of every key in kimera_verify_changed held by both: the legacy columns, the
 # identities type and updated_at columns, and the document's members as JSON (NULL: absent).
-PAIRS_SQL = """
+# The legacy timestamps as the migration writes them (one missing takes the other's value).
+_TIMES = "{} AS created_at, {} AS updated_at".format(*filled_times_sql())
+PAIRS_SQL = f"""
 CREATE OR REPLACE TEMP TABLE kimera_verify_pairs AS
 WITH l AS (
     SELECT gid AS id, 'geoid' AS ltype, raw, echo, lang_axis, tags::VARCHAR AS tags, weight,
-           NULL::VARCHAR AS related_ids, meta::VARCHAR AS meta, created_at, updated_at
+           NULL::VARCHAR AS related_ids, meta::VARCHAR AS meta, {_TIMES}
     FROM legacy_geoids WHERE gid IN (SELECT id FROM kimera_verify_changed)
     UNION ALL
     SELECT id, 'scar', NULL, NULL, NULL, NULL, weight, related_ids::VARCHAR, meta::VARCHAR,
-           created_at, updated_at
+           {_TIMES}
     FROM legacy_scars WHERE id IN (SELECT id FROM kimera_verify_changed)
 ), n AS (
     SELECT id, identity_type AS ntype, updated_at AS n_updated_col,

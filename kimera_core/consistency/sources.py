@@ -40,7 +40,7 @@ from kimera_core.checksum import row_hash_sql
 from kimera_core.compare import install_compare_macros
 from kimera_core.consistency.columns import identity_rows_sql
 from kimera_core.migration.schema import IDENTITY_COLUMNS
-from kimera_core.sql import install_epoch_iso_macros, vetted_identifier
+from kimera_core.sql import filled_times_sql, install_epoch_iso_macros, vetted_identifier
 
 MACROS: tuple[str, ...] = (
     # JSON text, minified, with JSON null as SQL NULL; text that is not JSON stays as it is
@@ -97,9 +97,11 @@ SOURCES: tuple[Source, ...] = (
 # double), updated_at likewise). The key is in the digest so that two rows trading contents
 # change their segment's sum; the outer hash() mixes the row hash (DuckDB combines column
 # hashes with XOR, so a plain sum could cancel out a swap of one column's values).
+# The timestamps as the migration writes them (one missing takes the other's value).
+_CREATED, _UPDATED = filled_times_sql()
 _LEGACY_TIMES = (
-    "kimera_ts_us(created_at), kimera_ts_txt(created_at), kimera_ts_dbl(created_at), "
-    "kimera_ts_us(updated_at), kimera_ts_txt(updated_at), kimera_ts_dbl(updated_at)"
+    f"kimera_ts_us({_CREATED}), kimera_ts_txt({_CREATED}), kimera_ts_dbl({_CREATED}), "
+    f"kimera_ts_us({_UPDATED}), kimera_ts_txt({_UPDATED}), kimera_ts_dbl({_UPDATED})"
 )
 LEGACY_DIGESTS: dict[str, str] = {
     "legacy_geoids": (

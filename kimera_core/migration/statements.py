@@ -17,7 +17,10 @@ values are always bound parameters.
 
 from __future__ import annotations
 
-from kimera_core.sql import p1_document_sql, p1_scar_document_sql
+from kimera_core.sql import filled_times_sql, p1_document_sql, p1_scar_document_sql
+
+_G_CREATED, _G_UPDATED = filled_times_sql("g")
+_S_CREATED, _S_UPDATED = filled_times_sql("s")
 
 # Documents equal as minified JSON; for a geoid, related_ids null and [] count as the same
 # (json_merge_patch moves the key, so both sides are patched alike). Equal texts are equal
@@ -94,8 +97,12 @@ CREATE OR REPLACE TEMP TABLE mig_src AS
 WITH src AS (
     -- raw.strip() once: empty_raw, echo and the gid read it
     SELECT g.*, g.rowid AS src_rowid, __DUP_COUNT__ AS dup_count, kimera_py_strip(g.raw) AS raw_s,
-           coalesce(g.created_at, g.updated_at) AS c_at,
-           coalesce(g.updated_at, g.created_at) AS u_at
+           """
+    + _G_CREATED
+    + """ AS c_at,
+           """
+    + _G_UPDATED
+    + """ AS u_at
     FROM mig_part g
 ), parsed AS (
     SELECT s.*, __META__ AS meta_j, __TAGS__ AS tags_j, i.*
@@ -170,8 +177,12 @@ PREPARE_SCARS_SQL = (
 CREATE OR REPLACE TEMP TABLE mig_src AS
 WITH src AS (
     SELECT s.*, s.rowid AS src_rowid, __DUP_COUNT__ AS dup_count,
-           coalesce(s.created_at, s.updated_at) AS c_at,
-           coalesce(s.updated_at, s.created_at) AS u_at
+           """
+    + _S_CREATED
+    + """ AS c_at,
+           """
+    + _S_UPDATED
+    + """ AS u_at
     FROM mig_part s
 ), parsed AS (
     SELECT s.*, __META__ AS meta_j, __RELATED__ AS rel_j, i.*, s.id AS key

@@ -159,6 +159,9 @@ def reference_fields(kind: str, legacy: dict[str, Any], doc: dict[str, Any]) -> 
             usable, value = ref_doc_number(b)
             same = usable and ref_close(a, value, WEIGHT_RELATIVE, relative=True)
         elif name in ("created_at", "updated_at"):
+            # the migration writes a missing timestamp as the row's other one
+            if a is None:
+                a = legacy.get("updated_at" if name == "created_at" else "created_at")
             usable, value = ref_doc_time(b)
             same = usable and ref_close(a, value, SECONDS, relative=False)
         elif name == "related_ids" and kind == "geoid":
