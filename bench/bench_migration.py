@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 
 import duckdb
+from demo_source import demo_source
 
 from kimera_core.db import connect, transaction
-from kimera_core.demo import generate_demo_data
 from kimera_core.legacy import LEGACY_INDEXES, create_legacy_schema
 from kimera_core.migration import migrate
 
@@ -261,16 +261,7 @@ def main() -> None:
         tmp = Path(tmp)
         source = tmp / "legacy.duckdb"
         rows = args.geoids + args.scars
-        if args.source is not None and args.source.exists():
-            shutil.copy(args.source, source)
-            print(f"demo database: {args.source} ({rows:,} legacy rows asked for; reused)")
-        else:
-            t0 = time.perf_counter()
-            generate_demo_data(source, geoids=args.geoids, scars=args.scars, seed=3)
-            elapsed = time.perf_counter() - t0
-            print(f"demo database: {rows:,} legacy rows generated in {elapsed:.1f} s")
-            if args.source is not None:
-                shutil.copy(source, args.source)
+        demo_source(args.source, source, args.geoids, args.scars)
 
         if args.memory_only:
             elapsed, peak, report = peak_memory_of_cli_migration(source)

@@ -53,9 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+from demo_source import demo_source
 
 from kimera_core.db import open_database
-from kimera_core.demo import generate_demo_data
 from kimera_core.storage import Storage
 from kimera_core.workload import random_geoid, random_scar
 
@@ -394,15 +394,7 @@ def main() -> None:
         tmp = Path(tmp)
         source = tmp / "legacy.duckdb"
         rows = args.geoids + args.scars
-        if args.source is not None and args.source.exists():
-            shutil.copy(args.source, source)
-            print(f"demo database: {args.source} ({rows:,} legacy rows asked for; reused)")
-        else:
-            t0 = time.perf_counter()
-            generate_demo_data(source, geoids=args.geoids, scars=args.scars, seed=3)
-            print(f"demo database: {rows:,} legacy rows in {time.perf_counter() - t0:.1f} s")
-            if args.source is not None:
-                shutil.copy(source, args.source)
+        demo_source(args.source, source, args.geoids, args.scars)
         with duckdb.connect(str(source), read_only=True) as con:
             largest = max(
                 con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 - fixed
