@@ -112,7 +112,7 @@ def _field_test(name: str, rule: str) -> str:
 
 
 # Per pair: the fields that differ (in compare.COMPARED_FIELDS order) and whether identities
-# is the newer side.
+# is the newer side (the pairs' legacy updated_at is already filled from created_at).
 FIELD_DIFF_SQL = (
     "CREATE OR REPLACE TEMP TABLE kimera_verify_diff AS SELECT * FROM ("
     "SELECT p.id, list_filter(["
@@ -121,7 +121,7 @@ FIELD_DIFF_SQL = (
         for name, rule in FIELD_RULES.items()
     )
     + "], x -> x IS NOT NULL) AS fields, "
-    "coalesce(p.n_updated_col > coalesce(p.updated_at, p.created_at), false) AS stale "
+    "coalesce(p.n_updated_col > p.updated_at, false) AS stale "
     "FROM kimera_verify_pairs p JOIN kimera_verify_jres j USING (r)) WHERE len(fields) > 0"
 )
 MISSING_SQL = """
@@ -303,9 +303,7 @@ def pair_evidence(
         legacy = dict(zip(_PAIR_FIELDS, row[1 : 1 + width], strict=True))
         new = dict(zip(_PAIR_FIELDS, row[1 + width : 1 + 2 * width], strict=True))
         new["identity_type"] = json.dumps(new["identity_type"])
-        legacy_time = (
-            legacy["updated_at"] if legacy["updated_at"] is not None else legacy["created_at"]
-        )
+        legacy_time = legacy["updated_at"]  # already created_at where updated_at is NULL
         newer = row[-1] - legacy_time if row[-1] is not None and legacy_time is not None else 0
         note = f"identities newer by {newer:,.6g} s" if newer > 0 else ""
         evidence.append(
