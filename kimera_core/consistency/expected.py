@@ -85,9 +85,12 @@ ISO_COLUMNS: dict[str, str] = {"created_at": "kimera_ci", "updated_at": "kimera_
 # kimera_c / kimera_u, and their ISO texts.
 _CREATED, _UPDATED = filled_times_sql()
 _FILLED = {"created_at": _CREATED, "updated_at": _UPDATED}
-LEGACY_ROWS_SQL = f"""(SELECT *, kimera_epoch_iso({_CREATED}) AS kimera_ci,
-       kimera_epoch_iso({_UPDATED}) AS kimera_ui, {_CREATED} AS kimera_c,
-       {_UPDATED} AS kimera_u FROM {{table}} WHERE {{where}})"""
+# updated_at's text is created_at's where the two are equal (about half the rows of a table
+# never updated): an equal double (-0.0 and 0.0, NaN and NaN included) has the same text.
+LEGACY_ROWS_SQL = f"""(SELECT *, CASE WHEN kimera_u = kimera_c THEN kimera_ci
+       ELSE kimera_epoch_iso(kimera_u) END AS kimera_ui FROM (
+    SELECT *, kimera_epoch_iso({_CREATED}) AS kimera_ci, {_CREATED} AS kimera_c,
+           {_UPDATED} AS kimera_u FROM {{table}} WHERE {{where}}))"""
 
 
 def legacy_rows_sql(source: Source, where: str) -> str:

@@ -24,7 +24,7 @@ from kimera_core.sql import vetted_identifier
 TOP_SEGMENT_ROWS = 65_536  # rows per segment of the first checksum pass, on average
 LEAF_ROWS = 1024  # a segment this small is compared row by row rather than split again
 SPLIT_BITS = 4  # each bisection step splits a differing segment into 16
-FINE_BITS = 16  # the digest cache keeps one entry per 2**16th of the key-hash space per table
+FINE_BITS = 12  # the digest cache keeps one entry per 2**12th of the key-hash space per table
 
 SEGMENT_SQL = """
 SELECT seg >> {shift} AS part, sum(n) AS n, sum(dsum) AS s
