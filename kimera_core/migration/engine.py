@@ -287,39 +287,50 @@ def _run_partitions(
     served = is_served(con)
     legacy = 0
     counted_at_end: dict[str, list[int]] = {}
-    for index, (kind, bucket) in enumerate(plan, start=1):
-        skipped = (kind, bucket) in done
-        if skipped:
-            counts = done[(kind, bucket)]
-            counted_at_end.setdefault(kind, []).append(bucket)
-        elif skip is not None and not skip.everything and bucket not in skip.buckets_to_judge:
-            # nothing to judge: done by its recorded judgement (status shows it done)
-            counts = skip.skipped_counts(kind, bucket)
-            with transaction(con):
-                _record_partition(con, run_id, kind, bucket, counts, Checksum.empty())
-            counted_at_end.setdefault(kind, []).append(bucket)
-        else:
+    prepared: dict[tuple[str, bool, bool], str] = {}
+    index = 0
 
-            def work(
-                c: duckdb.DuckDBPyConnection, kind: str = kind, bucket: int = bucket
-            ) -> tuple[MigrationCounts, int]:
-                counts, _ = _migrate_partition(c, run_id, kind, bucket, buckets, True, skip)
-                if not served:
-                    return counts, 0
-                return counts, _partition_legacy_rows(c, kind, bucket, buckets, skip, counts)
-
-            try:
-                counts, rows = retry_conflicts(con, work, duplicate_keys=True)
-                legacy += rows
-            except BaseException as exc:
-                _restore_threads(con)
-                if isinstance(exc, duckdb.OutOfMemoryException):
-                    raise _out_of_memory(f"{kind} partition {bucket}", run_id, exc) from None
-                raise
+    def finished(kind: str, bucket: int, counts: MigrationCounts, skipped: bool) -> None:
+        nonlocal index
+        index += 1
         total.add(counts)
         by_partition.append(PartitionCounts(kind, bucket, counts, skipped))
         if on_partition:
             on_partition(index, len(plan), kind, bucket, counts)
+
+    for kind, group in _groups(con, plan, done, skip, buckets):
+        if len(group) == 1 and (kind, group[0]) in done:
+            counted_at_end.setdefault(kind, []).append(group[0])
+            finished(kind, group[0], done[(kind, group[0])], True)
+            continue
+        if len(group) == 1 and skip is not None and not skip.judges(group[0]):
+            # nothing to judge: done by its recorded judgement (status shows it done)
+            counts = skip.skipped_counts(kind, group[0])
+            with transaction(con):
+                _record_partition(con, run_id, kind, group[0], counts, Checksum.empty())
+            counted_at_end.setdefault(kind, []).append(group[0])
+            finished(kind, group[0], counts, False)
+            continue
+
+        def work(
+            c: duckdb.DuckDBPyConnection, kind: str = kind, group: list[int] = group
+        ) -> tuple[list[tuple[int, MigrationCounts, Checksum]], int]:
+            results = _migrate_partition(c, run_id, kind, group, buckets, True, skip, prepared)
+            if not served:
+                return results, 0
+            return results, _partition_legacy_rows(c, kind, group, buckets, skip, results)
+
+        try:
+            results, rows = retry_conflicts(con, work, duplicate_keys=True)
+            legacy += rows
+        except BaseException as exc:
+            _restore_threads(con)
+            if isinstance(exc, duckdb.OutOfMemoryException):
+                where = f"{kind} partition {_group_name(group)}"
+                raise _out_of_memory(where, run_id, exc) from None
+            raise
+        for bucket, counts, _ in results:
+            finished(kind, bucket, counts, False)
     if not served:
         return total, by_partition, None
     for kind, selected in counted_at_end.items():
@@ -329,24 +340,83 @@ def _run_partitions(
     return total, by_partition, legacy
 
 
+def _groups(
+    con: duckdb.DuckDBPyConnection,
+    plan: list[tuple[str, int]],
+    done: dict[tuple[str, int], MigrationCounts],
+    skip: SkipPlan | None,
+    buckets: int,
+) -> list[tuple[str, list[int]]]:
+    """The plan cut into transactions: runs of consecutive buckets of one kind to judge.
+
+    A bucket of the larger legacy table is one transaction; the smaller table's buckets
+    are grouped, consecutive and up to as many as make one bucket of the larger table's
+    rows (800 k geoids and 200 k scars: four scar buckets a transaction). Every
+    transaction reads its tables whole to find its buckets' rows (``hash(key) % n``), so
+    fewer transactions cost less, and none holds more rows than the largest bucket. A
+    bucket done already (``done``), with nothing to judge (``skip``) or of WAITING_KIND is
+    a group of its own.
+    """
+    geoids, scars = con.execute(q.TABLE_ROWS_SQL).fetchone()
+    rows = {"geoid": int(geoids), "scar": int(scars)}
+    largest = max(rows.values())
+    groups: list[tuple[str, list[int]]] = []
+    for kind, bucket in plan:
+        alone = (
+            kind == WAITING_KIND
+            or (kind, bucket) in done
+            or (skip is not None and not skip.judges(bucket))
+        )
+        size = 1 if alone else max(1, largest // max(1, rows[kind]))
+        if groups and not alone and _joins(groups[-1], kind, bucket, size, done, skip):
+            groups[-1][1].append(bucket)
+        else:
+            groups.append((kind, [bucket]))
+    return groups
+
+
+def _joins(
+    last: tuple[str, list[int]],
+    kind: str,
+    bucket: int,
+    size: int,
+    done: dict[tuple[str, int], MigrationCounts],
+    skip: SkipPlan | None,
+) -> bool:
+    """Whether ``bucket`` extends the group ``last`` (same kind, next bucket, room left,
+    and ``last`` itself a group of buckets to judge)."""
+    last_kind, members = last
+    return (
+        last_kind == kind
+        and members[-1] + 1 == bucket
+        and len(members) < size
+        and (kind, members[0]) not in done
+        and (skip is None or skip.judges(members[0]))
+    )
+
+
+def _group_name(group: list[int]) -> str:
+    return str(group[0]) if len(group) == 1 else f"{group[0]}-{group[-1]}"
+
+
 def _partition_legacy_rows(
     con: duckdb.DuckDBPyConnection,
     kind: str,
-    bucket: int,
+    group: list[int],
     buckets: int,
     skip: SkipPlan | None,
-    counts: MigrationCounts,
+    results: list[tuple[int, MigrationCounts, Checksum]],
 ) -> int:
     """The legacy rows of the partition just run, in its transaction's snapshot: its copy of
-    the bucket (``mig_part``) when it read the whole bucket, the table's bucket when it read
+    the buckets (``mig_part``) when it read them whole, the table's buckets when it read
     only the segments to judge again, the scars it read for a WAITING_KIND partition."""
     if kind == WAITING_KIND:
-        return counts.read
+        return sum(counts.read for _, counts, _ in results)
     if skip is None or skip.everything:
         return int(con.execute("SELECT count(*) FROM mig_part").fetchone()[0])
     table, key = SOURCES[kind]
     sql = BUCKETS_ROWS_SQL.format(table=table, key=key)
-    return int(con.execute(sql, {"b": [bucket], "n": buckets}).fetchone()[0])
+    return int(con.execute(sql, {"b": group, "n": buckets}).fetchone()[0])
 
 
 def _restore_threads(con: duckdb.DuckDBPyConnection) -> None:
@@ -434,8 +504,11 @@ def _dry_run(
     by_partition: list[PartitionCounts] = []
     reasons: dict[str, int] = {}
     plan = [(kind, b) for kind in KINDS for b in range(buckets)]
+    prepared: dict[tuple[str, bool, bool], str] = {}
     for index, (kind, bucket) in enumerate(plan, start=1):
-        counts, _ = _migrate_partition(con, "dry-run", kind, bucket, buckets, record=False)
+        [(_, counts, _)] = _migrate_partition(
+            con, "dry-run", kind, [bucket], buckets, False, None, prepared
+        )
         for key, n in con.execute(q.DRY_RUN_REASONS_SQL).fetchall():
             reasons[key] = reasons.get(key, 0) + n
         total.add(counts)
@@ -462,19 +535,23 @@ def _migrate_partition(
     con: duckdb.DuckDBPyConnection,
     run_id: str,
     kind: str,
-    bucket: int,
+    group: list[int],
     buckets: int,
     record: bool,
     skip: SkipPlan | None = None,
-) -> tuple[MigrationCounts, Checksum]:
+    prepared: dict[tuple[str, bool, bool], str] | None = None,
+) -> list[tuple[int, MigrationCounts, Checksum]]:
     """Prepare, quarantine, merge and journal one partition (caller owns the transaction).
 
-    ``kind`` WAITING_KIND judges only the bucket's waiting scars. The quarantine is written
-    in a dry run too (its transaction is rolled back): a scar's judgement reads it. With
-    ``skip`` (a full run) the judged rows' outcomes are collected for the run's fingerprints,
-    only its segments are judged unless ``skip.everything``, and the partition's counts
-    (returned and recorded) include the rows it does not judge again. The checksum covers
-    the judged rows.
+    ``group``: consecutive buckets (``_groups``), judged together; each is recorded as its
+    own partition (counts and checksum) in this one transaction. Returns per bucket of the
+    group, in order: (bucket, counts, checksum). ``kind`` WAITING_KIND judges only the
+    bucket's waiting scars (a group of one). The quarantine is written in a dry run too (its
+    transaction is rolled back): a scar's judgement reads it. With ``skip`` (a full run) the
+    judged rows' outcomes are collected for the run's fingerprints, only its segments are
+    judged unless ``skip.everything``, and a bucket's counts (returned and recorded) include
+    the rows it does not judge again. The checksum covers the judged rows. ``prepared``
+    keeps the prepare statements of one run (their catalog reads) between partitions.
     """
     source = "scar" if kind == WAITING_KIND else kind
     table, key = SOURCES[source]
@@ -487,7 +564,8 @@ def _migrate_partition(
         rows_sql = q.PARTITION_ROWS_SQL.format(table=rows_from, key=key)
     params = {
         "run_id": run_id,
-        "bucket": bucket,
+        "bucket": group[0],
+        "last": group[-1],
         "buckets": buckets,
         "now": time.time(),
         "source_table": table,
@@ -495,14 +573,24 @@ def _migrate_partition(
     }
     _exec(con, rows_sql, params)
     with epoch_iso_fixes(con, q.PARTITION_EPOCHS_SQL) as fixes:
-        _exec(con, _prepare_sql(con, source, fixes, only), params)
-    counts = MigrationCounts(*map(int, con.execute(q.PARTITION_COUNTS_SQL).fetchone()))
-    inserts = counts.inserted  # this partition's own, before the skipped rows' counts join
-    rows, digest = con.execute(q.PARTITION_CHECKSUM_SQL).fetchone()
-    checksum = Checksum(int(rows), int(digest))
+        cache = {} if prepared is None else prepared
+        if (source, fixes, only) not in cache:
+            cache[(source, fixes, only)] = _prepare_sql(con, source, fixes, only)
+        _exec(con, cache[(source, fixes, only)], params)
+    judged = {
+        int(r[0]): (MigrationCounts(*map(int, r[1:7])), Checksum(int(r[7]), int(r[8])))
+        for r in con.execute(q.PARTITION_BUCKETS_SQL, {"buckets": buckets}).fetchall()
+    }
+    results = []
+    inserts = 0  # this partition's own, before the skipped rows' counts join
+    for bucket in group:
+        counts, checksum = judged.get(bucket, (MigrationCounts(), Checksum.empty()))
+        inserts += counts.inserted
+        if skip is not None:
+            counts.add(skip.skipped_counts(kind, bucket))
+        results.append((bucket, counts, checksum))
     if skip is not None:
         fingerprints.collect_outcomes(con, source, skip.segments)
-        counts.add(skip.skipped_counts(kind, bucket))
     # One thread appends whole row groups, which DuckDB writes to the file at commit
     # ("optimistic writes"); parallel appends leave partial row groups that go through the
     # WAL and are written a second time by the checkpoint. Only for an insert of at least
@@ -524,8 +612,9 @@ def _migrate_partition(
     if single_thread:
         con.execute("RESET threads")
     if record:
-        _record_partition(con, run_id, kind, bucket, counts, checksum)
-    return counts, checksum
+        for bucket, counts, checksum in results:
+            _record_partition(con, run_id, kind, bucket, counts, checksum)
+    return results
 
 
 def _record_partition(

@@ -222,6 +222,10 @@ class SkipPlan:
     def rows_skipped(self) -> int:
         return sum(c.read for c in self.skipped.values())
 
+    def judges(self, bucket: int) -> bool:
+        """Whether the run judges rows of partition ``bucket`` again."""
+        return self.everything or bucket in self.buckets_to_judge
+
     def skipped_counts(self, kind: str, bucket: int) -> MigrationCounts:
         return self.skipped.get((kind, bucket), MigrationCounts())
 

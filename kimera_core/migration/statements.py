@@ -39,10 +39,12 @@ CREATE OR REPLACE TEMP MACRO kimera_same_doc(a, b, kind) AS (
 """
 
 # The existing identity under the same key, columns renamed so nothing is ambiguous.
-# Only this partition's bucket: the scan hashes every id but reads documents for 1/N rows.
+# Only this partition's buckets ($bucket..$last, consecutive: ``migration.engine`` groups the
+# small buckets of the smaller table): the scan hashes every id but reads documents for
+# the buckets' rows only.
 _EXISTING = """(SELECT id AS i_id, identity_type AS i_type, data AS i_data, created_at AS i_created,
           updated_at AS i_updated, lang_axis AS i_lang, entropy_score AS i_entropy
-   FROM __IDENTITIES__ WHERE hash(id) % $buckets::UBIGINT = $bucket::UBIGINT)"""
+   FROM __IDENTITIES__ WHERE hash(id) % $buckets::UBIGINT BETWEEN $bucket::UBIGINT AND $last::UBIGINT)"""
 
 # Entropy rows are keyed by rowid: an old file without a primary key may repeat a key.
 # The merge rule: no identity -> insert; same document and timestamps -> unchanged (a geoid's
@@ -122,7 +124,8 @@ WITH src AS (
         list_filter([
             CASE WHEN gid IS NULL OR kimera_py_blank(gid) THEN 'null_or_empty_key' END,
             CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
-            CASE WHEN gid IN (SELECT id FROM legacy_scars WHERE hash(id) % $buckets::UBIGINT = $bucket::UBIGINT)
+            CASE WHEN gid IN (SELECT id FROM legacy_scars
+                              WHERE hash(id) % $buckets::UBIGINT BETWEEN $bucket::UBIGINT AND $last::UBIGINT)
                  THEN 'key_in_both_tables' END,
             CASE WHEN i_type <> 'geoid' THEN 'identity_type_conflict' END,
             CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
@@ -219,7 +222,8 @@ WITH src AS (
         list_filter([
             CASE WHEN p.id IS NULL OR kimera_py_blank(p.id) THEN 'null_or_empty_key' END,
             CASE WHEN dup_count > 1 THEN 'duplicate_key' END,
-            CASE WHEN p.id IN (SELECT gid FROM legacy_geoids WHERE hash(gid) % $buckets::UBIGINT = $bucket::UBIGINT)
+            CASE WHEN p.id IN (SELECT gid FROM legacy_geoids
+                               WHERE hash(gid) % $buckets::UBIGINT BETWEEN $bucket::UBIGINT AND $last::UBIGINT)
                  THEN 'key_in_both_tables' END,
             CASE WHEN i_type <> 'scar' THEN 'identity_type_conflict' END,
             CASE WHEN meta IS NOT NULL AND meta_j IS NULL THEN 'invalid_json_meta' END,
@@ -265,13 +269,14 @@ WITH src AS (
     + _PLAN
 )
 
-# The partition's legacy rows, copied once: a plain filtered scan is pushed into the table
-# scan, inside the prepare statement it is not (the whole table would be read per partition).
+# The partition's legacy rows (buckets $bucket..$last), copied once: a plain filtered scan is
+# pushed into the table scan, inside the prepare statement it is not (the whole table would
+# be read per partition).
 # src_rowid is this copy's rowid. {table} and {key} are fixed names (legacy_geoids/gid,
 # legacy_scars/id; a rerun's mig_todo_geoid/mig_todo_scar, migration.fingerprints).
 PARTITION_ROWS_SQL = """
 CREATE OR REPLACE TEMP TABLE mig_part AS
-SELECT * FROM {table} WHERE hash({key}) % $buckets::UBIGINT = $bucket::UBIGINT
+SELECT * FROM {table} WHERE hash({key}) % $buckets::UBIGINT BETWEEN $bucket::UBIGINT AND $last::UBIGINT
 """
 
 # Every timestamp of the partition: those the ISO macros cannot write exactly are formatted
@@ -351,22 +356,21 @@ FROM mig_src p
 WHERE identities.id = p.key AND p.action = 'update'
 """
 
-PARTITION_COUNTS_SQL = """
-SELECT count(*),
+# Per bucket of the partition: its counts (read, inserted, updated, unchanged, kept,
+# quarantined) and the checksum of the identities rows its legacy keys map to, after it ran.
+# A bucket without a row has no line.
+PARTITION_BUCKETS_SQL = """
+SELECT hash(key) % $buckets::UBIGINT AS bucket,
+       count(*),
        count(*) FILTER (WHERE action = 'insert'),
        count(*) FILTER (WHERE action = 'update'),
        count(*) FILTER (WHERE action = 'unchanged'),
        count(*) FILTER (WHERE action = 'kept'),
-       count(*) FILTER (WHERE len(reasons) > 0)
-FROM mig_src
-"""
-
-# The checksum of the identities rows this partition's legacy keys map to, after it ran.
-PARTITION_CHECKSUM_SQL = """
-SELECT count(*),
+       count(*) FILTER (WHERE len(reasons) > 0),
+       count(*) FILTER (WHERE action IS NOT NULL),
        coalesce(sum((CASE WHEN action IN ('insert', 'update') THEN new_hash ELSE old_hash END)
-                     ::HUGEINT), 0)
-FROM mig_src WHERE action IS NOT NULL
+                     ::HUGEINT) FILTER (WHERE action IS NOT NULL), 0)
+FROM mig_src GROUP BY ALL
 """
 
 
@@ -414,6 +418,9 @@ WHERE table_catalog = current_database() AND table_schema = 'main' AND table_nam
 LARGEST_TABLE_SQL = """
 SELECT greatest((SELECT count(*) FROM legacy_geoids), (SELECT count(*) FROM legacy_scars))
 """
+
+# (legacy geoids, legacy scars): migration.engine groups the smaller table's buckets
+TABLE_ROWS_SQL = "SELECT (SELECT count(*) FROM legacy_geoids), (SELECT count(*) FROM legacy_scars)"
 
 LEGACY_ROWS_SQL = (
     "SELECT (SELECT count(*) FROM legacy_geoids) + (SELECT count(*) FROM legacy_scars)"
