@@ -71,9 +71,10 @@ KINDS: tuple[str, ...] = IDENTITY_TYPES
 # way at 1 M rows on a loaded host gave no gain in wall or CPU time; docs/benchmarks.md.)
 ROWS_PER_PARTITION = 250_000
 # Through a database server (``db.is_served``) a partition's COMMIT holds every other
-# client's COMMIT while it writes its rows: ~25 k rows keep that to a few hundred ms
-# (docs/deployment.md, "What a live write waits for").
-ROWS_PER_PARTITION_SERVED = 25_000
+# client's COMMIT while it appends its rows and their index entries (~3 ms per 1,000):
+# ~10 k rows kept a live writer's p99 under 50 ms beside a 1 M-row migration, 25 k did not
+# (docs/benchmarks.md, issue 15 s5; docs/deployment.md, "What a live write waits for").
+ROWS_PER_PARTITION_SERVED = 10_000
 MAX_PARTITIONS = 4096
 # Rows of one DuckDB row group (its default row_group_size)
 ROW_GROUP_ROWS = 122_880

@@ -2,7 +2,7 @@
 
 Through a server (``db.is_served``) a run keeps identities' secondary indexes (never dropped,
 so never rebuilt beside a live writer), sets none of DuckDB's database-wide options (they
-would act on every client) and cuts its partitions at ~25 k rows. A failed partition raises
+would act on every client) and cuts its partitions at ~10 k rows. A failed partition raises
 its own error, not DuckDB's "transaction is aborted" of a clean-up statement after it.
 """
 
