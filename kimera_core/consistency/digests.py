@@ -178,8 +178,9 @@ def _fast_sums(
     typed: frozenset[str],
     lookup: bool,
     run_recipe: str,
-) -> tuple[int, int, bool]:
-    """Fill the source's fast table; returns (segments, segments from the cache, ignored).
+) -> tuple[int, int, int, bool]:
+    """Fill the source's fast table; returns (segments, segments from the cache, rows digested,
+    ignored).
 
     With ``lookup``, every row is fingerprinted and a segment whose rows and fingerprint sum
     match a sealed entry takes its sums; the others (all, without ``lookup``) have their fast
@@ -189,18 +190,22 @@ def _fast_sums(
     table = _fast_table(source)
     legacy = source.side == "legacy"
     ignored = False
+    stats = (
+        f"SELECT count(*), count(*) FILTER (hit), coalesce(sum(n) FILTER (NOT hit), 0), "
+        f"count(DISTINCT seg) FROM {table}"
+    )
     if lookup:
-        # one statement: the fingerprint pass joined with the cache as it streams
+        # one statement: the fingerprint pass joined with the cache as it streams; an
+        # identities segment's fast digest is its fingerprint sum
+        xsum = "xsum" if legacy else "CASE WHEN hit THEN xsum ELSE fsum END AS xsum"
         con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT *, NOT hit AS dirty, "
-            "NULL::HUGEINT AS ex_xsum FROM ("
+            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT seg, n, fsum, {xsum}, nsum, bad, "
+            "hit, NOT hit AS dirty, NULL::HUGEINT AS ex_xsum FROM ("
             + cache.lookup_sql(f"({fingerprints_sql(source)})")
             + ")",
             cache.params(source.table, run_recipe),
         )
-        segments, hits, distinct = con.execute(
-            f"SELECT count(*), count(*) FILTER (hit), count(DISTINCT seg) FROM {table}"
-        ).fetchone()
+        segments, hits, digested, distinct = con.execute(stats).fetchone()
         if segments != distinct:
             # duplicate cache entries fanned the lookup out: ignore them all
             ignored, lookup = True, False
@@ -217,9 +222,7 @@ def _fast_sums(
             + EXPECTED_SUMS_SQL.format(shift=_SHIFT, rows=expected_rows_sql(source, typed))
             + ")"
         )
-    elif not legacy:
-        con.execute(f"UPDATE {table} SET xsum = fsum WHERE NOT hit")
-    elif hits < segments:
+    elif legacy and hits < segments:
         con.execute(
             "CREATE OR REPLACE TEMP TABLE kimera_verify_redo AS "
             + EXPECTED_SUMS_SQL.format(
@@ -229,14 +232,15 @@ def _fast_sums(
                 ),
             )
         )
-        # cached only when the rows are those the fingerprint pass saw
+        # cached only when the rows are those the fingerprint pass saw (hit and n unchanged)
         con.execute(
             f"UPDATE {table} t SET xsum = r.xsum, ex_xsum = r.ex_xsum, bad = 0, "
             "dirty = (t.n = r.n AND t.fsum = r.fsum) "
             "FROM kimera_verify_redo r WHERE t.seg = r.seg"
         )
-    segments, hits = con.execute(f"SELECT count(*), count(*) FILTER (hit) FROM {table}").fetchone()
-    return segments, hits, ignored
+    if not lookup:
+        segments, hits, digested, _ = con.execute(stats).fetchone()
+    return int(segments), int(hits), int(digested), ignored
 
 
 def _normalise(con: duckdb.DuckDBPyConnection, source: Source) -> tuple[int, int]:
@@ -293,19 +297,20 @@ def _excluded_sums(
         ),
         {"table": source.table, "store": store, "recipe": run_recipe},
     )
-    rows, segments = con.execute(
-        f"SELECT (SELECT count(*) FROM kimera_verify_excluded_rows WHERE src = $t), "
-        f"count(DISTINCT seg) FROM {table}",
-        {"t": source.table},
-    ).fetchone()
-    if segments != con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]:
+    stats = (
+        f"SELECT count(DISTINCT seg), count(*), count(*) FILTER (xsum IS NULL), "
+        f"count(*) FILTER (hit) FROM {table}"
+    )
+    segments, entries, missing_n, hits = con.execute(stats).fetchone()
+    if segments != entries:
         # duplicate cache entries fanned the lookup out: none of them is used
         con.execute(
             f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT DISTINCT seg, n, fsum, NULL::HUGEINT "
             "AS xsum, NULL::HUGEINT AS nsum, bad, false AS hit, true AS dirty FROM " + table
         )
+        segments, _, missing_n, hits = con.execute(stats).fetchone()
     missing = f"SELECT seg FROM {table} WHERE xsum IS NULL"
-    if con.execute(f"SELECT count(*) FROM ({missing})").fetchone()[0]:
+    if missing_n:
         rids = (
             "rowid IN (SELECT rid FROM kimera_verify_excluded_rows "
             f"WHERE src = '{source.table}' AND seg IN ({missing}))"
@@ -319,7 +324,7 @@ def _excluded_sums(
         con.execute(
             f"UPDATE {table} t SET xsum = r.xsum FROM kimera_verify_redo r WHERE t.seg = r.seg"
         )
-    return segments, con.execute(f"SELECT count(*) FILTER (hit) FROM {table}").fetchone()[0]
+    return int(segments), int(hits)
 
 
 def _normalise_excluded(con: duckdb.DuckDBPyConnection, source: Source) -> int:
@@ -376,16 +381,14 @@ def digest_segments(
     tables = []  # (store, its temp table) in the order they are persisted
     for source in SOURCES:
         sealed = entries.get(source.table, (0, 0))[1]
-        segments, hits, dropped = _fast_sums(con, source, typed, sealed > 0, run_recipe)
+        segments, hits, digested, dropped = _fast_sums(con, source, typed, sealed > 0, run_recipe)
         if dropped:
             ignored.append(source.table)
         fresh[source.table] = hits == 0 or dropped
         tables.append((source.table, _fast_table(source)))
         stats["segments"] += segments
         stats["reused"] += hits
-        stats["rows_digested"] += con.execute(
-            f"SELECT coalesce(sum(n), 0) FROM {_fast_table(source)} WHERE NOT hit"
-        ).fetchone()[0]
+        stats["rows_digested"] += digested
     legacy = sides("legacy")
     for source in legacy:
         sealed = entries.get(excluded_store(source), (0, 0))[1]
@@ -408,10 +411,11 @@ def digest_segments(
     con.execute(
         "CREATE OR REPLACE TEMP TABLE kimera_verify_suspect AS " + SUSPECT_SQL.format(fast=fast)
     )
+    suspect = con.execute("SELECT count(*) FROM kimera_verify_suspect").fetchone()[0]
     normalised = [0, 0]
     for source in SOURCES:
         table = _fast_table(source)
-        done = _normalise(con, source)
+        done = _normalise(con, source) if suspect else (0, 0)
         normalised = [normalised[0] + done[0], normalised[1] + done[1]]
         # a segment the fast sums agree on holds the rows the migration writes: columns agree
         con.execute(
@@ -423,13 +427,18 @@ def digest_segments(
             "CASE WHEN seg IN (SELECT seg FROM kimera_verify_suspect) THEN nsum ELSE xsum END "
             f"AS dsum, coalesce(bad, 0) AS bad FROM {table}"
         )
-    for source in legacy:
+    for source in legacy if suspect else ():
         normalised[1] += _normalise_excluded(con, source)
     if can_write:
-        for store, table in tables:
-            dirty, live = con.execute(
-                f"SELECT count(*) FILTER (dirty), count(*) FROM {table}"
-            ).fetchone()
+        # the stores' live and dirty segments in one statement (tables: our own temp tables)
+        counted = con.execute(
+            " UNION ALL ".join(
+                f"SELECT {i}, count(*) FILTER (dirty), count(*) FROM {table}"
+                for i, (_, table) in enumerate(tables)
+            )
+        ).fetchall()
+        for i, dirty, live in sorted(counted):
+            store, table = tables[i]
             if dirty or entries.get(store, (0, 0))[0] != live:
                 written = cache.persist(
                     con,
@@ -451,7 +460,7 @@ def digest_segments(
         "enabled": use_cache,
         "persisted": can_write,
         **stats,
-        "segments_suspect": con.execute("SELECT count(*) FROM kimera_verify_suspect").fetchone()[0],
+        "segments_suspect": suspect,
         "segments_normalised": normalised[0],
         "rows_normalised": normalised[1],
         "rejected": sum(n - sealed for n, sealed in entries.values()),

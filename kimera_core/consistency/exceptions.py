@@ -89,20 +89,21 @@ NO_QUARANTINE_SQL = """
 SELECT NULL::TEXT AS src, NULL::TEXT AS id, NULL::TEXT AS kind, NULL::TEXT AS reason,
        NULL::TEXT AS reasons WHERE false
 """
-# From kimera_verify_still (the rows above, materialised once: read twice here).
+# From {still} (the rows above: read twice, so DuckDB materialises the CTE once).
 QUARANTINE_TABLE_SQL = """
 CREATE OR REPLACE TEMP TABLE kimera_verify_quarantine AS
+WITH kimera_still AS MATERIALIZED ({still})
 SELECT q.*, q.id IN (SELECT id FROM identities
-                     WHERE id IN (SELECT id FROM kimera_verify_still)) AS present
-FROM kimera_verify_still q
+                     WHERE id IN (SELECT id FROM kimera_still)) AS present
+FROM kimera_still q
 """
 # Quarantined keys absent from identities, with the tables that quarantine them for a reason
-# that explains (none in kimera_verify_pending): materialised once, read by both probes of the
-# legacy tables below.
+# that explains (none in $pending, PENDING_REASONS): materialised once, read by both probes of
+# the legacy tables below.
 EXPLAINED_SQL = """
 CREATE OR REPLACE TEMP TABLE kimera_verify_explained AS
 SELECT id, count(DISTINCT src) AS tables FROM kimera_verify_quarantine q
-WHERE NOT present AND NOT EXISTS (SELECT 1 FROM kimera_verify_pending p
+WHERE NOT present AND NOT EXISTS (SELECT 1 FROM (SELECT unnest($pending::VARCHAR[]) AS reason) p
                                   WHERE list_contains(CAST(q.reasons AS TEXT[]), p.reason))
 GROUP BY id
 """
@@ -130,9 +131,7 @@ SELECT CASE src WHEN 'legacy_geoids' THEN 'geoid' ELSE 'scar' END, count(*)
 FROM kimera_verify_held WHERE id IN (SELECT id FROM kimera_verify_excluded) GROUP BY src
 """
 TEMP_TABLES: tuple[str, ...] = (
-    "kimera_verify_pending",
     "kimera_verify_explained",
-    "kimera_verify_still",
     "kimera_verify_quarantine",
     "kimera_verify_excluded",
     "kimera_verify_held",
@@ -148,15 +147,8 @@ def classify(con: duckdb.DuckDBPyConnection) -> None:
     else:
         cleared = "cleared_by" in columns["kimera_quarantine"]
         still = STILL_QUARANTINED_SQL.format(current=CLEARED_BY if cleared else NOT_SUPERSEDED)
-    con.execute("CREATE OR REPLACE TEMP TABLE kimera_verify_still AS " + still)
-    con.execute(QUARANTINE_TABLE_SQL)
-    con.execute("DROP TABLE kimera_verify_still")
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE kimera_verify_pending AS "
-        "SELECT unnest($pending::VARCHAR[]) AS reason",
-        {"pending": list(PENDING_REASONS)},
-    )
-    con.execute(EXPLAINED_SQL)
+    con.execute(QUARANTINE_TABLE_SQL.format(still=still))
+    con.execute(EXPLAINED_SQL, {"pending": list(PENDING_REASONS)})
     con.execute(HELD_SQL)
     con.execute(EXCLUDED_SQL)
 

@@ -44,7 +44,7 @@ from kimera_core.consistency.report import (
     record_verification,
     verdict_reasons,
 )
-from kimera_core.consistency.sources import SOURCES, Source, install_macros
+from kimera_core.consistency.sources import SOURCES, install_macros
 from kimera_core.db import transaction
 from kimera_core.rollout import authoritative_store, get_stage
 from kimera_core.sql import vetted_identifier
@@ -68,9 +68,9 @@ SELECT 'new', id, count(*) FROM identities WHERE id IS NOT NULL {and_id}
 GROUP BY id HAVING count(*) > 1
 """
 PRIMARY_KEY_SQL = """
-SELECT count(*) FROM duckdb_constraints() WHERE database_name = current_database()
-AND schema_name = 'main' AND table_name = ? AND constraint_type = 'PRIMARY KEY'
-AND constraint_column_names = [?]
+SELECT table_name, constraint_column_names FROM duckdb_constraints()
+WHERE database_name = current_database() AND schema_name = 'main'
+AND constraint_type = 'PRIMARY KEY' AND list_contains($tables, table_name)
 """
 # Keys written since $since: by updated_at on either side, or by the dual-write log (which
 # also names deleted keys: they no longer have an updated_at anywhere).
@@ -211,9 +211,12 @@ def _counts(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> None:
     report.counts, report.null_keys = counts, nulls
 
 
-def _unique_key(con: duckdb.DuckDBPyConnection, source: Source) -> bool:
-    """Whether DuckDB enforces the source's key as unique and not NULL (a primary key)."""
-    return bool(con.execute(PRIMARY_KEY_SQL, [source.table, source.key]).fetchone()[0])
+def _unique_keys(con: duckdb.DuckDBPyConnection) -> list[bool]:
+    """Per source (``SOURCES`` order): whether DuckDB enforces its key as unique and not NULL
+    (the key alone is the table's primary key)."""
+    keys = con.execute(PRIMARY_KEY_SQL, {"tables": [s.table for s in SOURCES]}).fetchall()
+    primary = {(t, tuple(c)) for t, c in keys}
+    return [(s.table, (s.key,)) in primary for s in SOURCES]
 
 
 def _duplicates(
@@ -233,13 +236,13 @@ def _duplicates(
         restrict = "{key} IN (SELECT id FROM " + vetted_identifier(keys) + ")"
         where_gid, where_id, and_id = (restrict.format(key=k) for k in ("gid", "id", "id"))
     else:
-        geoids, scars, identities = (_unique_key(con, s) for s in SOURCES)
+        geoids, scars, identities = _unique_keys(con)
         both = geoids and scars
         where_gid = "gid IN (SELECT id FROM legacy_scars)" if both else "true"
         where_id = "id IN (SELECT gid FROM legacy_geoids)" if both else "true"
         and_id = "false" if identities else "true"
         if identities:
-            suspect = con.execute("SELECT count(*) FROM kimera_verify_suspect").fetchone()[0]
+            suspect = report.checksums["digest_cache"]["segments_suspect"]
             # FINE_BITS is an int constant, never input
             in_suspect = (
                 f"hash({{key}}) >> {64 - int(segments.FINE_BITS)} "
@@ -253,13 +256,18 @@ def _duplicates(
         where_gid=f"WHERE {where_gid}", where_id=f"WHERE {where_id}", and_id=f"AND {and_id}"
     )
     con.execute(f"CREATE OR REPLACE TEMP TABLE kimera_verify_dups AS {sql}")
-    total = con.execute("SELECT count(*) FROM kimera_verify_dups").fetchone()[0]
-    found = con.execute(
-        "SELECT store, id, n FROM kimera_verify_dups ORDER BY store, id LIMIT ?", [sample]
-    ).fetchall()
-    report.duplicates_by_store = dict(
-        con.execute("SELECT store, count(*) FROM kimera_verify_dups GROUP BY store").fetchall()
-    )
+    # every part 'false' (no suspect segment, every key a primary key): nothing to read back
+    none = where_gid == where_id == and_id == "false"
+    total = 0 if none else con.execute("SELECT count(*) FROM kimera_verify_dups").fetchone()[0]
+    found = []
+    report.duplicates_by_store = {}
+    if total:
+        found = con.execute(
+            "SELECT store, id, n FROM kimera_verify_dups ORDER BY store, id LIMIT ?", [sample]
+        ).fetchall()
+        report.duplicates_by_store = dict(
+            con.execute("SELECT store, count(*) FROM kimera_verify_dups GROUP BY store").fetchall()
+        )
     report.duplicate_keys = Finding(
         total,
         [{"store": s, "id": i, "rows": n} for s, i, n in found],
