@@ -76,6 +76,9 @@ ROWS_PER_PARTITION = 250_000
 # (docs/benchmarks.md, issue 15 s5; docs/deployment.md, "What a live write waits for").
 ROWS_PER_PARTITION_SERVED = 10_000
 MAX_PARTITIONS = 4096
+# Whether an embedded run groups the smaller table's buckets into transactions as a served
+# run does (``_groups``); the tests set it to exercise the grouping without a server.
+GROUP_EMBEDDED = False
 # Rows of one DuckDB row group (its default row_group_size)
 ROW_GROUP_ROWS = 122_880
 MEMORY_LIMIT_ENV = "KIMERA_MEMORY_LIMIT"
@@ -350,14 +353,18 @@ def _groups(
 ) -> list[tuple[str, list[int]]]:
     """The plan cut into transactions: runs of consecutive buckets of one kind to judge.
 
-    A bucket of the larger legacy table is one transaction; the smaller table's buckets
-    are grouped, consecutive and up to as many as make one bucket of the larger table's
-    rows (800 k geoids and 200 k scars: four scar buckets a transaction). Every
-    transaction reads its tables whole to find its buckets' rows (``hash(key) % n``), so
-    fewer transactions cost less, and none holds more rows than the largest bucket. A
-    bucket done already (``done``), with nothing to judge (``skip``) or of WAITING_KIND is
-    a group of its own.
+    Through a server (``db.is_served``: small partitions), a bucket of the larger legacy
+    table is one transaction and the smaller table's buckets are grouped, consecutive and
+    up to as many as make one bucket of the larger table's rows (800 k geoids and 200 k
+    scars: four scar buckets a transaction). Every transaction reads its tables whole to
+    find its buckets' rows (``hash(key) % n``), so fewer transactions cost less, and none
+    holds more rows than the largest bucket. A bucket done already (``done``), with nothing
+    to judge (``skip``) or of WAITING_KIND is a group of its own, and so is every bucket of
+    an embedded run unless GROUP_EMBEDDED (its few large partitions gain little, and a
+    group's peak memory at 10 M rows is not measured).
     """
+    if not (GROUP_EMBEDDED or is_served(con)):
+        return [(kind, [bucket]) for kind, bucket in plan]
     geoids, scars = con.execute(q.TABLE_ROWS_SQL).fetchone()
     rows = {"geoid": int(geoids), "scar": int(scars)}
     largest = max(rows.values())

@@ -1,4 +1,5 @@
-"""Consecutive buckets of the smaller legacy table judged in one transaction (``engine._groups``):
+"""Consecutive buckets of the smaller legacy table judged in one transaction (``engine._groups``,
+as a served run does):
 each bucket is still recorded as its own partition, with the counts and checksum an ungrouped
 run records, and a group fails or commits whole."""
 
@@ -31,6 +32,12 @@ def _state(con):
         table_checksum(con, "identities", IDENTITY_COLUMNS),
         con.execute(QUARANTINE).fetchall(),
     )
+
+
+@pytest.fixture(autouse=True)
+def grouped_embedded(monkeypatch):
+    """Group as a served run does (the served path: tests/core/dbserver)."""
+    monkeypatch.setattr(engine, "GROUP_EMBEDDED", True)
 
 
 @pytest.fixture
