@@ -185,7 +185,8 @@ def _fast_sums(
     With ``lookup``, every row is fingerprinted and a segment whose rows and fingerprint sum
     match a sealed entry takes its sums; the others (all, without ``lookup``) have their fast
     digests computed: for identities the fingerprint itself, for a legacy table the expected
-    row (``expected``), in the statement that fingerprints it.
+    row (``expected``) in a second statement over those segments' rows, whose sums are cached
+    only where its rows are those the fingerprint pass counted.
     """
     table = _fast_table(source)
     legacy = source.side == "legacy"
@@ -194,10 +195,10 @@ def _fast_sums(
         f"SELECT count(*), count(*) FILTER (hit), coalesce(sum(n) FILTER (NOT hit), 0), "
         f"count(DISTINCT seg) FROM {table}"
     )
+    # an identities segment's fast digest is its fingerprint sum
+    xsum = "xsum" if legacy else "CASE WHEN hit THEN xsum ELSE fsum END AS xsum"
     if lookup:
-        # one statement: the fingerprint pass joined with the cache as it streams; an
-        # identities segment's fast digest is its fingerprint sum
-        xsum = "xsum" if legacy else "CASE WHEN hit THEN xsum ELSE fsum END AS xsum"
+        # one statement: the fingerprint pass joined with the cache as it streams
         con.execute(
             f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT seg, n, fsum, {xsum}, nsum, bad, "
             "hit, NOT hit AS dirty, NULL::HUGEINT AS ex_xsum FROM ("
@@ -209,28 +210,22 @@ def _fast_sums(
         if segments != distinct:
             # duplicate cache entries fanned the lookup out: ignore them all
             ignored, lookup = True, False
-    if not lookup and not legacy:
+    if not lookup:
+        # the fingerprint pass alone first, also for a legacy table: its plain scan loads the
+        # table's blocks, after which a fresh process computes the expected rows faster than
+        # when their statement loads them (800 k geoids: 0.14 + 0.82 s against 1.16 s)
         con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT seg, n, fsum, fsum AS xsum, "
-            "NULL::HUGEINT AS nsum, NULL::BIGINT AS bad, false AS hit, true AS dirty, "
-            "NULL::HUGEINT AS ex_xsum FROM (" + fingerprints_sql(source) + ")"
+            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT seg, n, fsum, {xsum}, nsum, bad, "
+            "hit, true AS dirty, NULL::HUGEINT AS ex_xsum FROM (SELECT *, "
+            "NULL::HUGEINT AS xsum, NULL::HUGEINT AS nsum, NULL::BIGINT AS bad, false AS hit "
+            f"FROM ({fingerprints_sql(source)}))"
         )
-    elif not lookup:
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT seg, n, fsum, xsum, "
-            "NULL::HUGEINT AS nsum, 0::BIGINT AS bad, false AS hit, true AS dirty, ex_xsum FROM ("
-            + EXPECTED_SUMS_SQL.format(shift=_SHIFT, rows=expected_rows_sql(source, typed))
-            + ")"
-        )
-    elif legacy and hits < segments:
+        segments, hits, digested, _ = con.execute(stats).fetchone()
+    if legacy and hits < segments:
+        where = "true" if hits == 0 else _in_segments(f"SELECT seg FROM {table} WHERE NOT hit")
         con.execute(
             "CREATE OR REPLACE TEMP TABLE kimera_verify_redo AS "
-            + EXPECTED_SUMS_SQL.format(
-                shift=_SHIFT,
-                rows=expected_rows_sql(
-                    source, typed, _in_segments(f"SELECT seg FROM {table} WHERE NOT hit")
-                ),
-            )
+            + EXPECTED_SUMS_SQL.format(shift=_SHIFT, rows=expected_rows_sql(source, typed, where))
         )
         # cached only when the rows are those the fingerprint pass saw (hit and n unchanged)
         con.execute(
@@ -238,8 +233,6 @@ def _fast_sums(
             "dirty = (t.n = r.n AND t.fsum = r.fsum) "
             "FROM kimera_verify_redo r WHERE t.seg = r.seg"
         )
-    if not lookup:
-        segments, hits, digested, _ = con.execute(stats).fetchone()
     return int(segments), int(hits), int(digested), ignored
 
 
