@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from support.clean_migration import migrate_documents  # noqa: E402
 
-from kimera_core.consistency import SOURCES, digests, verify  # noqa: E402
+from kimera_core.consistency import FINE_BITS, SOURCES, digests, verify  # noqa: E402
 from kimera_core.db import open_database  # noqa: E402
 from kimera_core.identity import epoch_to_iso  # noqa: E402
 from kimera_core.legacy import create_legacy_schema  # noqa: E402
@@ -331,7 +331,11 @@ def floors(db: Path, repeat: int) -> None:
     )
     for name, script, sql in (
         ("bare read of the fingerprinted columns", FLOOR_SCRIPT, floor_sql()),
-        ("fingerprint pass (every row, 65,536 segments per table)", FLOOR_SCRIPT, fingerprints),
+        (
+            f"fingerprint pass (every row, {2**FINE_BITS:,} segments per table)",
+            FLOOR_SCRIPT,
+            fingerprints,
+        ),
         ("first bound parameter of a process (duckdb imports pandas)", IMPORT_SCRIPT, ""),
     ):
         runs = []

@@ -51,10 +51,12 @@ from kimera_core.sql import vetted_identifier
 
 DEFAULT_SAMPLE = 20
 
+# {nulls_gid} etc.: the NULL keys' count, or 0 where the key is the primary key (never NULL:
+# the key column is then not read at all).
 COUNTS_SQL = """
-SELECT 'legacy', 'geoid', count(*), count(*) - count(gid) FROM legacy_geoids
-UNION ALL SELECT 'legacy', 'scar', count(*), count(*) - count(id) FROM legacy_scars
-UNION ALL SELECT 'new', identity_type, count(*), count(*) - count(id) FROM identities
+SELECT 'legacy', 'geoid', count(*), {nulls_gid} FROM legacy_geoids
+UNION ALL SELECT 'legacy', 'scar', count(*), {nulls_sid} FROM legacy_scars
+UNION ALL SELECT 'new', identity_type, count(*), {nulls_iid} FROM identities
           GROUP BY identity_type
 """
 # Duplicate keys; those explained by the quarantine (kimera_verify_excluded) left out.
@@ -151,11 +153,12 @@ def verify(
     with transaction(con):
         exceptions.classify(con)
         rows.clear(con)
-        _counts(con, report)
+        unique = _unique_keys(con)
+        _counts(con, report, unique)
         if base is None:
             report.checksums["excluded_rows"] = digests.exclude_keys(con)
             digests.digest_segments(con, report, cache, fast_path)
-            _duplicates(con, report, sample, keys=None)
+            _duplicates(con, report, sample, keys=None, unique=unique)
             bits, leaves = segments.bisect(con, report)
             report.checksums["pass_seconds"] = round(
                 report.checksums["digest_cache"]["seconds"]
@@ -192,10 +195,16 @@ def verify(
     return report
 
 
-def _counts(con: duckdb.DuckDBPyConnection, report: VerificationReport) -> None:
+def _counts(con: duckdb.DuckDBPyConnection, report: VerificationReport, unique: list[bool]) -> None:
     counts: dict[str, dict[str, int]] = {"legacy": {}, "quarantined": {}, "new": {}}
     nulls = {"legacy": 0, "new": 0}
-    for store, kind, n, null_keys in con.execute(COUNTS_SQL).fetchall():
+    sql = COUNTS_SQL.format(
+        **{
+            f"nulls_{name}": "0" if pk else f"count(*) - count({vetted_identifier(s.key)})"
+            for name, s, pk in zip(("gid", "sid", "iid"), SOURCES, unique, strict=True)
+        }
+    )
+    for store, kind, n, null_keys in con.execute(sql).fetchall():
         counts[store][kind] = counts[store].get(kind, 0) + n
         nulls[store] += null_keys
     counts["quarantined"].update(exceptions.excluded_counts(con))
@@ -220,7 +229,11 @@ def _unique_keys(con: duckdb.DuckDBPyConnection) -> list[bool]:
 
 
 def _duplicates(
-    con: duckdb.DuckDBPyConnection, report: VerificationReport, sample: int, keys: str | None
+    con: duckdb.DuckDBPyConnection,
+    report: VerificationReport,
+    sample: int,
+    keys: str | None,
+    unique: list[bool] | None = None,
 ) -> None:
     """Duplicate keys among ``keys`` (a temp table of ids), or among every key.
 
@@ -236,7 +249,7 @@ def _duplicates(
         restrict = "{key} IN (SELECT id FROM " + vetted_identifier(keys) + ")"
         where_gid, where_id, and_id = (restrict.format(key=k) for k in ("gid", "id", "id"))
     else:
-        geoids, scars, identities = _unique_keys(con)
+        geoids, scars, identities = unique if unique is not None else _unique_keys(con)
         both = geoids and scars
         where_gid = "gid IN (SELECT id FROM legacy_scars)" if both else "true"
         where_id = "id IN (SELECT gid FROM legacy_geoids)" if both else "true"
