@@ -433,10 +433,12 @@ def digest_segments(
         for i, dirty, live in sorted(counted):
             store, table = tables[i]
             if dirty or entries.get(store, (0, 0))[0] != live:
+                # never a segment whose digests were computed over other rows than the
+                # fingerprint pass counted (not hit, not dirty): its entry goes, none is written
                 written = cache.persist(
                     con,
                     store,
-                    f"(SELECT seg, n, fsum, xsum, nsum, bad, dirty FROM {table})",
+                    f"(SELECT seg, n, fsum, xsum, nsum, bad, dirty FROM {table} WHERE hit OR dirty)",
                     run_recipe,
                     fresh[store],
                 )
