@@ -5,7 +5,8 @@ related ids are checked against the geoids already migrated). A run of selected 
 (``migrate_buckets``, one Dagster partition) then judges again, after its geoids, the scars
 of other buckets that wait for a geoid (``related_geoid_pending``/``_quarantined``), so that
 however the buckets are launched every scar ends judged against the final geoid state. Each partition is one
-transaction that prepares its rows in SQL (validation, the P1 document, entropy and tau
+transaction (through a server, consecutive buckets of the smaller table share one: ``_groups``)
+that prepares its rows in SQL (validation, the P1 document, entropy and tau
 with the bulk form; ``migration.statements``), quarantines what cannot be migrated, merges
 the rest into ``identities`` (newer ``updated_at`` wins, identical rows are left alone),
 journals every insert and update for rollback, and records itself as done with counts and
