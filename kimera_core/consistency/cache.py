@@ -20,10 +20,15 @@ the same rows; a table's entries change in one transaction.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+from collections.abc import Iterator
 
 import duckdb
+
+from kimera_core.db import is_served
 
 DIGESTS_DDL = """CREATE TABLE IF NOT EXISTS kimera_verify_digests (
     store TEXT NOT NULL,            -- the source table: legacy_geoids, legacy_scars, identities
@@ -148,3 +153,45 @@ def persist(
     con.execute(PRUNE_SQL.format(table=table, all="true" if everything else "false"), bound)
     which = "true" if everything else "dirty"
     return con.execute(WRITE_SQL.format(table=table, which=which), bound).fetchone()[0]
+
+
+# DuckDB's buffer pool limit while a warm run's fingerprint passes read every block: a fresh
+# process then recycles the memory of blocks already hashed instead of faulting in new pages
+# for every block it loads (identities, 1 M rows, 370 MB of blocks: 93 k page faults -> 34 k,
+# 0.1 CPU-s of kernel time less).
+SCAN_MEMORY_LIMIT = 128 * 2**20
+MEMORY_LIMIT_SQL = "SELECT current_setting('memory_limit')"
+MEMORY_USED_SQL = "SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()"
+
+
+@functools.cache
+def _default_memory_limit() -> str:
+    """DuckDB's default memory_limit as it prints it (that of a fresh in-memory database)."""
+    with duckdb.connect() as fresh:
+        return fresh.execute(MEMORY_LIMIT_SQL).fetchone()[0]
+
+
+@contextlib.contextmanager
+def recycled_buffers(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Within the block DuckDB's memory_limit is ``SCAN_MEMORY_LIMIT`` (or what the database
+    already holds plus half of it, so no block has to be evicted for the SET); ``RESET`` after.
+
+    For a statement that streams every block of a table through a small aggregate (the
+    fingerprint pass), nothing else. Only on an embedded database whose limit is DuckDB's
+    default (which RESET sets again exactly): through a database server the setting would act
+    on every client, and a limit its caller chose is left alone. If the block raises, the
+    RESET is tried and its own failure ignored.
+    """
+    if is_served(con) or con.execute(MEMORY_LIMIT_SQL).fetchone()[0] != _default_memory_limit():
+        yield
+        return
+    held = int(con.execute(MEMORY_USED_SQL).fetchone()[0])
+    limit = max(SCAN_MEMORY_LIMIT, held + SCAN_MEMORY_LIMIT // 2)
+    con.execute(f"SET memory_limit = '{int(limit)}B'")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("RESET memory_limit")
+        raise
+    con.execute("RESET memory_limit")

@@ -198,14 +198,16 @@ def _fast_sums(
     # an identities segment's fast digest is its fingerprint sum
     xsum = "xsum" if legacy else "CASE WHEN hit THEN xsum ELSE fsum END AS xsum"
     if lookup:
-        # one statement: the fingerprint pass joined with the cache as it streams
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT seg, n, fsum, {xsum}, nsum, bad, "
-            "hit, NOT hit AS dirty, NULL::HUGEINT AS ex_xsum FROM ("
-            + cache.lookup_sql(f"({fingerprints_sql(source)})")
-            + ")",
-            cache.params(source.table, run_recipe),
-        )
+        # one statement: the fingerprint pass joined with the cache as it streams, the memory
+        # of its blocks recycled (a changed segment's rows are read again afterwards)
+        with cache.recycled_buffers(con):
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT seg, n, fsum, {xsum}, nsum, "
+                "bad, hit, NOT hit AS dirty, NULL::HUGEINT AS ex_xsum FROM ("
+                + cache.lookup_sql(f"({fingerprints_sql(source)})")
+                + ")",
+                cache.params(source.table, run_recipe),
+            )
         segments, hits, digested, distinct = con.execute(stats).fetchone()
         if segments != distinct:
             # duplicate cache entries fanned the lookup out: ignore them all

@@ -8,7 +8,7 @@ import pytest
 from test_verify import migrated_copy
 
 from kimera_core.checksum import row_hash_sql
-from kimera_core.consistency import FINE_BITS, SOURCES, digests, verify
+from kimera_core.consistency import FINE_BITS, SOURCES, cache, digests, verify
 from kimera_core.db import open_database
 
 SHIFT = 64 - FINE_BITS
@@ -204,3 +204,40 @@ def test_without_the_cache_nothing_is_read_or_written(con):
     assert not con.execute(
         "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'kimera_verify_digests'"
     ).fetchone()[0]
+
+
+def _limit(con):
+    return con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+
+
+def test_a_warm_verification_leaves_the_memory_limit_as_it_found_it(con):
+    """The warm fingerprint passes run under a small memory_limit (cache.recycled_buffers):
+    DuckDB's default is set again afterwards, and a limit the caller chose is never touched."""
+    default = _limit(con)
+    verify(con, record=False)  # cold: fills the cache
+    warm = verify(con, record=False)
+    assert cache_stats(warm)["reused"] == cache_stats(warm)["segments"]
+    assert _limit(con) == default
+    con.execute("SET memory_limit = '300MB'")
+    chosen = _limit(con)
+    assert chosen != default
+    again = verify(con, record=False)
+    assert _limit(con) == chosen
+    assert findings(again) == findings(warm)
+
+
+def test_the_small_limit_holds_only_inside_the_block_and_never_below_what_is_held(con):
+    con.execute("SELECT sum(strlen(data)) FROM identities").fetchall()  # blocks held
+    held = con.execute(cache.MEMORY_USED_SQL).fetchone()[0]
+    default = _limit(con)
+    with cache.recycled_buffers(con):
+        inside = _limit(con)
+        assert inside != default
+    assert _limit(con) == default
+    with pytest.raises(ZeroDivisionError), cache.recycled_buffers(con):
+        1 / 0  # noqa: B018
+    assert _limit(con) == default
+    # DuckDB prints one decimal of the unit: 'inside' is at least what was held
+    number, unit = inside.split()
+    scale = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+    assert (float(number) + 0.1) * scale >= max(held, cache.SCAN_MEMORY_LIMIT)
