@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support.clean_migration import migrate_documents  # noqa: E402
 
 from kimera_core.consistency import FINE_BITS, SOURCES, digests, verify  # noqa: E402
+from kimera_core.consistency.cache import SCAN_MEMORY_LIMIT  # noqa: E402
 from kimera_core.db import open_database  # noqa: E402
 from kimera_core.identity import epoch_to_iso  # noqa: E402
 from kimera_core.legacy import create_legacy_schema  # noqa: E402
@@ -335,6 +336,11 @@ def floors(db: Path, repeat: int) -> None:
             f"fingerprint pass (every row, {2**FINE_BITS:,} segments per table)",
             FLOOR_SCRIPT,
             fingerprints,
+        ),
+        (
+            "the same under the warm run's memory_limit (cache.recycled_buffers)",
+            FLOOR_SCRIPT,
+            f"SET memory_limit = '{SCAN_MEMORY_LIMIT}B'; {fingerprints}",
         ),
         ("first bound parameter of a process (duckdb imports pandas)", IMPORT_SCRIPT, ""),
     ):
