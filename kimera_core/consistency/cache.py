@@ -138,16 +138,28 @@ def params(store: str, run_recipe: str) -> dict[str, str]:
     return {"store": store, "recipe": run_recipe}
 
 
+def create(con: duckdb.DuckDBPyConnection) -> None:
+    """Create kimera_verify_digests in the current layout (an older one gains the columns)."""
+    con.execute(DIGESTS_DDL)
+    for statement in DIGESTS_UPGRADE_SQL:
+        con.execute(statement)
+
+
 def persist(
-    con: duckdb.DuckDBPyConnection, store: str, table: str, run_recipe: str, everything: bool
+    con: duckdb.DuckDBPyConnection,
+    store: str,
+    table: str,
+    run_recipe: str,
+    everything: bool,
+    created: bool = False,
 ) -> int:
     """Make the store's entries those of the temp table ``table`` (seg, n, fsum, xsum, nsum,
     bad, dirty): rewrite its ``dirty`` rows (all with ``everything``), keep sealed entries of
     its other rows, drop the rest; returns the entries written. Called inside the
-    verification's transaction, which makes the change atomic."""
-    con.execute(DIGESTS_DDL)
-    for statement in DIGESTS_UPGRADE_SQL:
-        con.execute(statement)
+    verification's transaction, which makes the change atomic. ``created``: ``create`` ran
+    already in this transaction."""
+    if not created:
+        create(con)
     bound = params(store, run_recipe)
     # inside the verification's transaction (its snapshot), which makes these two atomic
     con.execute(PRUNE_SQL.format(table=table, all="true" if everything else "false"), bound)

@@ -432,9 +432,13 @@ def digest_segments(
                 for i, (_, table) in enumerate(tables)
             )
         ).fetchall()
+        created = False
         for i, dirty, live in sorted(counted):
             store, table = tables[i]
             if dirty or entries.get(store, (0, 0))[0] != live:
+                if not created:
+                    cache.create(con)
+                    created = True
                 # never a segment whose digests were computed over other rows than the
                 # fingerprint pass counted (not hit, not dirty): its entry goes, none is written
                 written = cache.persist(
@@ -443,6 +447,7 @@ def digest_segments(
                     f"(SELECT seg, n, fsum, xsum, nsum, bad, dirty FROM {table} WHERE hit OR dirty)",
                     run_recipe,
                     fresh[store],
+                    created=True,
                 )
                 stats["written"] += written
     con.execute(
