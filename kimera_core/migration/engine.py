@@ -565,11 +565,18 @@ def _migrate_partition(
     source = "scar" if kind == WAITING_KIND else kind
     table, key = SOURCES[source]
     only = skip is not None and not skip.everything
+    # An embedded rerun's rows to judge, and their identities, are the copies made at its
+    # plan (fingerprints' mig_todo_<kind>, fixed names; each table read once). Through a
+    # server the application writes while the run goes on: a copy may be stale by now, and
+    # the merge rule would write its old legacy version over a newer identity, so a served
+    # rerun reads its segments' rows in this transaction.
+    copied = only and not is_served(con)
     if kind == WAITING_KIND:
         rows_sql = q.WAITING_ROWS_SQL
+    elif only and not copied:
+        rows_sql = q.PARTITION_SEGMENT_ROWS_SQL.format(table=table, key=key)
     else:
-        # a rerun's rows to judge are in fingerprints' mig_todo_<kind> (a fixed name)
-        rows_from = f"mig_todo_{source}" if only else table
+        rows_from = f"mig_todo_{source}" if copied else table
         rows_sql = q.PARTITION_ROWS_SQL.format(table=rows_from, key=key)
     params = {
         "run_id": run_id,
@@ -583,9 +590,9 @@ def _migrate_partition(
     _exec(con, rows_sql, params)
     with epoch_iso_fixes(con, q.PARTITION_EPOCHS_SQL) as fixes:
         cache = {} if prepared is None else prepared
-        if (source, fixes, only) not in cache:
-            cache[(source, fixes, only)] = _prepare_sql(con, source, fixes, only)
-        _exec(con, cache[(source, fixes, only)], params)
+        if (source, fixes, copied) not in cache:
+            cache[(source, fixes, copied)] = _prepare_sql(con, source, fixes, copied)
+        _exec(con, cache[(source, fixes, copied)], params)
     judged = {
         int(r[0]): (MigrationCounts(*map(int, r[1:7])), Checksum(int(r[7]), int(r[8])))
         for r in con.execute(q.PARTITION_BUCKETS_SQL, {"buckets": buckets}).fetchall()
@@ -648,7 +655,8 @@ def _prepare_sql(
 ) -> str:
     """The partition's prepare statement with its ``__NAME__`` tokens filled in.
 
-    ``only``: the identities it compares with are those of the segments judged again.
+    ``only``: the identities it compares with are the copy of those of the segments judged
+    again (fingerprints' ``mig_todo_identities``, an embedded rerun's).
     """
     table, key = SOURCES[kind]
     # A primary key already rules out duplicates; old files without one get the window count.

@@ -279,6 +279,16 @@ CREATE OR REPLACE TEMP TABLE mig_part AS
 SELECT * FROM {table} WHERE hash({key}) % $buckets::UBIGINT BETWEEN $bucket::UBIGINT AND $last::UBIGINT
 """
 
+# A served rerun's rows to judge: the partition's rows (buckets $bucket..$last) in the
+# segments judged again (migration.fingerprints' mig_rejudge), read in the partition's own
+# transaction, so an application's write since the rerun's plan is judged as it now stands.
+PARTITION_SEGMENT_ROWS_SQL = """
+CREATE OR REPLACE TEMP TABLE mig_part AS
+SELECT * FROM {table}
+WHERE hash({key}) % $buckets::UBIGINT BETWEEN $bucket::UBIGINT AND $last::UBIGINT
+  AND hash({key}) % $segments::UBIGINT IN (SELECT segment FROM mig_rejudge)
+"""
+
 # Every timestamp of the partition: those the ISO macros cannot write exactly are formatted
 # in Python (kimera_core.sql.epoch_iso_fixes); the document's are among them (c_at, u_at).
 PARTITION_EPOCHS_SQL = "SELECT created_at FROM mig_part UNION ALL SELECT updated_at FROM mig_part"

@@ -264,12 +264,6 @@ def test_a_served_run_groups_and_ends_as_an_embedded_run(tmp_path, token, monkey
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="a served rerun judges the legacy rows and identities copied at its plan "
-    "(fingerprints' mig_todo_* tables), not those of its partition's own transaction: an "
-    "identity the application wrote in between is overwritten by the stale legacy version",
-)
 def test_a_served_rerun_never_overwrites_a_newer_live_write(tmp_path, token, monkeypatch):
     path = tmp_path / "live.duckdb"
     generate_demo_data(path, geoids=200, scars=60, seed=3, echoforms=0, dual_written_share=0)
