@@ -323,7 +323,7 @@ def _run_partitions(
             results = _migrate_partition(c, run_id, kind, group, buckets, True, skip, prepared)
             if not served:
                 return results, 0
-            return results, _partition_legacy_rows(c, kind, group, buckets, skip, results)
+            return results, _partition_legacy_rows(c, kind, group, skip, results)
 
         try:
             results, rows = retry_conflicts(con, work, duplicate_keys=True)
@@ -412,20 +412,20 @@ def _partition_legacy_rows(
     con: duckdb.DuckDBPyConnection,
     kind: str,
     group: list[int],
-    buckets: int,
     skip: SkipPlan | None,
     results: list[tuple[int, MigrationCounts, Checksum]],
 ) -> int:
-    """The legacy rows of the partition just run, in its transaction's snapshot: its copy of
-    the buckets (``mig_part``) when it read them whole, the table's buckets when it read
-    only the segments to judge again, the scars it read for a WAITING_KIND partition."""
+    """The legacy rows of the partition just run (through a server): its copy of the buckets
+    (``mig_part``, in its transaction's snapshot), the scars it read for a WAITING_KIND
+    partition. A rerun's copy holds the segments it judges again; the others' rows are
+    those its plan found unchanged, their recorded reads (a row written since into one of
+    them is, like one written into a partition already run, for the next run)."""
     if kind == WAITING_KIND:
         return sum(counts.read for _, counts, _ in results)
+    copied = int(con.execute("SELECT count(*) FROM mig_part").fetchone()[0])
     if skip is None or skip.everything:
-        return int(con.execute("SELECT count(*) FROM mig_part").fetchone()[0])
-    table, key = SOURCES[kind]
-    sql = BUCKETS_ROWS_SQL.format(table=table, key=key)
-    return int(con.execute(sql, {"b": group, "n": buckets}).fetchone()[0])
+        return copied
+    return copied + sum(skip.skipped_counts(kind, bucket).read for bucket in group)
 
 
 def _restore_threads(con: duckdb.DuckDBPyConnection) -> None:

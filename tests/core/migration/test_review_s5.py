@@ -311,12 +311,6 @@ def test_a_served_rerun_never_overwrites_a_newer_live_write(tmp_path, token, mon
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="a served rerun compares its counts (rows judged at its plan plus the recorded "
-    "reads of the rest) with its buckets' rows in each partition's snapshot, which holds "
-    "the rows written since the plan in segments it does not judge: unbalanced",
-)
 def test_a_served_rerun_beside_a_live_writer_balances(tmp_path, token, monkeypatch):
     """New legacy rows the application writes after a rerun's plan, in a partition it judges
     again: the rerun reconciles with what its plan and its partitions' snapshots held."""
