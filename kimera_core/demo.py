@@ -232,6 +232,8 @@ WITH pairs AS (
     JOIN demo_entropy ea ON ea.key = s.gids[1]
     JOIN demo_entropy eb ON eb.key = s.gids[2]
     WHERE s.kind IS NULL AND len(s.gids) = 2
+    -- the anchor is the echoform's key: two scars can link the same pair (few geoids)
+    QUALIFY row_number() OVER (PARTITION BY s.gids[1], s.gids[2] ORDER BY s.j) = 1
     ORDER BY s.j
     LIMIT $echoforms
 )
