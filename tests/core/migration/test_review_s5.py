@@ -13,13 +13,16 @@ identity.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -247,6 +250,20 @@ def token(monkeypatch) -> str:
     return value
 
 
+@contextlib.contextmanager
+def _live_server(tmp_path: Path, token: str) -> Iterator[tuple[Any, Any]]:
+    """A served demo database (200 geoids, 60 scars, nothing dual-written yet): the
+    migration's connection and the application's, each a client of the server."""
+    path = tmp_path / "live.duckdb"
+    generate_demo_data(path, geoids=200, scars=60, seed=3, echoforms=0, dual_written_share=0)
+    with (
+        kimera_db_server(path, token, tmp_path / "server.log") as (address, _pid),
+        open_database(address) as con,
+        open_database(address) as app,
+    ):
+        yield con, app
+
+
 @pytest.mark.slow
 def test_a_served_run_groups_and_ends_as_an_embedded_run(tmp_path, token, monkeypatch):
     served, embedded = _copies(
@@ -268,13 +285,7 @@ def test_a_served_run_groups_and_ends_as_an_embedded_run(tmp_path, token, monkey
 
 @pytest.mark.slow
 def test_a_served_rerun_never_overwrites_a_newer_live_write(tmp_path, token, monkeypatch):
-    path = tmp_path / "live.duckdb"
-    generate_demo_data(path, geoids=200, scars=60, seed=3, echoforms=0, dual_written_share=0)
-    with (
-        kimera_db_server(path, token, tmp_path / "server.log") as (address, _pid),
-        open_database(address) as con,
-        open_database(address) as app,
-    ):
+    with _live_server(tmp_path, token) as (con, app):
         assert migrate(con, partitions=4).balanced  # fingerprints recorded
         gid = con.execute("SELECT min(gid) FROM legacy_geoids").fetchone()[0]
         # a change in legacy only (written before dual-write, or a failed dual write):
@@ -314,13 +325,7 @@ def test_a_served_rerun_never_overwrites_a_newer_live_write(tmp_path, token, mon
 def test_a_served_rerun_beside_a_live_writer_balances(tmp_path, token, monkeypatch):
     """New legacy rows the application writes after a rerun's plan, in a partition it judges
     again: the rerun reconciles with what its plan and its partitions' snapshots held."""
-    path = tmp_path / "live.duckdb"
-    generate_demo_data(path, geoids=200, scars=60, seed=3, echoforms=0, dual_written_share=0)
-    with (
-        kimera_db_server(path, token, tmp_path / "server.log") as (address, _pid),
-        open_database(address) as con,
-        open_database(address) as app,
-    ):
+    with _live_server(tmp_path, token) as (con, app):
         assert migrate(con, partitions=2).balanced  # fingerprints recorded
         # a legacy change in every partition: each is judged again
         con.execute("UPDATE legacy_geoids SET weight = 7 WHERE hash(gid) % 17 = 0")
@@ -349,13 +354,7 @@ def test_a_served_rerun_beside_a_live_writer_balances(tmp_path, token, monkeypat
     "judged, and the next rerun skips it (identities keep the old version)",
 )
 def test_a_legacy_write_after_its_served_partition_is_judged_by_the_next_rerun(tmp_path, token):
-    path = tmp_path / "live.duckdb"
-    generate_demo_data(path, geoids=200, scars=60, seed=3, echoforms=0, dual_written_share=0)
-    with (
-        kimera_db_server(path, token, tmp_path / "server.log") as (address, _pid),
-        open_database(address) as con,
-        open_database(address) as app,
-    ):
+    with _live_server(tmp_path, token) as (con, app):
         gid = con.execute("SELECT min(gid) FROM legacy_geoids WHERE hash(gid) % 4 = 0").fetchone()[
             0
         ]
