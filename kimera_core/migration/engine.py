@@ -230,7 +230,7 @@ def migrate_buckets(
 def auto_partitions(con: duckdb.DuckDBPyConnection) -> int:
     """Partitions so that each holds at most ROWS_PER_PARTITION rows of either table
     (ROWS_PER_PARTITION_SERVED through a database server), at most MAX_PARTITIONS."""
-    largest = con.execute(q.LARGEST_TABLE_SQL).fetchone()[0]
+    largest = max(con.execute(q.TABLE_ROWS_SQL).fetchone())
     per_partition = ROWS_PER_PARTITION_SERVED if is_served(con) else ROWS_PER_PARTITION
     return min(MAX_PARTITIONS, max(1, -(-int(largest) // per_partition)))
 
@@ -573,11 +573,10 @@ def _migrate_partition(
     copied = only and not is_served(con)
     if kind == WAITING_KIND:
         rows_sql = q.WAITING_ROWS_SQL
-    elif only and not copied:
-        rows_sql = q.PARTITION_SEGMENT_ROWS_SQL.format(table=table, key=key)
     else:
+        segments = q.SEGMENT_ROWS_FILTER.format(key=key) if only and not copied else ""
         rows_from = f"mig_todo_{source}" if copied else table
-        rows_sql = q.PARTITION_ROWS_SQL.format(table=rows_from, key=key)
+        rows_sql = q.PARTITION_ROWS_SQL.format(table=rows_from, key=key, segments=segments)
     params = {
         "run_id": run_id,
         "bucket": group[0],

@@ -274,20 +274,14 @@ WITH src AS (
 # be read per partition).
 # src_rowid is this copy's rowid. {table} and {key} are fixed names (legacy_geoids/gid,
 # legacy_scars/id; a rerun's mig_todo_geoid/mig_todo_scar, migration.fingerprints).
+# {segments}: empty, or SEGMENT_ROWS_FILTER for a served rerun, which reads only the rows of
+# the segments it judges again (migration.fingerprints' mig_rejudge) in the partition's own
+# transaction, so an application's write since the rerun's plan is judged as it now stands.
 PARTITION_ROWS_SQL = """
 CREATE OR REPLACE TEMP TABLE mig_part AS
 SELECT * FROM {table} WHERE hash({key}) % $buckets::UBIGINT BETWEEN $bucket::UBIGINT AND $last::UBIGINT
-"""
-
-# A served rerun's rows to judge: the partition's rows (buckets $bucket..$last) in the
-# segments judged again (migration.fingerprints' mig_rejudge), read in the partition's own
-# transaction, so an application's write since the rerun's plan is judged as it now stands.
-PARTITION_SEGMENT_ROWS_SQL = """
-CREATE OR REPLACE TEMP TABLE mig_part AS
-SELECT * FROM {table}
-WHERE hash({key}) % $buckets::UBIGINT BETWEEN $bucket::UBIGINT AND $last::UBIGINT
-  AND hash({key}) % $segments::UBIGINT IN (SELECT segment FROM mig_rejudge)
-"""
+{segments}"""
+SEGMENT_ROWS_FILTER = "  AND hash({key}) % $segments::UBIGINT IN (SELECT segment FROM mig_rejudge)"
 
 # Every timestamp of the partition: those the ISO macros cannot write exactly are formatted
 # in Python (kimera_core.sql.epoch_iso_fixes); the document's are among them (c_at, u_at).
@@ -425,11 +419,8 @@ WHERE table_catalog = current_database() AND table_schema = 'main' AND table_nam
   AND data_type = 'JSON'
 """
 
-LARGEST_TABLE_SQL = """
-SELECT greatest((SELECT count(*) FROM legacy_geoids), (SELECT count(*) FROM legacy_scars))
-"""
-
-# (legacy geoids, legacy scars): migration.engine groups the smaller table's buckets
+# (legacy geoids, legacy scars): the partition count follows the larger, and a served run
+# groups the smaller table's buckets (migration.engine)
 TABLE_ROWS_SQL = "SELECT (SELECT count(*) FROM legacy_geoids), (SELECT count(*) FROM legacy_scars)"
 
 LEGACY_ROWS_SQL = (
