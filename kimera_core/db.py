@@ -354,6 +354,23 @@ def retry_conflicts(
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 
+@contextlib.contextmanager
+def setting_within(con: duckdb.DuckDBPyConnection, change: str, restore: str) -> Iterator[None]:
+    """Run the ``SET`` statement ``change`` for the block and ``restore`` (a ``SET`` or
+    ``RESET``) after it, also when the block raises, if DuckDB still takes a statement then
+    (its failure is ignored and the block's error raised). Both are the caller's vetted SQL.
+    DuckDB's settings are per database instance: through a server they act on every client,
+    so callers skip this for a served connection (``is_served``)."""
+    con.execute(change)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute(restore)
+        raise
+    con.execute(restore)
+
+
 def is_served(con: object) -> bool:
     """Whether ``con`` reaches its database through a server (``kimera://``), where other
     clients' transactions run beside this one's (the application writing live). Work that

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 import duckdb
 
-from kimera_core.db import is_served
+from kimera_core.db import is_served, setting_within
 
 DIGESTS_DDL = """CREATE TABLE IF NOT EXISTS kimera_verify_digests (
     store TEXT NOT NULL,            -- the source table: legacy_geoids, legacy_scars, identities
@@ -199,11 +199,5 @@ def recycled_buffers(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
         return
     held = int(con.execute(MEMORY_USED_SQL).fetchone()[0])
     limit = max(SCAN_MEMORY_LIMIT, held + SCAN_MEMORY_LIMIT // 2)
-    con.execute(f"SET memory_limit = '{int(limit)}B'")
-    try:
+    with setting_within(con, f"SET memory_limit = '{int(limit)}B'", "RESET memory_limit"):
         yield
-    except BaseException:
-        with contextlib.suppress(duckdb.Error):
-            con.execute("RESET memory_limit")
-        raise
-    con.execute("RESET memory_limit")

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import duckdb
 
-from kimera_core.db import is_served
+from kimera_core.db import is_served, setting_within
 
 # checkpoint_threshold while an index is rebuilt (DuckDB's default): its COMMIT writes the
 # new index by a checkpoint instead of into the WAL (docs/benchmarks.md).
@@ -55,15 +55,12 @@ def checkpoint_at_commit(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
         yield
         return
     before = con.execute("SELECT current_setting('checkpoint_threshold')").fetchone()[0]
-    restore = f"SET checkpoint_threshold = '{_vetted(before)}'"
-    con.execute(f"SET checkpoint_threshold = '{INDEX_BUILD_CHECKPOINT_THRESHOLD}'")
-    try:
+    with setting_within(
+        con,
+        f"SET checkpoint_threshold = '{INDEX_BUILD_CHECKPOINT_THRESHOLD}'",
+        f"SET checkpoint_threshold = '{_vetted(before)}'",
+    ):
         yield
-    except BaseException:
-        with contextlib.suppress(duckdb.Error):
-            con.execute(restore)
-        raise
-    con.execute(restore)
 
 
 def _vetted(text: str) -> str:
